@@ -1,0 +1,153 @@
+"""Backend discovery and selection shared by every op.
+
+A backend is usable for a call when its code exists for the op, its runtime exists on this
+machine (a CUDA GPU, the built ``_C`` extension, Triton, a C++ compiler for the emulation) and it
+runs on the device of the inputs. ``"auto"`` walks a per-device preference list and takes the first
+usable backend, so it never fails where ``"torch"`` would work.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+BACKENDS: tuple[str, ...] = ("torch", "triton", "cuda", "cuda_emu")
+BACKEND_CHOICES: tuple[str, ...] = ("auto", *BACKENDS)
+
+# Preference of "auto" per device type; ops may narrow it with a shape-aware chooser.
+_AUTO_ORDER: dict[str, tuple[str, ...]] = {
+    "cuda": ("cuda", "triton", "torch"),
+    "cpu": ("torch",),
+}
+
+
+def triton_interpreting() -> bool:
+    """True when Triton kernels run on CPU tensors through the Triton interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.cache
+def _triton_missing() -> str | None:
+    if importlib.util.find_spec("triton") is None:
+        return "the triton package is not installed"
+    return None
+
+
+@functools.cache
+def cuda_extension_error() -> str | None:
+    """Why ``qwen_kernels._C`` cannot be loaded, or None once it is loaded."""
+    try:
+        importlib.import_module("qwen_kernels._C")
+    except ImportError as exc:
+        return f"qwen_kernels._C is not built or failed to load ({exc})"
+    return None
+
+
+def _emu_missing() -> str | None:
+    try:
+        emu = importlib.import_module("qwen_kernels._emu")
+    except ImportError as exc:
+        return f"the CUDA emulation layer is not part of this install ({exc})"
+    return None if emu.is_available() else "no C++20 compiler was found for the CUDA emulation"
+
+
+def runtime_missing(backend: str, device_type: str | None = None) -> str | None:
+    """Why ``backend`` cannot run here (on ``device_type`` if given), or None when it can."""
+    if backend == "torch":
+        return None
+    if backend == "triton":
+        missing = _triton_missing()
+        if missing:
+            return missing
+        if device_type == "cpu" and not triton_interpreting():
+            return "Triton runs CPU tensors only under the interpreter (TRITON_INTERPRET=1)"
+        if device_type is None and not (torch.cuda.is_available() or triton_interpreting()):
+            return "no CUDA GPU and TRITON_INTERPRET is not set"
+        return None
+    if backend == "cuda":
+        if device_type not in (None, "cuda"):
+            return "the cuda backend needs CUDA tensors (use cuda_emu for CPU tensors)"
+        if not torch.cuda.is_available():
+            return "no CUDA GPU is visible to torch"
+        return cuda_extension_error()
+    if backend == "cuda_emu":
+        if device_type not in (None, "cpu"):
+            return "the cuda_emu backend runs CPU tensors only"
+        return _emu_missing()
+    raise ValueError(f"unknown backend {backend!r}; expected one of {BACKEND_CHOICES}")
+
+
+@dataclass
+class OpBackends:
+    """The implementations of one op, keyed by backend name.
+
+    ``impls`` maps a backend name to a callable taking the op's arguments (without ``backend``).
+    Kernel backends are registered lazily as ``"module:function"`` strings so that importing the
+    package never imports Triton or builds an extension.
+    """
+
+    op: str
+    impls: dict[str, Callable | str] = field(default_factory=dict)
+    # Optional chooser for "auto": gets the call's arguments, returns backends in preference order.
+    auto: Callable[..., Sequence[str]] | None = None
+
+    def register(self, backend: str, impl: Callable | str) -> None:
+        """Add (or replace) the implementation of ``backend``."""
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+        self.impls[backend] = impl
+
+    def usable(self, device_type: str | None = None) -> list[str]:
+        """Backends that have code for this op and can run here (on ``device_type``)."""
+        return [b for b in BACKENDS if b in self.impls and runtime_missing(b, device_type) is None]
+
+    def _load(self, backend: str) -> Callable:
+        impl = self.impls[backend]
+        if isinstance(impl, str):
+            module, _, name = impl.partition(":")
+            impl = getattr(importlib.import_module(module), name)
+            self.impls[backend] = impl
+        return impl
+
+    def select(self, backend: str, device: torch.device, *args) -> tuple[str, Callable]:
+        """Resolve ``backend`` (possibly "auto") for inputs on ``device``; raise if unusable."""
+        if backend == "auto":
+            order = self.auto(*args) if self.auto else _AUTO_ORDER.get(device.type, ("torch",))
+            for name in order:
+                if name in self.impls and runtime_missing(name, device.type) is None:
+                    return name, self._load(name)
+            return "torch", self._load("torch")
+        if backend not in BACKENDS:
+            raise ValueError(
+                f"qwen.{self.op}: `backend` must be one of {BACKEND_CHOICES}, got {backend!r}"
+            )
+        if backend not in self.impls:
+            have = ", ".join(b for b in BACKENDS if b in self.impls)
+            raise RuntimeError(
+                f"qwen.{self.op}: no {backend!r} kernel exists for this op yet (it has: {have})"
+            )
+        missing = runtime_missing(backend, device.type)
+        if missing:
+            raise RuntimeError(f"qwen.{self.op}: backend {backend!r} is unavailable: {missing}")
+        return backend, self._load(backend)
+
+
+REGISTRY: dict[str, OpBackends] = {}
+
+
+def op_backends(op: str, torch_impl: Callable, **kwargs) -> OpBackends:
+    """Create and register the backend table of ``op`` with its eager reference."""
+    table = OpBackends(op, {"torch": torch_impl}, **kwargs)
+    REGISTRY[op] = table
+    return table
+
+
+def available_backends() -> dict[str, list[str]]:
+    """For every public op, the backends usable on this machine (for some device)."""
+    return {op: table.usable() for op, table in REGISTRY.items()}

@@ -1,0 +1,93 @@
+"""Input validation shared by the ops: every message names the op, the argument and what was
+expected. Shape and dtype checks run everywhere (also on fake tensors while tracing); checks that
+need the values of a device tensor run only in the real op and can be skipped where the caller
+already validated them (``skip_value_checks``)."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator, Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# The "torch" backend also runs in float64: that is how tests build their references.
+REFERENCE_DTYPES = (*FLOAT_DTYPES, torch.float64)
+
+_state = threading.local()
+
+
+@contextlib.contextmanager
+def skip_value_checks() -> Iterator[None]:
+    """Skip checks that read device values (and so synchronise with the GPU) inside this block.
+
+    Shape, dtype and device checks still run. Use it where the caller has validated the values
+    once, e.g. the encoder validates ``cu_seqlens`` per grid and then runs 32 layers.
+    """
+    previous = getattr(_state, "skip", False)
+    _state.skip = True
+    try:
+        yield
+    finally:
+        _state.skip = previous
+
+
+def value_checks_enabled() -> bool:
+    """False inside ``skip_value_checks()``."""
+    return not getattr(_state, "skip", False)
+
+
+def fail(op: str, arg: str, expected: str, got: object) -> None:
+    """Raise the ValueError every op uses for a bad argument."""
+    raise ValueError(f"qwen.{op}: `{arg}` must be {expected}, got {got}")
+
+
+def check_float(
+    op: str, name: str, t: torch.Tensor, dtypes: Sequence[torch.dtype] = REFERENCE_DTYPES
+) -> None:
+    """``t`` is a tensor of one of ``dtypes``."""
+    if not isinstance(t, torch.Tensor):
+        fail(op, name, "a tensor", type(t).__name__)
+    if t.dtype not in dtypes:
+        names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+        fail(op, name, f"of dtype {names}", t.dtype)
+
+
+def check_same(op: str, ref_name: str, ref: torch.Tensor, **others: torch.Tensor | None) -> None:
+    """Every tensor in ``others`` lies on ``ref``'s device and has its dtype."""
+    for name, t in others.items():
+        if t is None:
+            continue
+        if t.device != ref.device:
+            fail(op, name, f"on {ref.device} like `{ref_name}`", t.device)
+        if t.dtype != ref.dtype:
+            fail(op, name, f"of dtype {ref.dtype} like `{ref_name}`", t.dtype)
+
+
+def check_device(op: str, ref_name: str, ref: torch.Tensor, **others: torch.Tensor | None) -> None:
+    """Every tensor in ``others`` lies on ``ref``'s device (dtypes may differ)."""
+    for name, t in others.items():
+        if t is not None and t.device != ref.device:
+            fail(op, name, f"on {ref.device} like `{ref_name}`", t.device)
+
+
+def check_ndim(op: str, name: str, t: torch.Tensor, ndim: int | tuple[int, ...]) -> None:
+    """``t`` has ``ndim`` dimensions (an int, or a tuple of allowed counts, or (min,) as ">= min")."""
+    if isinstance(ndim, int):
+        if t.dim() != ndim:
+            fail(op, name, f"{ndim}-D", f"shape {tuple(t.shape)}")
+    elif t.dim() < ndim[0]:
+        fail(op, name, f"at least {ndim[0]}-D", f"shape {tuple(t.shape)}")
+
+
+def check_section(op: str, section: Sequence[int] | None, parts: int | None, total: int) -> None:
+    """``section`` lists ``parts`` positive ints summing to ``total``."""
+    if section is None:
+        fail(op, "mrope_section", "a list of ints", None)
+    if any(int(s) <= 0 for s in section):
+        fail(op, "mrope_section", "positive sizes", list(section))
+    if parts is not None and len(section) != parts:
+        fail(op, "mrope_section", f"{parts} parts (one per position axis)", list(section))
+    if sum(section) != total:
+        fail(op, "mrope_section", f"sizes summing to head_dim / 2 = {total}", list(section))

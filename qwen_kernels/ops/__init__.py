@@ -1,0 +1,21 @@
+"""The public ops, one module each; importing this package registers them under torch.ops.qwen."""
+
+from .mrope import mrope, mrope_, mrope_pos, mrope_pos_
+from .patch_merge import patch_merge
+from .rms_norm import add_rms_norm, rms_norm
+from .rms_norm_swiglu import rms_norm_swiglu
+from .swiglu import swiglu
+from .window_attn import window_attn
+
+__all__ = [
+    "add_rms_norm",
+    "mrope",
+    "mrope_",
+    "mrope_pos",
+    "mrope_pos_",
+    "patch_merge",
+    "rms_norm",
+    "rms_norm_swiglu",
+    "swiglu",
+    "window_attn",
+]

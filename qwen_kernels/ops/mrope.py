@@ -1,0 +1,315 @@
+"""Multimodal rotary embedding (M-RoPE): ``qwen::mrope``, ``qwen::mrope_pos`` and their in-place
+forms ``qwen::mrope_`` and ``qwen::mrope_pos_``.
+
+Rotate-half convention: ``x * cos + rotate_half(x) * sin`` with ``rotate_half([a, b]) = [-b, a]``,
+computed in fp32 and rounded once. ``mrope`` takes cos/sin tables, either composed ``[..., S, D]``
+or one per position axis ``[A, ..., S, D]`` with ``mrope_section`` saying which axis drives each
+band of frequencies (Qwen2.5-VL's text model). ``mrope_pos`` takes the integer positions
+``[A, ..., S]`` and the frequencies, and forms the angles itself (in fp32), so no table is written.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from .._backends import op_backends
+from .._checks import (
+    check_device,
+    check_float,
+    check_ndim,
+    check_same,
+    check_section,
+    fail,
+)
+from .rms_norm import compute_dtype
+
+
+def compose_tables(table: Tensor, mrope_section: Sequence[int]) -> Tensor:
+    """Per-axis tables ``[A, ..., S, D]`` to one ``[..., S, D]``: band j of each half from axis j."""
+    axes = table.shape[0]
+    bands = table.split(list(mrope_section) * 2, dim=-1)
+    return torch.cat([band[i % axes] for i, band in enumerate(bands)], dim=-1)
+
+
+def rope_tables(
+    positions: Tensor, inv_freq: Tensor, mrope_section: Sequence[int], dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """cos/sin ``[..., S, D]`` from positions ``[A, ..., S]``: angle_i = pos[axis(i)] * inv_freq[i]."""
+    axis_of_freq = torch.repeat_interleave(
+        torch.arange(len(mrope_section)), torch.tensor(list(mrope_section))
+    ).to(positions.device)
+    angles = positions.to(dtype)[axis_of_freq].movedim(0, -1) * inv_freq.to(dtype)
+    emb = torch.cat((angles, angles), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    acc = compute_dtype(x.dtype)
+    xf = x.to(acc)
+    first, second = xf.chunk(2, dim=-1)
+    rotated = torch.cat((-second, first), dim=-1)
+    return (xf * cos.to(acc).unsqueeze(-2) + rotated * sin.to(acc).unsqueeze(-2)).to(x.dtype)
+
+
+def mrope_reference(
+    q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, mrope_section: Sequence[int] | None
+) -> tuple[Tensor, Tensor]:
+    """Eager rotation of q and k with composed or per-axis tables."""
+    if mrope_section is not None:
+        cos, sin = compose_tables(cos, mrope_section), compose_tables(sin, mrope_section)
+    return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+def mrope_pos_reference(
+    q: Tensor, k: Tensor, positions: Tensor, inv_freq: Tensor, mrope_section: Sequence[int]
+) -> tuple[Tensor, Tensor]:
+    """Eager rotation of q and k with angles formed from integer positions."""
+    acc = compute_dtype(q.dtype)
+    cos, sin = rope_tables(positions, inv_freq, mrope_section, acc)
+    return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+def _in_place(reference):
+    """The in-place form of a reference: rotate, then write back where q and k lie."""
+
+    def rotate_in_place(q: Tensor, k: Tensor, *args) -> None:
+        q_out, k_out = reference(q, k, *args)
+        q.copy_(q_out)
+        k.copy_(k_out)
+
+    return rotate_in_place
+
+
+def _check_qk(op: str, q: Tensor, k: Tensor) -> None:
+    for name, t in (("q", q), ("k", k)):
+        check_float(op, name, t)
+        check_ndim(op, name, t, (3,))
+    check_same(op, "q", q, k=k)
+    head_dim = q.shape[-1]
+    if head_dim % 2:
+        fail(op, "q", "[..., S, H, D] with an even head_dim D", tuple(q.shape))
+    if k.shape[-1] != head_dim or k.shape[:-2] != q.shape[:-2]:
+        fail(op, "k", f"[..., S, H_k, D] with q's leading dims, S and D = {tuple(q.shape[:-2])}, "
+             f"{head_dim}", tuple(k.shape))
+
+
+def _check_broadcast(op: str, name: str, q: Tensor, leading: Sequence[int], got: object) -> None:
+    """``leading`` (a table's batch dims) broadcasts to q's batch dims without growing them."""
+    batch = tuple(q.shape[:-3])
+    try:
+        fits = tuple(torch.broadcast_shapes(batch, tuple(leading))) == batch
+    except RuntimeError:
+        fits = False
+    if not fits:
+        fail(op, name, f"leading dims that broadcast to q's {batch}", got)
+
+
+def _check_tables(
+    op: str, q: Tensor, cos: Tensor, sin: Tensor, mrope_section: Sequence[int] | None
+) -> None:
+    seq, head_dim = q.shape[-3], q.shape[-1]
+    for name, t in (("cos", cos), ("sin", sin)):
+        check_float(op, name, t)
+        check_device(op, "q", q, **{name: t})
+    if sin.shape != cos.shape:
+        fail(op, "sin", f"of cos's shape {tuple(cos.shape)}", tuple(sin.shape))
+    per_axis = mrope_section is not None
+    check_ndim(op, "cos", cos, (3,) if per_axis else (2,))
+    if cos.shape[-2:] != (seq, head_dim):
+        fail(op, "cos", f"[..., S={seq}, D={head_dim}]", tuple(cos.shape))
+    if per_axis:
+        check_section(op, mrope_section, cos.shape[0], head_dim // 2)
+    _check_broadcast(op, "cos", q, cos.shape[1 if per_axis else 0 : -2], tuple(cos.shape))
+
+
+def _check_positions(
+    op: str, q: Tensor, positions: Tensor, inv_freq: Tensor, mrope_section: Sequence[int]
+) -> None:
+    seq, head_dim = q.shape[-3], q.shape[-1]
+    if positions.dtype not in (torch.int32, torch.int64):
+        fail(op, "positions", "int32 or int64", positions.dtype)
+    check_ndim(op, "positions", positions, (2,))
+    check_device(op, "q", q, positions=positions, inv_freq=inv_freq)
+    if positions.shape[-1] != seq:
+        fail(op, "positions", f"[A, ..., S={seq}]", tuple(positions.shape))
+    _check_broadcast(op, "positions", q, positions.shape[1:-1], tuple(positions.shape))
+    check_section(op, mrope_section, positions.shape[0], head_dim // 2)
+    check_float(op, "inv_freq", inv_freq, (torch.float32, torch.float64))
+    if tuple(inv_freq.shape) != (head_dim // 2,):
+        fail(op, "inv_freq", f"[D/2 = {head_dim // 2}]", tuple(inv_freq.shape))
+
+
+def _new_like(t: Tensor) -> Tensor:
+    return torch.empty_like(t, memory_format=torch.contiguous_format)
+
+
+MROPE = op_backends("mrope", mrope_reference)
+MROPE_INPLACE = op_backends("mrope_", _in_place(mrope_reference))
+MROPE_POS = op_backends("mrope_pos", mrope_pos_reference)
+MROPE_POS_INPLACE = op_backends("mrope_pos_", _in_place(mrope_pos_reference))
+
+
+@torch.library.custom_op("qwen::mrope", mutates_args=())
+def _mrope_op(
+    q: Tensor,
+    k: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    mrope_section: list[int] | None = None,
+    backend: str = "auto",
+) -> tuple[Tensor, Tensor]:
+    _check_qk("mrope", q, k)
+    _check_tables("mrope", q, cos, sin, mrope_section)
+    _, impl = MROPE.select(backend, q.device, q, k, cos, sin, mrope_section)
+    q_out, k_out = impl(q, k, cos, sin, mrope_section)
+    return q_out.contiguous(), k_out.contiguous()
+
+
+@_mrope_op.register_fake
+def _(q, k, cos, sin, mrope_section=None, backend="auto"):
+    _check_qk("mrope", q, k)
+    _check_tables("mrope", q, cos, sin, mrope_section)
+    return _new_like(q), _new_like(k)
+
+
+@torch.library.custom_op("qwen::mrope_", mutates_args=("q", "k"))
+def _mrope_inplace_op(
+    q: Tensor,
+    k: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    mrope_section: list[int] | None = None,
+    backend: str = "auto",
+) -> None:
+    _check_qk("mrope_", q, k)
+    _check_tables("mrope_", q, cos, sin, mrope_section)
+    _, impl = MROPE_INPLACE.select(backend, q.device, q, k, cos, sin, mrope_section)
+    impl(q, k, cos, sin, mrope_section)
+
+
+@_mrope_inplace_op.register_fake
+def _(q, k, cos, sin, mrope_section=None, backend="auto"):
+    _check_qk("mrope_", q, k)
+    _check_tables("mrope_", q, cos, sin, mrope_section)
+
+
+@torch.library.custom_op("qwen::mrope_pos", mutates_args=())
+def _mrope_pos_op(
+    q: Tensor,
+    k: Tensor,
+    positions: Tensor,
+    inv_freq: Tensor,
+    mrope_section: list[int],
+    backend: str = "auto",
+) -> tuple[Tensor, Tensor]:
+    _check_qk("mrope_pos", q, k)
+    _check_positions("mrope_pos", q, positions, inv_freq, mrope_section)
+    _, impl = MROPE_POS.select(backend, q.device, q, k, positions, inv_freq, mrope_section)
+    q_out, k_out = impl(q, k, positions, inv_freq, mrope_section)
+    return q_out.contiguous(), k_out.contiguous()
+
+
+@_mrope_pos_op.register_fake
+def _(q, k, positions, inv_freq, mrope_section, backend="auto"):
+    _check_qk("mrope_pos", q, k)
+    _check_positions("mrope_pos", q, positions, inv_freq, mrope_section)
+    return _new_like(q), _new_like(k)
+
+
+@torch.library.custom_op("qwen::mrope_pos_", mutates_args=("q", "k"))
+def _mrope_pos_inplace_op(
+    q: Tensor,
+    k: Tensor,
+    positions: Tensor,
+    inv_freq: Tensor,
+    mrope_section: list[int],
+    backend: str = "auto",
+) -> None:
+    _check_qk("mrope_pos_", q, k)
+    _check_positions("mrope_pos_", q, positions, inv_freq, mrope_section)
+    _, impl = MROPE_POS_INPLACE.select(backend, q.device, q, k, positions, inv_freq, mrope_section)
+    impl(q, k, positions, inv_freq, mrope_section)
+
+
+@_mrope_pos_inplace_op.register_fake
+def _(q, k, positions, inv_freq, mrope_section, backend="auto"):
+    _check_qk("mrope_pos_", q, k)
+    _check_positions("mrope_pos_", q, positions, inv_freq, mrope_section)
+
+
+def mrope(
+    q: Tensor,
+    k: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    mrope_section: list[int] | None = None,
+    backend: str = "auto",
+) -> tuple[Tensor, Tensor]:
+    """Rotary embedding of q and k from cos/sin tables (rotate-half convention, fp32 math).
+
+    Args:
+        q: ``[..., S, H, D]``, any strides. k: ``[..., S, H_k, D]`` (H_k may differ from H),
+            same dtype and device as q.
+        cos, sin: composed ``[..., S, D]`` or, with ``mrope_section``, per axis ``[A, ..., S, D]``;
+            their leading dims broadcast to q's.
+        mrope_section: A band sizes summing to D/2: band j of each half of the tables is taken
+            from axis j (Qwen2.5-VL's text model uses [16, 24, 24] over axes t, h, w).
+        backend: "auto", "torch", "triton", "cuda" or "cuda_emu".
+
+    Returns:
+        ``(q_out, k_out)``, contiguous, in q's dtype.
+    """
+    return torch.ops.qwen.mrope(q, k, cos, sin, mrope_section, backend)
+
+
+def mrope_(
+    q: Tensor,
+    k: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    mrope_section: list[int] | None = None,
+    backend: str = "auto",
+) -> None:
+    """In-place ``mrope``: q and k are rotated where they lie (e.g. views of one packed qkv)."""
+    torch.ops.qwen.mrope_(q, k, cos, sin, mrope_section, backend)
+
+
+def mrope_pos(
+    q: Tensor,
+    k: Tensor,
+    positions: Tensor,
+    inv_freq: Tensor,
+    mrope_section: list[int],
+    backend: str = "auto",
+) -> tuple[Tensor, Tensor]:
+    """Rotary embedding of q and k from integer positions; angles are formed in fp32.
+
+    Args:
+        q, k: as in ``mrope``.
+        positions: int32/int64 ``[A, ..., S]``, one row per position axis; leading dims broadcast
+            to q's.
+        inv_freq: fp32 ``[D/2]``: frequency i has angle ``positions[axis(i)] * inv_freq[i]``.
+        mrope_section: A band sizes summing to D/2; axis(i) is the band holding i. The vision
+            tower uses A = 2 with [20, 20] (inv_freq the 20 axial frequencies twice); the text
+            model A = 3 with [16, 24, 24].
+        backend: "auto", "torch", "triton", "cuda" or "cuda_emu".
+
+    Returns:
+        ``(q_out, k_out)``, contiguous, in q's dtype.
+    """
+    return torch.ops.qwen.mrope_pos(q, k, positions, inv_freq, mrope_section, backend)
+
+
+def mrope_pos_(
+    q: Tensor,
+    k: Tensor,
+    positions: Tensor,
+    inv_freq: Tensor,
+    mrope_section: list[int],
+    backend: str = "auto",
+) -> None:
+    """In-place ``mrope_pos``: q and k are rotated where they lie."""
+    torch.ops.qwen.mrope_pos_(q, k, positions, inv_freq, mrope_section, backend)

@@ -1,0 +1,143 @@
+"""Variable-length attention within segments: ``qwen::window_attn``.
+
+Tokens are packed ``[T, H, D]``; ``cu_seqlens`` (int32, ``[S+1]``, 0 to T, non-decreasing) cuts
+them into segments that attend only within themselves, without a causal mask. The vision tower
+uses it for windows of at most 64 tokens and for whole frames in its full-attention layers.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .._backends import op_backends
+from .._checks import check_float, check_ndim, check_same, fail, value_checks_enabled
+from .rms_norm import compute_dtype
+
+OP = "window_attn"
+# Padded elements per chunk of segments in the reference: bounds its memory on long inputs.
+_REFERENCE_CHUNK_ELEMENTS = 1 << 26
+
+
+def window_attn_reference(
+    q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, softmax_scale: float | None
+) -> Tensor:
+    """Eager reference: segments padded to ``max_seqlen`` and run through SDPA with a key mask.
+
+    Computes in fp32 (fp64 for fp64 inputs); needs no device-to-host copy.
+    """
+    tokens, heads, head_dim = q.shape
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    segments = cu_seqlens.numel() - 1
+    if tokens == 0 or segments == 0 or max_seqlen == 0:
+        return out
+    scale = head_dim**-0.5 if softmax_scale is None else softmax_scale
+    acc = compute_dtype(q.dtype)
+    starts = cu_seqlens[:-1].long()
+    lengths = cu_seqlens[1:].long() - starts
+    slot = torch.arange(max_seqlen, device=q.device)
+    per_chunk = max(1, _REFERENCE_CHUNK_ELEMENTS // (max_seqlen * heads * head_dim))
+    for first in range(0, segments, per_chunk):
+        chunk = slice(first, first + per_chunk)
+        valid = slot < lengths[chunk, None]  # [s, L]
+        index = torch.where(valid, starts[chunk, None] + slot, 0)
+        padded = [t.to(acc)[index].transpose(1, 2) for t in (q, k, v)]  # [s, H, L, D]
+        attended = F.scaled_dot_product_attention(
+            *padded, attn_mask=valid[:, None, None, :], scale=scale
+        )
+        out[index[valid]] = attended.transpose(1, 2)[valid].to(q.dtype)
+    return out
+
+
+def _check_args(
+    q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, softmax_scale: float | None
+) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_float(OP, name, t)
+        check_ndim(OP, name, t, 3)
+    check_same(OP, "q", q, k=k, v=v)
+    for name, t in (("k", k), ("v", v)):
+        if t.shape != q.shape:
+            fail(OP, name, f"of q's shape [T, H, D] = {tuple(q.shape)}", tuple(t.shape))
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype != torch.int32:
+        fail(OP, "cu_seqlens", "an int32 tensor", getattr(cu_seqlens, "dtype", type(cu_seqlens)))
+    check_ndim(OP, "cu_seqlens", cu_seqlens, 1)
+    if cu_seqlens.shape[0] < 2:
+        fail(OP, "cu_seqlens", "[S+1] with at least one segment", tuple(cu_seqlens.shape))
+    if cu_seqlens.device != q.device:
+        fail(OP, "cu_seqlens", f"on {q.device} like `q`", cu_seqlens.device)
+    if max_seqlen < 1:
+        fail(OP, "max_seqlen", "a positive int (the longest segment)", max_seqlen)
+    if softmax_scale is not None and not softmax_scale > 0:
+        fail(OP, "softmax_scale", "a positive float or None (1/sqrt(D))", softmax_scale)
+
+
+def _check_values(q: Tensor, cu_seqlens: Tensor, max_seqlen: int) -> None:
+    """One device-to-host sync; skipped inside ``skip_value_checks()``."""
+    if not value_checks_enabled():
+        return
+    tokens = q.shape[0]
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    first, last = cu_seqlens[0], cu_seqlens[-1]
+    bad = (first != 0) | (last != tokens) | (lengths < 0).any() | (lengths > max_seqlen).any()
+    if not bool(bad):
+        return
+    if int(first) != 0 or int(last) != tokens:
+        fail(OP, "cu_seqlens", f"starting at 0 and ending at T = {tokens}",
+             f"{int(first)} ... {int(last)}")
+    if bool((lengths < 0).any()):
+        at = int(torch.nonzero(lengths < 0)[0, 0])
+        fail(OP, "cu_seqlens", "non-decreasing", f"a decrease after index {at}")
+    fail(OP, "max_seqlen", "at least the longest segment", f"{max_seqlen} < {int(lengths.max())}")
+
+
+WINDOW_ATTN = op_backends(OP, window_attn_reference)
+
+
+@torch.library.custom_op("qwen::window_attn", mutates_args=())
+def _window_attn_op(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens: Tensor,
+    max_seqlen: int,
+    softmax_scale: float | None = None,
+    backend: str = "auto",
+) -> Tensor:
+    _check_args(q, k, v, cu_seqlens, max_seqlen, softmax_scale)
+    _check_values(q, cu_seqlens, max_seqlen)
+    _, impl = WINDOW_ATTN.select(backend, q.device, q, k, v, cu_seqlens, max_seqlen, softmax_scale)
+    return impl(q, k, v, cu_seqlens, max_seqlen, softmax_scale).contiguous()
+
+
+@_window_attn_op.register_fake
+def _(q, k, v, cu_seqlens, max_seqlen, softmax_scale=None, backend="auto"):
+    _check_args(q, k, v, cu_seqlens, max_seqlen, softmax_scale)
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+def window_attn(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens: Tensor,
+    max_seqlen: int,
+    softmax_scale: float | None = None,
+    backend: str = "auto",
+) -> Tensor:
+    """Non-causal attention inside each segment of a packed sequence.
+
+    Args:
+        q, k, v: ``[T, H, D]`` of one dtype (fp16, bf16, fp32; fp64 on "torch") and device, any
+            strides (views into a packed qkv buffer are fine).
+        cu_seqlens: int32 ``[S+1]``, segment s is tokens ``cu_seqlens[s]:cu_seqlens[s+1]``;
+            starts at 0, ends at T, non-decreasing (empty segments are allowed).
+        max_seqlen: the longest segment (an upper bound is fine; kernels size tiles by it).
+        softmax_scale: defaults to ``1/sqrt(D)``.
+        backend: "auto", "torch", "triton", "cuda" or "cuda_emu".
+
+    Returns:
+        ``[T, H, D]`` contiguous in q's dtype; the softmax runs in fp32.
+    """
+    return torch.ops.qwen.window_attn(q, k, v, cu_seqlens, max_seqlen, softmax_scale, backend)

@@ -1,0 +1,1 @@
+"""Triton kernels, one module per op; installed as ``qwen_kernels.triton_kernels``."""
