@@ -152,7 +152,12 @@ MROPE_POS = op_backends("mrope_pos", mrope_pos_reference)
 MROPE_POS_INPLACE = op_backends("mrope_pos_", _in_place(mrope_pos_reference))
 
 
-@torch.library.custom_op("qwen::mrope", mutates_args=())
+@torch.library.custom_op(
+    "qwen::mrope",
+    mutates_args=(),
+    schema="(Tensor q, Tensor k, Tensor cos, Tensor sin, int[]? mrope_section=None, "
+    "str backend=\"auto\") -> (Tensor, Tensor)",
+)
 def _mrope_op(
     q: Tensor,
     k: Tensor,
@@ -175,7 +180,12 @@ def _(q, k, cos, sin, mrope_section=None, backend="auto"):
     return _new_like(q), _new_like(k)
 
 
-@torch.library.custom_op("qwen::mrope_", mutates_args=("q", "k"))
+@torch.library.custom_op(
+    "qwen::mrope_",
+    mutates_args=("q", "k"),
+    schema="(Tensor(a!) q, Tensor(b!) k, Tensor cos, Tensor sin, int[]? mrope_section=None, "
+    "str backend=\"auto\") -> ()",
+)
 def _mrope_inplace_op(
     q: Tensor,
     k: Tensor,
@@ -196,7 +206,12 @@ def _(q, k, cos, sin, mrope_section=None, backend="auto"):
     _check_tables("mrope_", q, cos, sin, mrope_section)
 
 
-@torch.library.custom_op("qwen::mrope_pos", mutates_args=())
+@torch.library.custom_op(
+    "qwen::mrope_pos",
+    mutates_args=(),
+    schema="(Tensor q, Tensor k, Tensor positions, Tensor inv_freq, int[] mrope_section, "
+    "str backend=\"auto\") -> (Tensor, Tensor)",
+)
 def _mrope_pos_op(
     q: Tensor,
     k: Tensor,
@@ -219,7 +234,12 @@ def _(q, k, positions, inv_freq, mrope_section, backend="auto"):
     return _new_like(q), _new_like(k)
 
 
-@torch.library.custom_op("qwen::mrope_pos_", mutates_args=("q", "k"))
+@torch.library.custom_op(
+    "qwen::mrope_pos_",
+    mutates_args=("q", "k"),
+    schema="(Tensor(a!) q, Tensor(b!) k, Tensor positions, Tensor inv_freq, int[] mrope_section, "
+    "str backend=\"auto\") -> ()",
+)
 def _mrope_pos_inplace_op(
     q: Tensor,
     k: Tensor,

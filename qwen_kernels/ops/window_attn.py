@@ -95,7 +95,12 @@ def _check_values(q: Tensor, cu_seqlens: Tensor, max_seqlen: int) -> None:
 WINDOW_ATTN = op_backends(OP, window_attn_reference)
 
 
-@torch.library.custom_op("qwen::window_attn", mutates_args=())
+@torch.library.custom_op(
+    "qwen::window_attn",
+    mutates_args=(),
+    schema="(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, int max_seqlen, "
+    "float? softmax_scale=None, str backend=\"auto\") -> Tensor",
+)
 def _window_attn_op(
     q: Tensor,
     k: Tensor,

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Sets up ./.venv with torch and qwen-kernels (editable, test and bench extras). The CUDA extension
+# qwen_kernels._C is built when a CUDA toolkit is found (see setup.py for the knobs). Re-running is
+# cheap: the package is rebuilt only when setup.py, pyproject.toml or csrc/ changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON="${PYTHON:-python3}"
+TORCH_SPEC="${QK_TORCH_SPEC:-torch==2.14.1}"
+
+if [ ! -x .venv/bin/python ]; then
+  echo "setup: creating .venv"
+  "$PYTHON" -m venv .venv
+fi
+# shellcheck disable=SC1091
+. .venv/bin/activate
+
+stamp=.venv/.qwen-kernels-build
+digest="$( (echo "$TORCH_SPEC ${QK_BUILD_CUDA-} ${QK_CUDA_ARCHS-}"; cat setup.py pyproject.toml; \
+  find csrc -type f | sort | xargs cat) | sha256sum | cut -d' ' -f1)"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$digest" ]; then
+  echo "setup: .venv is up to date"
+  exit 0
+fi
+
+echo "setup: installing $TORCH_SPEC and the build tools"
+python -m pip install -q --upgrade pip
+python -m pip install -q "$TORCH_SPEC" setuptools wheel ninja pybind11 numpy
+echo "setup: building qwen-kernels (the CUDA extension takes a few minutes where nvcc exists)"
+start=$SECONDS
+python -m pip install -q --no-build-isolation -e ".[test,bench]"
+echo "setup: installed in $((SECONDS - start)) s"
+echo "$digest" > "$stamp"

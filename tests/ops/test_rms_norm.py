@@ -1,0 +1,138 @@
+"""rms_norm and add_rms_norm: reference vs direct fp64 math and transformers, every backend vs the
+reference, opcheck, and the errors of bad input."""
+
+import pytest
+import torch
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLRMSNorm
+
+import qwen_kernels
+from tests.helpers import DTYPES, assert_close_to_reference, backends_for, randn, rel_err, tolerance
+
+SHAPES = [(1, 1280), (7, 1280), (5, 3420), (3, 5120), (13, 1), (2, 3, 97)]
+EPS = 1e-6
+
+
+def direct_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    x64 = x.double()
+    return x64 / torch.sqrt(x64.pow(2).mean(-1, keepdim=True) + eps) * weight.double()
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_reference_matches_direct_math(gen, shape, dtype):
+    x, weight = randn(gen, *shape, dtype=dtype), randn(gen, shape[-1], dtype=dtype)
+    out = qwen_kernels.rms_norm(x, weight, EPS, backend="torch")
+    assert out.dtype == dtype and out.shape == x.shape
+    # Two roundings to dtype (normalised value, then the product).
+    assert rel_err(out, direct_rms_norm(x, weight, EPS)) < 2 * tolerance(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_reference_matches_transformers(gen, dtype):
+    module = Qwen2_5_VLRMSNorm(1280, eps=EPS)
+    with torch.no_grad():
+        module.weight.copy_(randn(gen, 1280))
+    module.to(dtype)
+    x = randn(gen, 9, 1280, dtype=dtype, scale=3.0)
+    with torch.no_grad():
+        expected = module(x)
+    torch.testing.assert_close(qwen_kernels.rms_norm(x, module.weight, EPS, "torch"), expected)
+
+
+def test_large_fp16_activations_stay_finite(gen):
+    x = randn(gen, 4, 1280, dtype=torch.float16, scale=1e4)
+    weight = randn(gen, 1280, dtype=torch.float16)
+    for backend in backends_for("rms_norm"):
+        out = qwen_kernels.rms_norm(x, weight, EPS, backend)
+        assert torch.isfinite(out).all(), backend
+        assert rel_err(out, direct_rms_norm(x, weight, EPS)) < 2 * tolerance(torch.float16)
+
+
+@pytest.mark.parametrize("backend", backends_for("rms_norm"))
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_backend_matches_reference(gen, backend, shape, dtype):
+    x, weight = randn(gen, *shape, dtype=dtype), randn(gen, shape[-1], dtype=dtype)
+    ref64 = qwen_kernels.rms_norm(x.double(), weight.double(), EPS, "torch")
+    eager = qwen_kernels.rms_norm(x, weight, EPS, "torch")
+    assert_close_to_reference(qwen_kernels.rms_norm(x, weight, EPS, backend), ref64, eager)
+
+
+@pytest.mark.parametrize("backend", backends_for("rms_norm"))
+def test_strided_input(gen, backend):
+    base = randn(gen, 6, 2 * 1280)
+    x = base[:, 1280:]  # row stride 2560: a view, not a copy
+    weight = randn(gen, 1280)
+    out = qwen_kernels.rms_norm(x, weight, EPS, backend)
+    torch.testing.assert_close(out, qwen_kernels.rms_norm(x.contiguous(), weight, EPS, "torch"))
+
+
+@pytest.mark.parametrize("backend", backends_for("add_rms_norm"))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_add_rms_norm(gen, backend, dtype):
+    x, residual = randn(gen, 11, 1280, dtype=dtype), randn(gen, 11, 1280, dtype=dtype)
+    weight = randn(gen, 1280, dtype=dtype)
+    out, residual_out = qwen_kernels.add_rms_norm(x, residual, weight, EPS, backend)
+    torch.testing.assert_close(residual_out, x + residual)
+    expected = direct_rms_norm(residual_out, weight, EPS)
+    assert rel_err(out, expected) < 2 * tolerance(dtype)
+
+
+def test_add_rms_norm_matches_transformers_block_order(gen):
+    """The vision block: residual = x + attn(norm1(x)); norm2(residual)."""
+    module = Qwen2_5_VLRMSNorm(64, eps=EPS)
+    with torch.no_grad():
+        module.weight.copy_(randn(gen, 64))
+    x, update = randn(gen, 5, 64), randn(gen, 5, 64)
+    out, residual = qwen_kernels.add_rms_norm(update, x, module.weight, EPS, "torch")
+    with torch.no_grad():
+        torch.testing.assert_close(out, module(x + update))
+    torch.testing.assert_close(residual, x + update)
+
+
+def test_opcheck(gen):
+    x, weight = randn(gen, 3, 40), randn(gen, 40)
+    torch.library.opcheck(torch.ops.qwen.rms_norm, (x, weight, EPS, "torch"))
+    torch.library.opcheck(torch.ops.qwen.add_rms_norm, (x, randn(gen, 3, 40), weight, EPS, "torch"))
+
+
+def test_compiles_fullgraph(gen):
+    x, weight = randn(gen, 3, 40), randn(gen, 40)
+    compiled = torch.compile(lambda a, w: qwen_kernels.rms_norm(a, w, EPS), fullgraph=True)
+    torch.testing.assert_close(compiled(x, weight), qwen_kernels.rms_norm(x, weight, EPS))
+
+
+@pytest.mark.parametrize(
+    ("make_args", "match"),
+    [
+        (lambda g: (torch.randint(0, 3, (2, 8)), randn(g, 8)), "`x` must be of dtype"),
+        (lambda g: (randn(g, 2, 8), randn(g, 7)), "`weight` must be 1-D of size"),
+        (lambda g: (randn(g, 2, 8), randn(g, 2, 8)), "`weight` must be 1-D of size"),
+        (lambda g: (randn(g, 2, 8), torch.empty(8, device="meta")), "`weight` must be on cpu"),
+        (lambda g: (torch.ones(()), torch.ones(1)), "`x` must be at least 1-D"),
+    ],
+)
+def test_bad_input(gen, make_args, match):
+    x, weight = make_args(gen)
+    with pytest.raises(ValueError, match=match):
+        qwen_kernels.rms_norm(x, weight, EPS)
+
+
+def test_bad_eps_and_residual(gen):
+    x, weight = randn(gen, 2, 8), randn(gen, 8)
+    with pytest.raises(ValueError, match="`eps` must be a non-negative float"):
+        qwen_kernels.rms_norm(x, weight, -1.0)
+    with pytest.raises(ValueError, match="`residual` must be of x's shape"):
+        qwen_kernels.add_rms_norm(x, randn(gen, 3, 8), weight, EPS)
+    with pytest.raises(ValueError, match="`residual` must be of dtype torch.float32"):
+        qwen_kernels.add_rms_norm(x, x.half(), weight, EPS)
+
+
+def test_unknown_and_unavailable_backend(gen):
+    x, weight = randn(gen, 2, 8), randn(gen, 8)
+    with pytest.raises(ValueError, match="`backend` must be one of"):
+        qwen_kernels.rms_norm(x, weight, EPS, backend="fast")
+    missing = [b for b in ("triton", "cuda", "cuda_emu") if b not in backends_for("rms_norm")]
+    for backend in missing:
+        with pytest.raises(RuntimeError, match=backend):
+            qwen_kernels.rms_norm(x, weight, EPS, backend=backend)

@@ -1,0 +1,117 @@
+"""swiglu and rms_norm_swiglu: reference vs fp64 math and transformers' Qwen2_5_VLMLP, every
+backend vs the reference, opcheck, and the errors of bad input."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLMLP, Qwen2_5_VLRMSNorm
+
+import qwen_kernels
+from tests.helpers import DTYPES, assert_close_to_reference, backends_for, randn, rel_err, tolerance
+
+EPS = 1e-6
+
+
+def direct_swiglu(gate_up: torch.Tensor) -> torch.Tensor:
+    gate, up = gate_up.double().chunk(2, dim=-1)
+    return gate / (1 + torch.exp(-gate)) * up
+
+
+def random_mlp(gen, hidden: int, intermediate: int, dtype) -> Qwen2_5_VLMLP:
+    config = SimpleNamespace(hidden_size=hidden, intermediate_size=intermediate, hidden_act="silu")
+    mlp = Qwen2_5_VLMLP(config, bias=True)
+    with torch.no_grad():
+        for param in mlp.parameters():
+            param.copy_(randn(gen, *param.shape, scale=hidden**-0.5))
+    return mlp.to(dtype)
+
+
+@pytest.mark.parametrize("shape", [(1, 2 * 3420), (7, 2 * 3420), (3, 2, 2 * 1280), (5, 2)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_reference_matches_direct_math(gen, shape, dtype):
+    gate_up = randn(gen, *shape, dtype=dtype, scale=2.0)
+    out = qwen_kernels.swiglu(gate_up, backend="torch")
+    assert out.shape == (*shape[:-1], shape[-1] // 2) and out.dtype == dtype
+    assert rel_err(out, direct_swiglu(gate_up)) < tolerance(dtype)
+
+
+@pytest.mark.parametrize("backend", backends_for("swiglu"))
+@pytest.mark.parametrize("shape", [(7, 2 * 3420), (3, 2 * 1281), (1, 2)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_backend_matches_reference(gen, backend, shape, dtype):
+    gate_up = randn(gen, *shape, dtype=dtype, scale=3.0)
+    ref64 = qwen_kernels.swiglu(gate_up.double(), "torch")
+    eager = qwen_kernels.swiglu(gate_up, "torch")
+    assert_close_to_reference(qwen_kernels.swiglu(gate_up, backend), ref64, eager)
+
+
+@pytest.mark.parametrize("backend", backends_for("swiglu"))
+def test_strided_input(gen, backend):
+    gate_up = randn(gen, 2 * 96, 5).t()  # [5, 192] with column stride 5
+    torch.testing.assert_close(
+        qwen_kernels.swiglu(gate_up, backend), qwen_kernels.swiglu(gate_up.contiguous(), "torch")
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_swiglu_matches_transformers_mlp(gen, dtype):
+    mlp = random_mlp(gen, 64, 96, dtype)
+    x = randn(gen, 10, 64, dtype=dtype)
+    gate_up_weight = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
+    gate_up_bias = torch.cat([mlp.gate_proj.bias, mlp.up_proj.bias])
+    with torch.no_grad():
+        expected = mlp(x).double()
+        ours = mlp.down_proj(qwen_kernels.swiglu(F.linear(x, gate_up_weight, gate_up_bias), "torch"))
+    assert rel_err(ours, expected) < 2 * tolerance(dtype)
+
+
+@pytest.mark.parametrize("backend", backends_for("rms_norm_swiglu"))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_swiglu_matches_transformers(gen, backend, dtype):
+    hidden, intermediate = 80, 123
+    mlp = random_mlp(gen, hidden, intermediate, dtype)
+    norm = Qwen2_5_VLRMSNorm(hidden, eps=EPS)
+    with torch.no_grad():
+        norm.weight.copy_(randn(gen, hidden))
+    norm.to(dtype)
+    x = randn(gen, 3, 7, hidden, dtype=dtype, scale=2.0)
+    gate_up_weight = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
+    gate_up_bias = torch.cat([mlp.gate_proj.bias, mlp.up_proj.bias])
+    with torch.no_grad():
+        h = norm(x)
+        expected = F.silu(mlp.gate_proj(h).double()) * mlp.up_proj(h).double()
+    out = qwen_kernels.rms_norm_swiglu(x, norm.weight, gate_up_weight, gate_up_bias, EPS, backend)
+    assert out.shape == (3, 7, intermediate) and out.dtype == dtype
+    assert rel_err(out, expected) < 3 * tolerance(dtype)
+
+
+def test_rms_norm_swiglu_without_bias(gen):
+    x, norm_weight = randn(gen, 4, 16), randn(gen, 16)
+    weight = randn(gen, 10, 16, scale=0.25)
+    out = qwen_kernels.rms_norm_swiglu(x, norm_weight, weight, None, EPS, "torch")
+    h = qwen_kernels.rms_norm(x, norm_weight, EPS, "torch")
+    torch.testing.assert_close(out, qwen_kernels.swiglu(h @ weight.t(), "torch"))
+
+
+def test_opcheck(gen):
+    torch.library.opcheck(torch.ops.qwen.swiglu, (randn(gen, 3, 10), "torch"))
+    args = (randn(gen, 3, 8), randn(gen, 8), randn(gen, 12, 8), randn(gen, 12), EPS, "torch")
+    torch.library.opcheck(torch.ops.qwen.rms_norm_swiglu, args)
+
+
+def test_bad_input(gen):
+    with pytest.raises(ValueError, match="`gate_up` must be of even size"):
+        qwen_kernels.swiglu(randn(gen, 3, 7))
+    with pytest.raises(ValueError, match="`gate_up` must be of dtype"):
+        qwen_kernels.swiglu(torch.randint(0, 5, (3, 8)))
+    x, norm_weight = randn(gen, 4, 16), randn(gen, 16)
+    with pytest.raises(ValueError, match=r"`gate_up_weight` must be \[2I, 16\]"):
+        qwen_kernels.rms_norm_swiglu(x, norm_weight, randn(gen, 10, 15), None, EPS)
+    with pytest.raises(ValueError, match="`gate_up_weight` must be an even number of rows"):
+        qwen_kernels.rms_norm_swiglu(x, norm_weight, randn(gen, 9, 16), None, EPS)
+    with pytest.raises(ValueError, match=r"`gate_up_bias` must be \[10\]"):
+        qwen_kernels.rms_norm_swiglu(x, norm_weight, randn(gen, 10, 16), randn(gen, 9), EPS)
+    with pytest.raises(ValueError, match="`gate_up_weight` must be of dtype torch.float32"):
+        qwen_kernels.rms_norm_swiglu(x, norm_weight, randn(gen, 10, 16).half(), None, EPS)

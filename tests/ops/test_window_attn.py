@@ -1,0 +1,155 @@
+"""window_attn: reference vs an fp64 loop over segments and transformers' vision attention, every
+backend vs the reference (windows, edge windows, 1-token and empty segments, long segments,
+strided views), opcheck, and bad input."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLVisionAttention
+
+import qwen_kernels
+from tests.helpers import DTYPES, assert_close_to_reference, backends_for, randn, rel_err, tolerance
+
+# Windows of 64 with the edge windows of a real grid, a 1-token and an empty segment.
+WINDOW_LENGTHS = [64, 64, 32, 1, 0, 48, 16, 64, 4, 12]
+
+
+def cu_seqlens_of(lengths: list[int]) -> torch.Tensor:
+    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+
+
+def segment_loop(q, k, v, cu_seqlens, scale=None) -> torch.Tensor:
+    """fp64 attention, one segment at a time."""
+    out = torch.zeros(q.shape, dtype=torch.float64)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    bounds = cu_seqlens.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        if end == start:
+            continue
+        qs, ks, vs = (t[start:end].double().transpose(0, 1) for t in (q, k, v))  # [H, L, D]
+        weights = torch.softmax(qs @ ks.transpose(1, 2) * scale, dim=-1)
+        out[start:end] = (weights @ vs).transpose(0, 1)
+    return out
+
+
+def random_qkv(gen, tokens, heads, head_dim, dtype=torch.float32, scale=1.0):
+    return [randn(gen, tokens, heads, head_dim, dtype=dtype, scale=scale) for _ in range(3)]
+
+
+@pytest.mark.parametrize("head_dim", [64, 80, 128])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_reference_matches_segment_loop(gen, head_dim, dtype):
+    cu = cu_seqlens_of(WINDOW_LENGTHS)
+    q, k, v = random_qkv(gen, int(cu[-1]), 3, head_dim, dtype, scale=2.0)
+    out = qwen_kernels.window_attn(q, k, v, cu, 64, backend="torch")
+    assert out.shape == q.shape and out.dtype == dtype
+    assert rel_err(out, segment_loop(q, k, v, cu)) < 2 * tolerance(dtype)
+
+
+def test_long_segments_and_loose_max_seqlen(gen):
+    cu = cu_seqlens_of([300, 1, 211])
+    q, k, v = random_qkv(gen, 512, 2, 80)
+    out = qwen_kernels.window_attn(q, k, v, cu, 400, softmax_scale=0.05, backend="torch")
+    assert rel_err(out, segment_loop(q, k, v, cu, scale=0.05)) < 1e-5
+
+
+def test_matches_transformers_vision_attention(gen):
+    config = Qwen2_5_VLVisionConfig(hidden_size=160, num_heads=2)
+    config._attn_implementation = "eager"
+    attention = Qwen2_5_VLVisionAttention(config)
+    with torch.no_grad():
+        for param in attention.parameters():
+            param.copy_(randn(gen, *param.shape, scale=0.1))
+    cu = cu_seqlens_of([16, 16, 7, 1, 9])
+    tokens = int(cu[-1])
+    x = randn(gen, tokens, 160)
+    angles = randn(gen, tokens, 40)
+    cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
+    with torch.no_grad():
+        expected = attention(x, cu_seqlens=cu, position_embeddings=(cos, sin))
+        q, k, v = attention.qkv(x).reshape(tokens, 3, 2, 80).unbind(1)
+        q, k = qwen_kernels.mrope(q, k, cos, sin, backend="torch")
+        attended = qwen_kernels.window_attn(q, k, v, cu, 16, backend="torch")
+        ours = attention.proj(attended.reshape(tokens, 160))
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", backends_for("window_attn"))
+@pytest.mark.parametrize("head_dim", [64, 80, 128])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_backend_matches_reference(gen, backend, head_dim, dtype):
+    cu = cu_seqlens_of(WINDOW_LENGTHS)
+    q, k, v = random_qkv(gen, int(cu[-1]), 2, head_dim, dtype, scale=2.0)
+    ref64 = qwen_kernels.window_attn(q.double(), k.double(), v.double(), cu, 64, backend="torch")
+    eager = qwen_kernels.window_attn(q, k, v, cu, 64, backend="torch")
+    got = qwen_kernels.window_attn(q, k, v, cu, 64, backend=backend)
+    assert_close_to_reference(got, ref64, eager)
+
+
+@pytest.mark.parametrize("backend", backends_for("window_attn"))
+def test_strided_views_of_packed_qkv(gen, backend):
+    cu = cu_seqlens_of([5, 64, 1, 30])
+    qkv = randn(gen, int(cu[-1]), 3, 2, 80)
+    q, k, v = qkv.unbind(1)
+    out = qwen_kernels.window_attn(q, k, v, cu, 64, backend=backend)
+    assert rel_err(out, segment_loop(q, k, v, cu)) < 1e-5
+
+
+def test_skip_value_checks_skips_the_sync(gen):
+    q, k, v = random_qkv(gen, 8, 1, 64)
+    bad = torch.tensor([0, 5, 3, 8], dtype=torch.int32)
+    with pytest.raises(ValueError, match="non-decreasing"):
+        qwen_kernels.window_attn(q, k, v, bad, 8)
+    with qwen_kernels.skip_value_checks():
+        qwen_kernels.window_attn(q, k, v, bad, 8)  # the caller vouched for the values
+    with pytest.raises(ValueError, match="non-decreasing"):
+        qwen_kernels.window_attn(q, k, v, bad, 8)
+
+
+def test_opcheck(gen):
+    cu = cu_seqlens_of([3, 1, 4])
+    q, k, v = random_qkv(gen, 8, 2, 16)
+    torch.library.opcheck(torch.ops.qwen.window_attn, (q, k, v, cu, 4, None, "torch"))
+    torch.library.opcheck(torch.ops.qwen.window_attn, (q, k, v, cu, 4, 0.3, "torch"))
+
+
+def test_compiles_fullgraph(gen):
+    cu = cu_seqlens_of([3, 5])
+    q, k, v = random_qkv(gen, 8, 2, 16)
+    compiled = torch.compile(
+        lambda a, b, c: qwen_kernels.window_attn(a, b, c, cu, 5), fullgraph=True
+    )
+    torch.testing.assert_close(compiled(q, k, v), qwen_kernels.window_attn(q, k, v, cu, 5))
+
+
+def test_bad_input(gen):
+    q, k, v = random_qkv(gen, 8, 2, 16)
+    cu = cu_seqlens_of([3, 5])
+    args = SimpleNamespace(q=q, k=k, v=v, cu=cu, max_seqlen=5)
+
+    def call(**changes):
+        a = {**vars(args), **changes}
+        return qwen_kernels.window_attn(a["q"], a["k"], a["v"], a["cu"], a["max_seqlen"])
+
+    cases = [
+        ({"cu": cu.long()}, "`cu_seqlens` must be an int32 tensor"),
+        ({"cu": cu[None]}, "`cu_seqlens` must be 1-D"),
+        ({"cu": cu[:1]}, r"`cu_seqlens` must be \[S\+1\] with at least one segment"),
+        ({"cu": torch.tensor([0, 5, 3, 8], dtype=torch.int32)}, "non-decreasing"),
+        ({"cu": torch.tensor([0, 3, 7], dtype=torch.int32)}, "ending at T = 8"),
+        ({"cu": torch.tensor([1, 3, 8], dtype=torch.int32)}, "starting at 0"),
+        ({"cu": torch.empty(3, dtype=torch.int32, device="meta")}, "`cu_seqlens` must be on cpu"),
+        ({"max_seqlen": 4}, "`max_seqlen` must be at least the longest segment"),
+        ({"max_seqlen": 0}, "`max_seqlen` must be a positive int"),
+        ({"k": k[:7]}, "`k` must be of q's shape"),
+        ({"v": v.half()}, "`v` must be of dtype torch.float32"),
+        ({"q": q[0]}, "`q` must be 3-D"),
+        ({"q": torch.randint(0, 3, (8, 2, 16))}, "`q` must be of dtype"),
+    ]
+    for changes, match in cases:
+        with pytest.raises(ValueError, match=match):
+            call(**changes)
+    with pytest.raises(ValueError, match="`softmax_scale` must be a positive float"):
+        qwen_kernels.window_attn(q, k, v, cu, 5, softmax_scale=-1.0)

@@ -1,0 +1,77 @@
+"""The installed package: every op registered under torch.ops.qwen, the backend report, the
+`qwen-kernels info` command and, where it was built, the archs inside qwen_kernels._C."""
+
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+import qwen_kernels
+from qwen_kernels import cli
+from qwen_kernels._backends import cuda_extension_error
+
+OPS = [
+    "window_attn", "mrope", "mrope_", "mrope_pos", "mrope_pos_", "rms_norm", "add_rms_norm",
+    "swiglu", "rms_norm_swiglu", "patch_merge",
+]
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_op_is_registered_with_docstring(op):
+    assert hasattr(torch.ops.qwen, op)
+    schema = str(getattr(torch.ops.qwen, op).default._schema)
+    assert 'str backend="auto"' in schema, schema
+    wrapper = getattr(qwen_kernels, op)
+    assert wrapper.__doc__ and len(wrapper.__doc__) > 40
+
+
+def test_schemas_match_the_contract():
+    schema = str(torch.ops.qwen.window_attn.default._schema)
+    assert "Tensor cu_seqlens, int max_seqlen, float? softmax_scale=None" in schema
+    assert "int[]? mrope_section=None" in str(torch.ops.qwen.mrope.default._schema)
+    assert "Tensor? unit_index=None" in str(torch.ops.qwen.patch_merge.default._schema)
+    assert "Tensor(a!) q, Tensor(b!) k" in str(torch.ops.qwen.mrope_pos_.default._schema)
+
+
+def test_available_backends_lists_every_op_with_torch():
+    backends = qwen_kernels.available_backends()
+    assert set(backends) == set(OPS)
+    for op, names in backends.items():
+        assert names[0] == "torch", op
+
+
+def test_subpackages_live_in_the_namespace():
+    import qwen_kernels.model
+    import qwen_kernels.triton_kernels
+
+    assert qwen_kernels.model.__name__ == "qwen_kernels.model"
+    assert qwen_kernels.triton_kernels.__name__ == "qwen_kernels.triton_kernels"
+
+
+def test_info_command_prints_the_report(capsys):
+    assert cli.main(["info"]) == 0
+    printed = capsys.readouterr().out
+    for key in ("torch", "triton", "nvcc", "GPUs", "qwen_kernels._C archs", "window_attn"):
+        assert key in printed
+
+
+def test_info_report_names_every_backend():
+    report = cli.info_report()
+    assert set(report["backends"]) == set(OPS)
+    assert report["backends"]["rms_norm"]["torch"] == "yes"
+
+
+@pytest.mark.skipif(cuda_extension_error() is not None, reason="qwen_kernels._C was not built")
+def test_cuda_extension_holds_sm80_and_sm90a_code():
+    import qwen_kernels._C as ext
+
+    archs = torch.ops.qwen_cuda.build_info()
+    assert "8.0" in archs and "9.0a" in archs, archs
+    cuobjdump = shutil.which("cuobjdump") or "/usr/local/cuda/bin/cuobjdump"
+    listed = subprocess.run(
+        [cuobjdump, "--list-elf", ext.__file__], capture_output=True, text=True, check=False
+    ).stdout
+    if "sm_" not in listed:
+        pytest.skip("csrc/ holds no device code yet")
+    assert "sm_80" in listed and "sm_90a" in listed, listed
