@@ -21,6 +21,7 @@ PACKAGE_DIR = {
     "qwen_kernels": "qwen_kernels",
     "qwen_kernels.triton_kernels": "triton_kernels",
     "qwen_kernels.model": "model",
+    "qwen_kernels.bench": "bench",
 }
 
 
@@ -103,7 +104,8 @@ def _cuda_extension():
 blocker = _cuda_build_blocker()
 if blocker is None:
     ext_modules, cmdclass = _cuda_extension()
-    print(f"qwen-kernels: building the CUDA extension for {os.environ.get('QK_CUDA_ARCHS', DEFAULT_ARCHS)}")
+    archs = os.environ.get("QK_CUDA_ARCHS", DEFAULT_ARCHS)
+    print(f"qwen-kernels: building the CUDA extension for {archs}")
 else:
     ext_modules, cmdclass = [], {}
     print(f"qwen-kernels: installing without the CUDA extension ({blocker})")

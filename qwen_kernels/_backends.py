@@ -115,12 +115,17 @@ class OpBackends:
             self.impls[backend] = impl
         return impl
 
-    def select(self, backend: str, device: torch.device, *args) -> tuple[str, Callable]:
-        """Resolve ``backend`` (possibly "auto") for inputs on ``device``; raise if unusable."""
+    def select(self, backend: str, like: torch.Tensor, *args) -> tuple[str, Callable]:
+        """Resolve ``backend`` (possibly "auto") for inputs like ``like`` (its device and dtype);
+        ``args`` are the call's arguments, for a shape-aware "auto". Raises if unusable."""
+        device = like.device
+        # Kernels compute in fp32 at most; fp64 exists to build references on "torch".
+        kernel_dtype = like.dtype != torch.float64
         if backend == "auto":
             order = self.auto(*args) if self.auto else _AUTO_ORDER.get(device.type, ("torch",))
             for name in order:
-                if name in self.impls and runtime_missing(name, device.type) is None:
+                usable = name in self.impls and runtime_missing(name, device.type) is None
+                if usable and (kernel_dtype or name == "torch"):
                     return name, self._load(name)
             return "torch", self._load("torch")
         if backend not in BACKENDS:
@@ -135,6 +140,11 @@ class OpBackends:
         missing = runtime_missing(backend, device.type)
         if missing:
             raise RuntimeError(f"qwen.{self.op}: backend {backend!r} is unavailable: {missing}")
+        if not kernel_dtype and backend != "torch":
+            raise ValueError(
+                f"qwen.{self.op}: backend {backend!r} takes fp16, bf16 or fp32 inputs, got "
+                "float64 (only the 'torch' reference runs in float64)"
+            )
         return backend, self._load(backend)
 
 

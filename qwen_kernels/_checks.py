@@ -73,7 +73,7 @@ def check_device(op: str, ref_name: str, ref: torch.Tensor, **others: torch.Tens
 
 
 def check_ndim(op: str, name: str, t: torch.Tensor, ndim: int | tuple[int, ...]) -> None:
-    """``t`` has ``ndim`` dimensions (an int, or a tuple of allowed counts, or (min,) as ">= min")."""
+    """``t`` has exactly ``ndim`` dimensions, or at least ``ndim[0]`` when given as ``(min,)``."""
     if isinstance(ndim, int):
         if t.dim() != ndim:
             fail(op, name, f"{ndim}-D", f"shape {tuple(t.shape)}")

@@ -11,7 +11,9 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 POISON = float("nan")
 
 
-def randn(gen: torch.Generator, *shape: int, dtype=torch.float32, scale: float = 1.0) -> torch.Tensor:
+def randn(
+    gen: torch.Generator, *shape: int, dtype=torch.float32, scale: float = 1.0
+) -> torch.Tensor:
     """Seeded normal values (never zeros or ones), cast to ``dtype``."""
     return (torch.randn(*shape, generator=gen) * scale).to(dtype)
 

@@ -1,6 +1,7 @@
 """The installed package: every op registered under torch.ops.qwen, the backend report, the
 `qwen-kernels info` command and, where it was built, the archs inside qwen_kernels._C."""
 
+import os
 import shutil
 import subprocess
 
@@ -12,8 +13,16 @@ from qwen_kernels import cli
 from qwen_kernels._backends import cuda_extension_error
 
 OPS = [
-    "window_attn", "mrope", "mrope_", "mrope_pos", "mrope_pos_", "rms_norm", "add_rms_norm",
-    "swiglu", "rms_norm_swiglu", "patch_merge",
+    "window_attn",
+    "mrope",
+    "mrope_",
+    "mrope_pos",
+    "mrope_pos_",
+    "rms_norm",
+    "add_rms_norm",
+    "swiglu",
+    "rms_norm_swiglu",
+    "patch_merge",
 ]
 
 
@@ -62,16 +71,32 @@ def test_info_report_names_every_backend():
     assert report["backends"]["rms_norm"]["torch"] == "yes"
 
 
+def _find_cuobjdump() -> str:
+    """cuobjdump from PATH, the CUDA toolkit, or the copy that Triton ships."""
+    import triton
+
+    candidates = [
+        shutil.which("cuobjdump"),
+        os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "cuobjdump"),
+        os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump"),
+    ]
+    found = [c for c in candidates if c and os.path.exists(c)]
+    if not found:
+        pytest.skip("no cuobjdump to list the device code with")
+    return found[0]
+
+
 @pytest.mark.skipif(cuda_extension_error() is not None, reason="qwen_kernels._C was not built")
 def test_cuda_extension_holds_sm80_and_sm90a_code():
     import qwen_kernels._C as ext
 
     archs = torch.ops.qwen_cuda.build_info()
     assert "8.0" in archs and "9.0a" in archs, archs
-    cuobjdump = shutil.which("cuobjdump") or "/usr/local/cuda/bin/cuobjdump"
-    listed = subprocess.run(
+    cuobjdump = _find_cuobjdump()
+    result = subprocess.run(
         [cuobjdump, "--list-elf", ext.__file__], capture_output=True, text=True, check=False
-    ).stdout
-    if "sm_" not in listed:
+    )
+    listed = result.stdout + result.stderr
+    if "does not contain device code" in listed:
         pytest.skip("csrc/ holds no device code yet")
     assert "sm_80" in listed and "sm_90a" in listed, listed

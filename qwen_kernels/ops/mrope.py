@@ -28,7 +28,7 @@ from .rms_norm import compute_dtype
 
 
 def compose_tables(table: Tensor, mrope_section: Sequence[int]) -> Tensor:
-    """Per-axis tables ``[A, ..., S, D]`` to one ``[..., S, D]``: band j of each half from axis j."""
+    """Per-axis tables ``[A, ..., S, D]`` to one ``[..., S, D]``: band j of each half from axis j"""
     axes = table.shape[0]
     bands = table.split(list(mrope_section) * 2, dim=-1)
     return torch.cat([band[i % axes] for i, band in enumerate(bands)], dim=-1)
@@ -37,7 +37,7 @@ def compose_tables(table: Tensor, mrope_section: Sequence[int]) -> Tensor:
 def rope_tables(
     positions: Tensor, inv_freq: Tensor, mrope_section: Sequence[int], dtype: torch.dtype
 ) -> tuple[Tensor, Tensor]:
-    """cos/sin ``[..., S, D]`` from positions ``[A, ..., S]``: angle_i = pos[axis(i)] * inv_freq[i]."""
+    """cos/sin ``[..., S, D]``; angle i is ``positions[axis(i)] * inv_freq[i]``."""
     axis_of_freq = torch.repeat_interleave(
         torch.arange(len(mrope_section)), torch.tensor(list(mrope_section))
     ).to(positions.device)
@@ -92,8 +92,12 @@ def _check_qk(op: str, q: Tensor, k: Tensor) -> None:
     if head_dim % 2:
         fail(op, "q", "[..., S, H, D] with an even head_dim D", tuple(q.shape))
     if k.shape[-1] != head_dim or k.shape[:-2] != q.shape[:-2]:
-        fail(op, "k", f"[..., S, H_k, D] with q's leading dims, S and D = {tuple(q.shape[:-2])}, "
-             f"{head_dim}", tuple(k.shape))
+        fail(
+            op,
+            "k",
+            f"[..., S, H_k, D] with q's leading dims, S and D = {tuple(q.shape[:-2])}, {head_dim}",
+            tuple(k.shape),
+        )
 
 
 def _check_broadcast(op: str, name: str, q: Tensor, leading: Sequence[int], got: object) -> None:
@@ -156,7 +160,7 @@ MROPE_POS_INPLACE = op_backends("mrope_pos_", _in_place(mrope_pos_reference))
     "qwen::mrope",
     mutates_args=(),
     schema="(Tensor q, Tensor k, Tensor cos, Tensor sin, int[]? mrope_section=None, "
-    "str backend=\"auto\") -> (Tensor, Tensor)",
+    'str backend="auto") -> (Tensor, Tensor)',
 )
 def _mrope_op(
     q: Tensor,
@@ -168,7 +172,7 @@ def _mrope_op(
 ) -> tuple[Tensor, Tensor]:
     _check_qk("mrope", q, k)
     _check_tables("mrope", q, cos, sin, mrope_section)
-    _, impl = MROPE.select(backend, q.device, q, k, cos, sin, mrope_section)
+    _, impl = MROPE.select(backend, q, q, k, cos, sin, mrope_section)
     q_out, k_out = impl(q, k, cos, sin, mrope_section)
     return q_out.contiguous(), k_out.contiguous()
 
@@ -184,7 +188,7 @@ def _(q, k, cos, sin, mrope_section=None, backend="auto"):
     "qwen::mrope_",
     mutates_args=("q", "k"),
     schema="(Tensor(a!) q, Tensor(b!) k, Tensor cos, Tensor sin, int[]? mrope_section=None, "
-    "str backend=\"auto\") -> ()",
+    'str backend="auto") -> ()',
 )
 def _mrope_inplace_op(
     q: Tensor,
@@ -196,7 +200,7 @@ def _mrope_inplace_op(
 ) -> None:
     _check_qk("mrope_", q, k)
     _check_tables("mrope_", q, cos, sin, mrope_section)
-    _, impl = MROPE_INPLACE.select(backend, q.device, q, k, cos, sin, mrope_section)
+    _, impl = MROPE_INPLACE.select(backend, q, q, k, cos, sin, mrope_section)
     impl(q, k, cos, sin, mrope_section)
 
 
@@ -210,7 +214,7 @@ def _(q, k, cos, sin, mrope_section=None, backend="auto"):
     "qwen::mrope_pos",
     mutates_args=(),
     schema="(Tensor q, Tensor k, Tensor positions, Tensor inv_freq, int[] mrope_section, "
-    "str backend=\"auto\") -> (Tensor, Tensor)",
+    'str backend="auto") -> (Tensor, Tensor)',
 )
 def _mrope_pos_op(
     q: Tensor,
@@ -222,7 +226,7 @@ def _mrope_pos_op(
 ) -> tuple[Tensor, Tensor]:
     _check_qk("mrope_pos", q, k)
     _check_positions("mrope_pos", q, positions, inv_freq, mrope_section)
-    _, impl = MROPE_POS.select(backend, q.device, q, k, positions, inv_freq, mrope_section)
+    _, impl = MROPE_POS.select(backend, q, q, k, positions, inv_freq, mrope_section)
     q_out, k_out = impl(q, k, positions, inv_freq, mrope_section)
     return q_out.contiguous(), k_out.contiguous()
 
@@ -238,7 +242,7 @@ def _(q, k, positions, inv_freq, mrope_section, backend="auto"):
     "qwen::mrope_pos_",
     mutates_args=("q", "k"),
     schema="(Tensor(a!) q, Tensor(b!) k, Tensor positions, Tensor inv_freq, int[] mrope_section, "
-    "str backend=\"auto\") -> ()",
+    'str backend="auto") -> ()',
 )
 def _mrope_pos_inplace_op(
     q: Tensor,
@@ -250,7 +254,7 @@ def _mrope_pos_inplace_op(
 ) -> None:
     _check_qk("mrope_pos_", q, k)
     _check_positions("mrope_pos_", q, positions, inv_freq, mrope_section)
-    _, impl = MROPE_POS_INPLACE.select(backend, q.device, q, k, positions, inv_freq, mrope_section)
+    _, impl = MROPE_POS_INPLACE.select(backend, q, q, k, positions, inv_freq, mrope_section)
     impl(q, k, positions, inv_freq, mrope_section)
 
 

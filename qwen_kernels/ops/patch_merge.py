@@ -18,7 +18,9 @@ OP = "patch_merge"
 UNIT = 4  # tokens per 2x2 merge unit
 
 
-def patch_merge_reference(x: Tensor, weight: Tensor, eps: float, unit_index: Tensor | None) -> Tensor:
+def patch_merge_reference(
+    x: Tensor, weight: Tensor, eps: float, unit_index: Tensor | None
+) -> Tensor:
     """Eager RMSNorm, view as merge units, then gather the units."""
     merged = rms_norm_reference(x, weight, eps).reshape(x.shape[0] // UNIT, UNIT * x.shape[1])
     return merged if unit_index is None else merged.index_select(0, unit_index.long())
@@ -42,8 +44,12 @@ def _check_values(x: Tensor, unit_index: Tensor | None) -> None:
     units = x.shape[0] // UNIT
     lo, hi = torch.aminmax(unit_index)
     if bool((lo < 0) | (hi >= units)):
-        fail(OP, "unit_index", f"indices of merge units in [0, {units})",
-             f"values in [{int(lo)}, {int(hi)}]")
+        fail(
+            OP,
+            "unit_index",
+            f"indices of merge units in [0, {units})",
+            f"values in [{int(lo)}, {int(hi)}]",
+        )
 
 
 def _out_shape(x: Tensor, unit_index: Tensor | None) -> tuple[int, int]:
@@ -60,7 +66,7 @@ def _patch_merge_op(
 ) -> Tensor:
     _check_args(x, weight, eps, unit_index)
     _check_values(x, unit_index)
-    _, impl = PATCH_MERGE.select(backend, x.device, x, weight, eps, unit_index)
+    _, impl = PATCH_MERGE.select(backend, x, x, weight, eps, unit_index)
     return impl(x, weight, eps, unit_index).contiguous()
 
 

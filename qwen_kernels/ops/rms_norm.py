@@ -42,19 +42,23 @@ def check_rms_norm_args(op: str, x: Tensor, weight: Tensor, eps: float) -> None:
     check_float(op, "weight", weight)
     check_device(op, "x", x, weight=weight)
     if weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
-        fail(op, "weight", f"1-D of size x.shape[-1] = {x.shape[-1]}", f"shape {tuple(weight.shape)}")
+        fail(
+            op, "weight", f"1-D of size x.shape[-1] = {x.shape[-1]}", f"shape {tuple(weight.shape)}"
+        )
     if not eps >= 0.0:
         fail(op, "eps", "a non-negative float", eps)
 
 
 RMS_NORM = op_backends("rms_norm", rms_norm_reference)
+RMS_NORM.register("triton", "qwen_kernels.triton_kernels.rms_norm:rms_norm")
 ADD_RMS_NORM = op_backends("add_rms_norm", add_rms_norm_reference)
+ADD_RMS_NORM.register("triton", "qwen_kernels.triton_kernels.rms_norm:add_rms_norm")
 
 
 @torch.library.custom_op("qwen::rms_norm", mutates_args=())
 def _rms_norm_op(x: Tensor, weight: Tensor, eps: float, backend: str = "auto") -> Tensor:
     check_rms_norm_args("rms_norm", x, weight, eps)
-    _, impl = RMS_NORM.select(backend, x.device, x, weight, eps)
+    _, impl = RMS_NORM.select(backend, x, x, weight, eps)
     return impl(x, weight, eps).contiguous()
 
 
@@ -69,7 +73,7 @@ def _add_rms_norm_op(
     x: Tensor, residual: Tensor, weight: Tensor, eps: float, backend: str = "auto"
 ) -> tuple[Tensor, Tensor]:
     _check_add_args(x, residual, weight, eps)
-    _, impl = ADD_RMS_NORM.select(backend, x.device, x, residual, weight, eps)
+    _, impl = ADD_RMS_NORM.select(backend, x, x, residual, weight, eps)
     out, residual_out = impl(x, residual, weight, eps)
     return out.contiguous(), residual_out.contiguous()
 

@@ -35,10 +35,16 @@ def _check_args(
     if gate_up_weight.dim() != 2 or gate_up_weight.shape[1] != channels:
         fail(OP, "gate_up_weight", f"[2I, {channels}]", f"shape {tuple(gate_up_weight.shape)}")
     if gate_up_weight.shape[0] % 2:
-        fail(OP, "gate_up_weight", "an even number of rows (gate rows, then up rows)",
-             f"shape {tuple(gate_up_weight.shape)}")
+        fail(
+            OP,
+            "gate_up_weight",
+            "an even number of rows (gate rows, then up rows)",
+            f"shape {tuple(gate_up_weight.shape)}",
+        )
     if gate_up_bias is not None and tuple(gate_up_bias.shape) != (gate_up_weight.shape[0],):
-        fail(OP, "gate_up_bias", f"[{gate_up_weight.shape[0]}]", f"shape {tuple(gate_up_bias.shape)}")
+        fail(
+            OP, "gate_up_bias", f"[{gate_up_weight.shape[0]}]", f"shape {tuple(gate_up_bias.shape)}"
+        )
 
 
 RMS_NORM_SWIGLU = op_backends(OP, rms_norm_swiglu_reference)
@@ -54,9 +60,7 @@ def _rms_norm_swiglu_op(
     backend: str = "auto",
 ) -> Tensor:
     _check_args(x, norm_weight, gate_up_weight, gate_up_bias, eps)
-    _, impl = RMS_NORM_SWIGLU.select(
-        backend, x.device, x, norm_weight, gate_up_weight, gate_up_bias, eps
-    )
+    _, impl = RMS_NORM_SWIGLU.select(backend, x, x, norm_weight, gate_up_weight, gate_up_bias, eps)
     return impl(x, norm_weight, gate_up_weight, gate_up_bias, eps).contiguous()
 
 
@@ -95,4 +99,6 @@ def rms_norm_swiglu(
     Returns:
         ``[..., I]`` in x's dtype: ``silu(g) * u`` with ``[g | u] = rms_norm(x) @ W.T + b``.
     """
-    return torch.ops.qwen.rms_norm_swiglu(x, norm_weight, gate_up_weight, gate_up_bias, eps, backend)
+    return torch.ops.qwen.rms_norm_swiglu(
+        x, norm_weight, gate_up_weight, gate_up_bias, eps, backend
+    )

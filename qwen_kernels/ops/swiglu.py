@@ -27,7 +27,9 @@ def check_swiglu_args(gate_up: Tensor) -> None:
     check_float("swiglu", "gate_up", gate_up)
     check_ndim("swiglu", "gate_up", gate_up, (1,))
     if gate_up.shape[-1] % 2:
-        fail("swiglu", "gate_up", "of even size in the last dim ([gate | up])", tuple(gate_up.shape))
+        fail(
+            "swiglu", "gate_up", "of even size in the last dim ([gate | up])", tuple(gate_up.shape)
+        )
 
 
 def swiglu_out_shape(gate_up: Tensor) -> tuple[int, ...]:
@@ -36,12 +38,13 @@ def swiglu_out_shape(gate_up: Tensor) -> tuple[int, ...]:
 
 
 SWIGLU = op_backends("swiglu", swiglu_reference)
+SWIGLU.register("triton", "qwen_kernels.triton_kernels.swiglu:swiglu")
 
 
 @torch.library.custom_op("qwen::swiglu", mutates_args=())
 def _swiglu_op(gate_up: Tensor, backend: str = "auto") -> Tensor:
     check_swiglu_args(gate_up)
-    _, impl = SWIGLU.select(backend, gate_up.device, gate_up)
+    _, impl = SWIGLU.select(backend, gate_up, gate_up)
     return impl(gate_up).contiguous()
 
 

@@ -21,7 +21,12 @@ _REFERENCE_CHUNK_ELEMENTS = 1 << 26
 
 
 def window_attn_reference(
-    q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, softmax_scale: float | None
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens: Tensor,
+    max_seqlen: int,
+    softmax_scale: float | None,
 ) -> Tensor:
     """Eager reference: segments padded to ``max_seqlen`` and run through SDPA with a key mask.
 
@@ -51,7 +56,12 @@ def window_attn_reference(
 
 
 def _check_args(
-    q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, softmax_scale: float | None
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens: Tensor,
+    max_seqlen: int,
+    softmax_scale: float | None,
 ) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_float(OP, name, t)
@@ -84,8 +94,12 @@ def _check_values(q: Tensor, cu_seqlens: Tensor, max_seqlen: int) -> None:
     if not bool(bad):
         return
     if int(first) != 0 or int(last) != tokens:
-        fail(OP, "cu_seqlens", f"starting at 0 and ending at T = {tokens}",
-             f"{int(first)} ... {int(last)}")
+        fail(
+            OP,
+            "cu_seqlens",
+            f"starting at 0 and ending at T = {tokens}",
+            f"{int(first)} ... {int(last)}",
+        )
     if bool((lengths < 0).any()):
         at = int(torch.nonzero(lengths < 0)[0, 0])
         fail(OP, "cu_seqlens", "non-decreasing", f"a decrease after index {at}")
@@ -99,7 +113,7 @@ WINDOW_ATTN = op_backends(OP, window_attn_reference)
     "qwen::window_attn",
     mutates_args=(),
     schema="(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, int max_seqlen, "
-    "float? softmax_scale=None, str backend=\"auto\") -> Tensor",
+    'float? softmax_scale=None, str backend="auto") -> Tensor',
 )
 def _window_attn_op(
     q: Tensor,
@@ -112,7 +126,7 @@ def _window_attn_op(
 ) -> Tensor:
     _check_args(q, k, v, cu_seqlens, max_seqlen, softmax_scale)
     _check_values(q, cu_seqlens, max_seqlen)
-    _, impl = WINDOW_ATTN.select(backend, q.device, q, k, v, cu_seqlens, max_seqlen, softmax_scale)
+    _, impl = WINDOW_ATTN.select(backend, q, q, k, v, cu_seqlens, max_seqlen, softmax_scale)
     return impl(q, k, v, cu_seqlens, max_seqlen, softmax_scale).contiguous()
 
 

@@ -15,4 +15,3 @@ def poison_outputs():
         yield
     finally:
         torch.use_deterministic_algorithms(previous)
-

@@ -31,7 +31,9 @@ def direct_rotate(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
 
 def vision_inputs(gen, tokens: int, heads: int = 3, head_dim: int = 80, dtype=torch.float32):
     positions = torch.randint(0, 40, (2, tokens), generator=gen)
-    axial = 1.0 / (10000 ** (torch.arange(0, head_dim // 2, 2, dtype=torch.float) / (head_dim // 2)))
+    axial = 1.0 / (
+        10000 ** (torch.arange(0, head_dim // 2, 2, dtype=torch.float) / (head_dim // 2))
+    )
     inv_freq = torch.cat([axial, axial])
     q = randn(gen, tokens, heads, head_dim, dtype=dtype)
     k = randn(gen, tokens, heads, head_dim, dtype=dtype)
@@ -40,7 +42,9 @@ def vision_inputs(gen, tokens: int, heads: int = 3, head_dim: int = 80, dtype=to
 
 def vision_angles(positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
     half = inv_freq.numel() // 2
-    return torch.cat([positions[0, :, None] * inv_freq[:half], positions[1, :, None] * inv_freq[half:]], -1)
+    return torch.cat(
+        [positions[0, :, None] * inv_freq[:half], positions[1, :, None] * inv_freq[half:]], -1
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -94,13 +98,17 @@ def test_text_rotary_matches_transformers(gen):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("head_dim", [64, 80, 128])
 def test_mrope_pos_backend_matches_reference(gen, backend, dtype, head_dim):
-    rotary, positions, q, k = text_inputs(gen, seq=13, head_dim=head_dim, dtype=dtype)
-    section = [head_dim // 8, 3 * head_dim // 16, head_dim // 2 - head_dim // 8 - 3 * head_dim // 16]
+    _, positions, q, k = text_inputs(gen, seq=13, head_dim=head_dim, dtype=dtype)
+    section = [
+        head_dim // 8,
+        3 * head_dim // 16,
+        head_dim // 2 - head_dim // 8 - 3 * head_dim // 16,
+    ]
     inv_freq = 1.0 / (1e6 ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
     ref64 = qwen_kernels.mrope_pos(q.double(), k.double(), positions, inv_freq, section, "torch")
     eager = qwen_kernels.mrope_pos(q, k, positions, inv_freq, section, "torch")
     got = qwen_kernels.mrope_pos(q, k, positions, inv_freq, section, backend)
-    for out, ref, same in zip(got, ref64, eager):
+    for out, ref, same in zip(got, ref64, eager, strict=True):
         assert_close_to_reference(out, ref, same)
 
 
@@ -112,7 +120,9 @@ def test_mrope_backend_matches_reference(gen, backend, dtype):
     cos, sin = angles.cos(), angles.sin()
     ref64 = qwen_kernels.mrope(q.double(), k.double(), cos, sin, backend="torch")
     eager = qwen_kernels.mrope(q, k, cos, sin, backend="torch")
-    for out, ref, same in zip(qwen_kernels.mrope(q, k, cos, sin, backend=backend), ref64, eager):
+    for out, ref, same in zip(
+        qwen_kernels.mrope(q, k, cos, sin, backend=backend), ref64, eager, strict=True
+    ):
         assert_close_to_reference(out, ref, same)
 
 
@@ -121,7 +131,7 @@ def test_in_place_on_packed_qkv_views(gen, backend):
     tokens, heads, head_dim = 23, 2, 80
     qkv = randn(gen, tokens, 3, heads, head_dim)
     original = qkv.clone()
-    q, k, v = qkv.unbind(1)  # strided views into the packed buffer
+    q, k, _ = qkv.unbind(1)  # strided views into the packed buffer
     _, _, positions, inv_freq = vision_inputs(gen, tokens)
     expected = qwen_kernels.mrope_pos(q, k, positions, inv_freq, VISION_SECTION, "torch")
     qwen_kernels.mrope_pos_(q, k, positions, inv_freq, VISION_SECTION, backend)
@@ -166,27 +176,49 @@ def test_bad_input(gen):
     q, k, positions, inv_freq = vision_inputs(gen, 7, heads=2, head_dim=16)
     cos = torch.rand(7, 16)
     cases = [
-        (lambda: qwen_kernels.mrope(q[..., :15], k[..., :15], cos[:, :15], cos[:, :15]),
-         "even head_dim"),
+        (
+            lambda: qwen_kernels.mrope(q[..., :15], k[..., :15], cos[:, :15], cos[:, :15]),
+            "even head_dim",
+        ),
         (lambda: qwen_kernels.mrope(q, k[:5], cos, cos), "`k` must be"),
         (lambda: qwen_kernels.mrope(q, k, cos[:6], cos[:6]), r"`cos` must be \[\.\.\., S=7"),
         (lambda: qwen_kernels.mrope(q, k, cos, cos[:, :8]), "`sin` must be of cos's shape"),
-        (lambda: qwen_kernels.mrope(q, k, cos.expand(3, 7, 16), cos.expand(3, 7, 16)),
-         "`cos` must be leading dims that broadcast"),
-        (lambda: qwen_kernels.mrope(q, k, cos[None].expand(2, 7, 16), cos[None].expand(2, 7, 16),
-                                    [4, 5]), "summing to head_dim / 2 = 8"),
-        (lambda: qwen_kernels.mrope(q, k, cos[None].expand(2, 7, 16), cos[None].expand(2, 7, 16),
-                                    [8]), "2 parts"),
-        (lambda: qwen_kernels.mrope_pos(q, k, positions.float(), inv_freq, [4, 4]),
-         "`positions` must be int32 or int64"),
-        (lambda: qwen_kernels.mrope_pos(q, k, positions, inv_freq[:7], [4, 4]),
-         r"`inv_freq` must be \[D/2 = 8\]"),
-        (lambda: qwen_kernels.mrope_pos(q, k, positions, inv_freq.half(), [4, 4]),
-         "`inv_freq` must be of dtype"),
-        (lambda: qwen_kernels.mrope_pos(q, k, positions[:, :6], inv_freq, [4, 4]),
-         r"`positions` must be \[A, \.\.\., S=7\]"),
-        (lambda: qwen_kernels.mrope_pos(q, k.double(), positions, inv_freq, [4, 4]),
-         "`k` must be of dtype torch.float32"),
+        (
+            lambda: qwen_kernels.mrope(q, k, cos.expand(3, 7, 16), cos.expand(3, 7, 16)),
+            "`cos` must be leading dims that broadcast",
+        ),
+        (
+            lambda: qwen_kernels.mrope(
+                q, k, cos[None].expand(2, 7, 16), cos[None].expand(2, 7, 16), [4, 5]
+            ),
+            "summing to head_dim / 2 = 8",
+        ),
+        (
+            lambda: qwen_kernels.mrope(
+                q, k, cos[None].expand(2, 7, 16), cos[None].expand(2, 7, 16), [8]
+            ),
+            "2 parts",
+        ),
+        (
+            lambda: qwen_kernels.mrope_pos(q, k, positions.float(), inv_freq, [4, 4]),
+            "`positions` must be int32 or int64",
+        ),
+        (
+            lambda: qwen_kernels.mrope_pos(q, k, positions, inv_freq[:7], [4, 4]),
+            r"`inv_freq` must be \[D/2 = 8\]",
+        ),
+        (
+            lambda: qwen_kernels.mrope_pos(q, k, positions, inv_freq.half(), [4, 4]),
+            "`inv_freq` must be of dtype",
+        ),
+        (
+            lambda: qwen_kernels.mrope_pos(q, k, positions[:, :6], inv_freq, [4, 4]),
+            r"`positions` must be \[A, \.\.\., S=7\]",
+        ),
+        (
+            lambda: qwen_kernels.mrope_pos(q, k.double(), positions, inv_freq, [4, 4]),
+            "`k` must be of dtype torch.float32",
+        ),
         (lambda: qwen_kernels.mrope_pos(q, k, positions, inv_freq, [4, 0, 4]), "positive sizes"),
     ]
     for call, match in cases:

@@ -51,8 +51,9 @@ def test_backend_matches_reference(gen, backend, dtype, index_dtype):
         unit_index = torch.randint(0, tokens // 4, (11,), generator=gen).to(index_dtype)
     ref64 = qwen_kernels.patch_merge(x.double(), weight.double(), EPS, unit_index, "torch")
     eager = qwen_kernels.patch_merge(x, weight, EPS, unit_index, "torch")
-    assert_close_to_reference(qwen_kernels.patch_merge(x, weight, EPS, unit_index, backend),
-                              ref64, eager)
+    assert_close_to_reference(
+        qwen_kernels.patch_merge(x, weight, EPS, unit_index, backend), ref64, eager
+    )
 
 
 def test_opcheck(gen):
@@ -68,14 +69,22 @@ def test_bad_input(gen):
         (lambda: qwen_kernels.patch_merge(x[:10], weight, EPS), "T a multiple of 4"),
         (lambda: qwen_kernels.patch_merge(x[None], weight, EPS), "`x` must be 2-D"),
         (lambda: qwen_kernels.patch_merge(x, weight[:7], EPS), "`weight` must be 1-D of size"),
-        (lambda: qwen_kernels.patch_merge(x, weight, EPS, torch.tensor([0.0, 1.0])),
-         "`unit_index` must be int32 or int64"),
-        (lambda: qwen_kernels.patch_merge(x, weight, EPS, torch.tensor([[0, 1]])),
-         "`unit_index` must be 1-D"),
-        (lambda: qwen_kernels.patch_merge(x, weight, EPS, torch.tensor([0, 3])),
-         r"indices of merge units in \[0, 3\)"),
-        (lambda: qwen_kernels.patch_merge(x, weight, EPS, torch.tensor([-1, 0])),
-         r"indices of merge units in \[0, 3\)"),
+        (
+            lambda: qwen_kernels.patch_merge(x, weight, EPS, torch.tensor([0.0, 1.0])),
+            "`unit_index` must be int32 or int64",
+        ),
+        (
+            lambda: qwen_kernels.patch_merge(x, weight, EPS, torch.tensor([[0, 1]])),
+            "`unit_index` must be 1-D",
+        ),
+        (
+            lambda: qwen_kernels.patch_merge(x, weight, EPS, torch.tensor([0, 3])),
+            r"indices of merge units in \[0, 3\)",
+        ),
+        (
+            lambda: qwen_kernels.patch_merge(x, weight, EPS, torch.tensor([-1, 0])),
+            r"indices of merge units in \[0, 3\)",
+        ),
     ]
     for call, match in cases:
         with pytest.raises(ValueError, match=match):

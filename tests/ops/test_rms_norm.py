@@ -124,7 +124,7 @@ def test_bad_eps_and_residual(gen):
         qwen_kernels.rms_norm(x, weight, -1.0)
     with pytest.raises(ValueError, match="`residual` must be of x's shape"):
         qwen_kernels.add_rms_norm(x, randn(gen, 3, 8), weight, EPS)
-    with pytest.raises(ValueError, match="`residual` must be of dtype torch.float32"):
+    with pytest.raises(ValueError, match=r"`residual` must be of dtype torch\.float32"):
         qwen_kernels.add_rms_norm(x, x.half(), weight, EPS)
 
 
@@ -136,3 +136,16 @@ def test_unknown_and_unavailable_backend(gen):
     for backend in missing:
         with pytest.raises(RuntimeError, match=backend):
             qwen_kernels.rms_norm(x, weight, EPS, backend=backend)
+
+
+def test_kernel_backends_reject_float64(gen):
+    x, weight = randn(gen, 2, 8, dtype=torch.float64), randn(gen, 8, dtype=torch.float64)
+    for backend in backends_for("rms_norm"):
+        if backend == "torch":
+            continue
+        with pytest.raises(ValueError, match="only the 'torch' reference runs in float64"):
+            qwen_kernels.rms_norm(x, weight, EPS, backend)
+    # "auto" falls back to the reference for float64 rather than failing.
+    torch.testing.assert_close(
+        qwen_kernels.rms_norm(x, weight, EPS), direct_rms_norm(x, weight, EPS)
+    )

@@ -63,7 +63,9 @@ def test_swiglu_matches_transformers_mlp(gen, dtype):
     gate_up_bias = torch.cat([mlp.gate_proj.bias, mlp.up_proj.bias])
     with torch.no_grad():
         expected = mlp(x).double()
-        ours = mlp.down_proj(qwen_kernels.swiglu(F.linear(x, gate_up_weight, gate_up_bias), "torch"))
+        ours = mlp.down_proj(
+            qwen_kernels.swiglu(F.linear(x, gate_up_weight, gate_up_bias), "torch")
+        )
     assert rel_err(ours, expected) < 2 * tolerance(dtype)
 
 
@@ -113,5 +115,5 @@ def test_bad_input(gen):
         qwen_kernels.rms_norm_swiglu(x, norm_weight, randn(gen, 9, 16), None, EPS)
     with pytest.raises(ValueError, match=r"`gate_up_bias` must be \[10\]"):
         qwen_kernels.rms_norm_swiglu(x, norm_weight, randn(gen, 10, 16), randn(gen, 9), EPS)
-    with pytest.raises(ValueError, match="`gate_up_weight` must be of dtype torch.float32"):
+    with pytest.raises(ValueError, match=r"`gate_up_weight` must be of dtype torch\.float32"):
         qwen_kernels.rms_norm_swiglu(x, norm_weight, randn(gen, 10, 16).half(), None, EPS)

@@ -2,6 +2,7 @@
 backend vs the reference (windows, edge windows, 1-token and empty segments, long segments,
 strided views), opcheck, and bad input."""
 
+import itertools
 from types import SimpleNamespace
 
 import pytest
@@ -25,7 +26,7 @@ def segment_loop(q, k, v, cu_seqlens, scale=None) -> torch.Tensor:
     out = torch.zeros(q.shape, dtype=torch.float64)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     bounds = cu_seqlens.tolist()
-    for start, end in zip(bounds[:-1], bounds[1:]):
+    for start, end in itertools.pairwise(bounds):
         if end == start:
             continue
         qs, ks, vs = (t[start:end].double().transpose(0, 1) for t in (q, k, v))  # [H, L, D]

@@ -1,0 +1,102 @@
+"""Triton RMSNorm, with an optional fused residual add (``rms_norm``, ``add_rms_norm``).
+
+One program normalises ``ROWS`` rows held whole in registers (hidden sizes up to a few thousand),
+so each element is read once and written once; statistics are fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import as_rows, num_warps_for, round_to
+
+# Elements one program aims to hold: several short rows per program, one long row alone.
+_ELEMENTS_PER_PROGRAM = 4096
+
+
+@triton.jit
+def _rms_norm_kernel(
+    x_ptr,
+    residual_ptr,
+    weight_ptr,
+    out_ptr,
+    residual_out_ptr,
+    n_rows,
+    n_cols,
+    x_row_stride,
+    residual_row_stride,
+    eps,
+    HAS_RESIDUAL: tl.constexpr,
+    BLOCK_COLS: tl.constexpr,
+    ROWS: tl.constexpr,
+):
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK_COLS)
+    col_mask = cols < n_cols
+    mask = (rows < n_rows)[:, None] & col_mask[None, :]
+    rows64 = rows.to(tl.int64)[:, None]
+    out_offsets = rows64 * n_cols + cols[None, :]
+    dtype: tl.constexpr = out_ptr.dtype.element_ty
+
+    x = tl.load(x_ptr + rows64 * x_row_stride + cols[None, :], mask=mask, other=0.0)
+    x = x.to(tl.float32)
+    if HAS_RESIDUAL:
+        residual = tl.load(
+            residual_ptr + rows64 * residual_row_stride + cols[None, :], mask=mask, other=0.0
+        )
+        # The model keeps its residual stream in the activation dtype: round the sum first.
+        summed = round_to(x + residual.to(tl.float32), dtype)
+        tl.store(residual_out_ptr + out_offsets, summed, mask=mask)
+        x = summed.to(tl.float32)
+
+    rstd = tl.rsqrt(tl.sum(x * x, axis=1) / n_cols + eps)
+    normed = round_to(x * rstd[:, None], dtype).to(tl.float32)
+    weight = tl.load(weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + out_offsets, round_to(normed * weight[None, :], dtype), mask=mask)
+
+
+def _launch(
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    x_rows = as_rows(x)
+    residual_rows = as_rows(residual) if residual is not None else x_rows
+    n_rows, n_cols = x_rows.shape
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    residual_out = torch.empty_like(out) if residual is not None else out
+    if n_rows == 0:
+        return out, residual_out if residual is not None else None
+    block_cols = triton.next_power_of_2(n_cols)
+    rows_per_program = max(1, min(16, _ELEMENTS_PER_PROGRAM // block_cols))
+    grid = (triton.cdiv(n_rows, rows_per_program),)
+    _rms_norm_kernel[grid](
+        x_rows,
+        residual_rows,
+        weight,
+        out,
+        residual_out,
+        n_rows,
+        n_cols,
+        x_rows.stride(0),
+        residual_rows.stride(0),
+        eps,
+        HAS_RESIDUAL=residual is not None,
+        BLOCK_COLS=block_cols,
+        ROWS=rows_per_program,
+        num_warps=num_warps_for(block_cols * rows_per_program),
+    )
+    return out, residual_out if residual is not None else None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim of ``x`` (validated by the op) into a new contiguous tensor."""
+    return _launch(x, None, weight, eps)[0]
+
+
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``r = x + residual`` rounded to x's dtype, then RMSNorm of r; returns ``(out, r)``."""
+    out, residual_out = _launch(x, residual, weight, eps)
+    return out, residual_out

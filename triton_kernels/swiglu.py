@@ -1,0 +1,35 @@
+"""Triton SwiGLU on a packed ``[..., 2I]`` gate/up tensor: ``silu(gate) * up`` in fp32."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import as_rows, round_to
+
+_BLOCK = 1024
+
+
+@triton.jit
+def _swiglu_kernel(gate_up_ptr, out_ptr, n_cols, row_stride, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    gate_ptrs = gate_up_ptr + row * row_stride + cols
+    gate = tl.load(gate_ptrs, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(gate_ptrs + n_cols, mask=mask, other=0.0).to(tl.float32)
+    out = gate * tl.sigmoid(gate) * up
+    tl.store(out_ptr + row * n_cols + cols, round_to(out, out_ptr.dtype.element_ty), mask=mask)
+
+
+def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` with ``[gate | up] = gate_up`` (validated by the op)."""
+    rows = as_rows(gate_up)
+    n_rows, n_cols = rows.shape[0], rows.shape[1] // 2
+    out = torch.empty((*gate_up.shape[:-1], n_cols), dtype=gate_up.dtype, device=gate_up.device)
+    if out.numel() == 0:
+        return out
+    grid = (n_rows, triton.cdiv(n_cols, _BLOCK))
+    _swiglu_kernel[grid](rows, out, n_cols, rows.stride(0), BLOCK=_BLOCK, num_warps=4)
+    return out
