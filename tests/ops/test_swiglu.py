@@ -89,6 +89,35 @@ def test_rms_norm_swiglu_matches_transformers(gen, backend, dtype):
     assert rel_err(out, expected) < 3 * tolerance(dtype)
 
 
+@pytest.mark.parametrize("backend", backends_for("rms_norm_swiglu"))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_rms_norm_swiglu_backend_matches_reference(gen, backend, dtype, with_bias):
+    rows, hidden, intermediate = 37, 200, 130  # odd sizes: partial tiles on every side
+    x = randn(gen, rows, hidden, dtype=dtype, scale=3.0)
+    norm_weight = randn(gen, hidden, dtype=dtype)
+    weight = randn(gen, 2 * intermediate, hidden, dtype=dtype, scale=hidden**-0.5)
+    bias = randn(gen, 2 * intermediate, dtype=dtype) if with_bias else None
+    args64 = [t.double() if t is not None else None for t in (x, norm_weight, weight, bias)]
+    ref64 = qwen_kernels.rms_norm_swiglu(*args64, EPS, "torch")
+    eager = qwen_kernels.rms_norm_swiglu(x, norm_weight, weight, bias, EPS, "torch")
+    got = qwen_kernels.rms_norm_swiglu(x, norm_weight, weight, bias, EPS, backend)
+    assert_close_to_reference(got, ref64, eager)
+
+
+@pytest.mark.parametrize("backend", backends_for("rms_norm_swiglu"))
+def test_rms_norm_swiglu_sees_in_place_weight_updates(gen, backend):
+    """Kernels that prepare folded weights once must notice a changed weight."""
+    x, norm_weight, weight = randn(gen, 5, 32), randn(gen, 32), randn(gen, 24, 32, scale=0.2)
+    first = qwen_kernels.rms_norm_swiglu(x, norm_weight, weight, None, EPS, backend)
+    norm_weight.mul_(-0.5)
+    weight[:3].add_(1.0)
+    second = qwen_kernels.rms_norm_swiglu(x, norm_weight, weight, None, EPS, backend)
+    expected = qwen_kernels.rms_norm_swiglu(x, norm_weight, weight, None, EPS, "torch")
+    assert rel_err(second, expected) < 1e-5
+    assert rel_err(first, expected) > 1e-2
+
+
 def test_rms_norm_swiglu_without_bias(gen):
     x, norm_weight = randn(gen, 4, 16), randn(gen, 16)
     weight = randn(gen, 10, 16, scale=0.25)

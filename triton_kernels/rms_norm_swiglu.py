@@ -1,0 +1,145 @@
+"""Triton RMSNorm + gate/up GEMM + SwiGLU in one kernel (``rms_norm_swiglu``).
+
+The norm's weight is folded into the gate/up weight once (``fold_norm_weight``), so the GEMM reads
+the raw activations: each program accumulates its rows' sum of squares from the A tiles it loads
+anyway and applies the per-row scale ``rsqrt(mean(x^2) + eps)``, the bias and SwiGLU in the
+epilogue. The normalised activations and the ``[T, 2I]`` gate/up product never reach memory.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+import triton
+import triton.language as tl
+
+from qwen_kernels._backends import triton_interpreting
+
+from ._common import round_to
+
+_BLOCK_M, _BLOCK_N, _BLOCK_K = 64, 64, 32
+# Folded weights kept for reuse, keyed by the identity and version of their sources.
+_FOLDED: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = OrderedDict()
+_FOLDED_CAPACITY = 4
+
+
+def fold_norm_weight(norm_weight: torch.Tensor, gate_up_weight: torch.Tensor) -> torch.Tensor:
+    """``gate_up_weight * norm_weight`` (per input channel) in the weight's dtype, cached.
+
+    The cache holds the source tensors, so their memory cannot be reused by other tensors while
+    an entry lives, and keys on their versions, so an in-place update of either refolds.
+    """
+    key = tuple(
+        (t.data_ptr(), t._version, tuple(t.shape), t.stride(), t.dtype, t.device)
+        for t in (norm_weight, gate_up_weight)
+    )
+    if key in _FOLDED:
+        _FOLDED.move_to_end(key)
+        return _FOLDED[key][2]
+    folded = (gate_up_weight.float() * norm_weight.float()).to(gate_up_weight.dtype).contiguous()
+    _FOLDED[key] = (norm_weight, gate_up_weight, folded)
+    if len(_FOLDED) > _FOLDED_CAPACITY:
+        _FOLDED.popitem(last=False)
+    return folded
+
+
+@triton.jit
+def _rms_norm_swiglu_kernel(
+    x_ptr,
+    weight_ptr,
+    bias_ptr,
+    out_ptr,
+    n_rows,
+    n_out,
+    n_in,
+    x_row_stride,
+    eps,
+    HAS_BIAS: tl.constexpr,
+    UPCAST: tl.constexpr,
+    IEEE_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, BLOCK_K)
+    row_mask, col_mask = rows < n_rows, cols < n_out
+    x_ptrs = x_ptr + rows.to(tl.int64)[:, None] * x_row_stride + ks[None, :]
+    # Weight tiles are [BLOCK_K, BLOCK_N] views of the row-major [2I, C] weight: gate rows `cols`,
+    # up rows `n_out + cols`.
+    gate_ptrs = weight_ptr + cols.to(tl.int64)[None, :] * n_in + ks[:, None]
+    up_ptrs = gate_ptrs + n_out * n_in
+
+    gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    square_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for k in range(0, n_in, BLOCK_K):
+        k_mask = (k + ks) < n_in
+        a = tl.load(x_ptrs + k, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        w_mask = k_mask[:, None] & col_mask[None, :]
+        w_gate = tl.load(gate_ptrs + k, mask=w_mask, other=0.0)
+        w_up = tl.load(up_ptrs + k, mask=w_mask, other=0.0)
+        a32 = a.to(tl.float32)
+        square_sum += tl.sum(a32 * a32, axis=1)
+        if UPCAST:  # the interpreter computes bf16 products wrongly: multiply in fp32 there
+            a, w_gate, w_up = a32, w_gate.to(tl.float32), w_up.to(tl.float32)
+        if IEEE_FP32:
+            gate = tl.dot(a, w_gate, gate, input_precision="ieee")
+            up = tl.dot(a, w_up, up, input_precision="ieee")
+        else:
+            gate = tl.dot(a, w_gate, gate)
+            up = tl.dot(a, w_up, up)
+
+    scale = tl.rsqrt(square_sum / n_in + eps)[:, None]
+    gate = gate * scale
+    up = up * scale
+    if HAS_BIAS:
+        gate += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        up += tl.load(bias_ptr + n_out + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    out = gate * tl.sigmoid(gate) * up
+    out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * n_out + cols[None, :]
+    mask = row_mask[:, None] & col_mask[None, :]
+    tl.store(out_ptrs, round_to(out, out_ptr.dtype.element_ty), mask=mask)
+
+
+def rms_norm_swiglu(
+    x: torch.Tensor,
+    norm_weight: torch.Tensor,
+    gate_up_weight: torch.Tensor,
+    gate_up_bias: torch.Tensor | None,
+    eps: float,
+) -> torch.Tensor:
+    """``silu(g) * u`` with ``[g | u] = rms_norm(x) @ gate_up_weight.T + gate_up_bias`` (validated
+    by the op); the folded weight is computed once per weight version."""
+    folded = fold_norm_weight(norm_weight, gate_up_weight)
+    rows = x.reshape(-1, x.shape[-1])
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    n_rows, n_in = rows.shape
+    n_out = folded.shape[0] // 2
+    out = torch.empty((*x.shape[:-1], n_out), dtype=x.dtype, device=x.device)
+    if out.numel() == 0:
+        return out
+    grid = (triton.cdiv(n_rows, _BLOCK_M), triton.cdiv(n_out, _BLOCK_N))
+    _rms_norm_swiglu_kernel[grid](
+        rows,
+        folded,
+        gate_up_bias if gate_up_bias is not None else folded,
+        out,
+        n_rows,
+        n_out,
+        n_in,
+        rows.stride(0),
+        eps,
+        HAS_BIAS=gate_up_bias is not None,
+        UPCAST=triton_interpreting(),
+        IEEE_FP32=x.dtype == torch.float32,
+        BLOCK_M=_BLOCK_M,
+        BLOCK_N=_BLOCK_N,
+        BLOCK_K=_BLOCK_K,
+        num_warps=4,
+        num_stages=3,
+    )
+    return out
