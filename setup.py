@@ -111,9 +111,13 @@ else:
     print(f"qwen-kernels: installing without the CUDA extension ({blocker})")
 
 setup(
-    packages=_packages(),
-    package_dir=PACKAGE_DIR,
-    package_data={"qwen_kernels.model": ["assets/*"], "qwen_kernels": ["csrc/**/*"]},
+    # csrc/ travels inside the package: the "cuda_emu" backend compiles it on first use.
+    packages=[*_packages(), "qwen_kernels.csrc"],
+    package_dir={**PACKAGE_DIR, "qwen_kernels.csrc": "csrc"},
+    package_data={
+        "qwen_kernels.model": ["assets/*"],
+        "qwen_kernels.csrc": ["**/*.cu", "**/*.cpp", "**/*.h", "**/*.md"],
+    },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -148,6 +148,34 @@ class OpBackends:
         return backend, self._load(backend)
 
 
+class NativeOp:
+    """A C++ op of the CUDA build (``torch.ops.qwen_cuda``) or of its CPU emulation
+    (``torch.ops.qwen_emu``, built on first use)."""
+
+    def __init__(self, backend: str, name: str) -> None:
+        self.backend, self.name = backend, name
+
+    def __call__(self, *args):
+        if self.backend == "cuda":
+            importlib.import_module("qwen_kernels._C")
+            library = torch.ops.qwen_cuda
+        else:
+            library = importlib.import_module("qwen_kernels._emu").load()
+        if not hasattr(library, self.name):
+            raise RuntimeError(
+                f"the {self.backend} build has no op {self.name!r}: it predates this kernel, "
+                "rebuild the package (pip install --no-build-isolation -e .)"
+            )
+        return getattr(library, self.name)(*args)
+
+
+def register_native(table: OpBackends, name: str | None = None) -> None:
+    """Register the C++ op ``name`` (default: the op's name) as the "cuda" and "cuda_emu"
+    backends of ``table``: the same kernel source, compiled by nvcc and by the emulation."""
+    for backend in ("cuda", "cuda_emu"):
+        table.register(backend, NativeOp(backend, name or table.op))
+
+
 REGISTRY: dict[str, OpBackends] = {}
 
 

@@ -5,10 +5,10 @@ emulation headers in ``csrc/emu`` (threads of a block run as fibers, warp collec
 are emulated), together with ``csrc/**/*.cpp``. The ops register under ``torch.ops.qwen_emu`` for
 CPU tensors, mirroring ``torch.ops.qwen_cuda`` of the CUDA build.
 
-The library is built on first use into ``$XDG_CACHE_HOME/qwen_kernels/emu-<digest>`` (default
-``~/.cache``), where the digest covers the sources, the compiler, the flags and torch: editing a
-kernel gives a fresh build, and an unchanged tree loads the cached one. ``QK_EMU_VERBOSE=1`` shows
-the compiler's output.
+The library is built on first use into ``$XDG_CACHE_HOME/qwen_kernels/emu-<key>`` (default
+``~/.cache``; the key covers the checkout, the compiler, torch and Python). Editing a kernel
+rebuilds only its file (editing a header rebuilds them all), and an unchanged tree loads the
+cached library. ``QK_EMU_VERBOSE=1`` shows the compiler's output.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ _FLAGS = (
     "-DQK_OPS_NAMESPACE=qwen_emu",
     "-DQK_DISPATCH_KEY=CPU",
 )
-_SOURCE_SUFFIXES = (".cu", ".cuh", ".cpp", ".h", ".hpp")
+_HEADER_SUFFIXES = (".h", ".cuh", ".hpp", ".inc")
 _lock = threading.Lock()
 
 
@@ -87,32 +87,45 @@ def _sources(csrc: Path) -> list[Path]:
 
 
 def _build_dir(csrc: Path) -> Path:
+    """One build folder per checkout, compiler, torch and Python; within it ninja rebuilds only
+    the objects whose sources or included headers changed."""
     digest = hashlib.sha256()
     version = subprocess.run(
         [_compiler(), "--version"], capture_output=True, text=True, check=False
     ).stdout
     for part in (version, torch.__version__, sys.version, str(csrc), *_FLAGS):
         digest.update(part.encode() + b"\0")
-    for path in sorted(p for p in csrc.rglob("*") if p.suffix in _SOURCE_SUFFIXES):
-        digest.update(str(path.relative_to(csrc)).encode() + b"\0" + path.read_bytes() + b"\0")
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     return cache / "qwen_kernels" / f"emu-{digest.hexdigest()[:16]}"
 
 
 def _wrappers(csrc: Path, build_dir: Path) -> list[str]:
-    """One .cpp per source that #includes it: the compiler then treats .cu files as C++, and
-    errors and call sites still name the original file."""
+    """One .cpp per source that #includes it, so that the compiler treats .cu files as C++ while
+    errors and call sites still name the original file.
+
+    A wrapper also carries a digest of its source and of every header in csrc/, and is rewritten
+    only when that changes: ninja then rebuilds exactly the stale objects, even when another
+    process compiled a source while it was being edited (which mtimes alone would miss).
+    """
+    headers = hashlib.sha256()
+    for path in sorted(p for p in csrc.rglob("*") if p.suffix in _HEADER_SUFFIXES):
+        headers.update(str(path.relative_to(csrc)).encode() + b"\0" + path.read_bytes() + b"\0")
     folder = build_dir / "src"
     folder.mkdir(parents=True, exist_ok=True)
     wrappers = []
     for source in _sources(csrc):
-        relative = source.relative_to(csrc)
-        wrapper = folder / ("__".join(relative.parts) + ".cpp")
-        text = f'#include "{source}"\n'
+        digest = hashlib.sha256(headers.digest() + source.read_bytes()).hexdigest()[:16]
+        text = f'// sources {digest}\n#include "{source}"\n'
+        wrapper = folder / ("__".join(source.relative_to(csrc).parts) + ".cpp")
         if not wrapper.is_file() or wrapper.read_text() != text:
-            wrapper.write_text(text)
-        wrappers.append(str(wrapper))
-    return wrappers
+            # Replaced atomically: another process may be compiling the old one.
+            partial = wrapper.with_name(f"{wrapper.name}.{os.getpid()}.tmp")
+            partial.write_text(text)
+            partial.replace(wrapper)
+        wrappers.append(wrapper)
+    for stale in set(folder.glob("*.cpp")) - set(wrappers):
+        stale.unlink()
+    return [str(w) for w in wrappers]
 
 
 def _build() -> Any:

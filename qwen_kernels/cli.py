@@ -1,5 +1,5 @@
-"""The ``qwen-kernels`` command: ``info`` (what this install can run); more subcommands join as
-their parts land."""
+"""The ``qwen-kernels`` command: ``info`` (what this install can run), ``demo`` (encode a sample
+image with the best kernels and with the reference) and ``bench`` (the benchmark suite)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import torch
 
 from . import __version__
 from ._backends import BACKENDS, REGISTRY, cuda_extension_error, runtime_missing
+from .bench_cli import add_bench_parser, run_bench
 
 
 def _triton_version() -> str:
@@ -106,9 +107,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", action="version", version=f"qwen-kernels {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("info", help="versions, GPUs, compiled archs and backends per op")
+    demo = commands.add_parser(
+        "demo",
+        help="encode a sample image with the best kernels and with the reference",
+        add_help=False,  # `qwen-kernels demo --help` is answered by the demo's own parser
+    )
+    demo.add_argument("demo_args", nargs=argparse.REMAINDER)
+    add_bench_parser(commands)
     args = parser.parse_args(argv)
     if args.command == "info":
         return _print_info()
+    if args.command == "demo":
+        from .model import demo as demo_module
+
+        return demo_module.main(args.demo_args)
+    if args.command == "bench":
+        return run_bench(args)
     parser.error(f"unknown command {args.command}")
     return 2
 

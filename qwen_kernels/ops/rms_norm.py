@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._backends import op_backends
+from .._backends import op_backends, register_native
 from .._checks import check_device, check_float, check_ndim, check_same, fail
 
 
@@ -51,8 +51,10 @@ def check_rms_norm_args(op: str, x: Tensor, weight: Tensor, eps: float) -> None:
 
 RMS_NORM = op_backends("rms_norm", rms_norm_reference)
 RMS_NORM.register("triton", "qwen_kernels.triton_kernels.rms_norm:rms_norm")
+register_native(RMS_NORM)
 ADD_RMS_NORM = op_backends("add_rms_norm", add_rms_norm_reference)
 ADD_RMS_NORM.register("triton", "qwen_kernels.triton_kernels.rms_norm:add_rms_norm")
+register_native(ADD_RMS_NORM)
 
 
 @torch.library.custom_op("qwen::rms_norm", mutates_args=())

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._backends import op_backends
+from .._backends import op_backends, register_native
 from .._checks import check_float, check_ndim, fail
 from .rms_norm import compute_dtype
 
@@ -39,6 +39,7 @@ def swiglu_out_shape(gate_up: Tensor) -> tuple[int, ...]:
 
 SWIGLU = op_backends("swiglu", swiglu_reference)
 SWIGLU.register("triton", "qwen_kernels.triton_kernels.swiglu:swiglu")
+register_native(SWIGLU)
 
 
 @torch.library.custom_op("qwen::swiglu", mutates_args=())

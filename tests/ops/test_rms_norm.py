@@ -149,3 +149,23 @@ def test_kernel_backends_reject_float64(gen):
     torch.testing.assert_close(
         qwen_kernels.rms_norm(x, weight, EPS), direct_rms_norm(x, weight, EPS)
     )
+
+
+@pytest.mark.parametrize("backend", [b for b in backends_for("rms_norm") if "cuda" in b])
+def test_native_op_checks_its_arguments(gen, backend):
+    """The C++ ops check their input themselves when called directly (torch.ops.qwen_emu...)."""
+    import importlib
+
+    library = (
+        importlib.import_module("qwen_kernels._emu").load()
+        if backend == "cuda_emu"
+        else torch.ops.qwen_cuda
+    )
+    x = randn(gen, 3, 16).to("cuda" if backend == "cuda" else "cpu")
+    weight = randn(gen, 16).to(x.device)
+    with pytest.raises(ValueError, match="argument 'weight'"):
+        library.rms_norm(x, weight[:15], EPS)
+    with pytest.raises(ValueError, match="argument 'x'"):
+        library.rms_norm(x.double(), weight, EPS)
+    with pytest.raises(ValueError, match="argument 'residual'"):
+        library.add_rms_norm(x, x[:2], weight, EPS)

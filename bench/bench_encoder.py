@@ -1,0 +1,346 @@
+"""End-to-end benchmark of the Qwen2.5-VL vision tower (7B config, bf16): our encoder with the
+best kernels ("auto") and with the eager references ("torch"), each also under torch.compile,
+against transformers' ``Qwen2_5_VisionTransformerPretrainedModel`` (eager, sdpa,
+flash_attention_2 where installed, and sdpa under torch.compile).
+
+    python bench/bench_encoder.py                   # GPU: time every implementation
+    python bench/bench_encoder.py --dry-run         # CPU: tiny shapes, run once each, no timing
+
+Reported per case and implementation: median time (CUDA events, ``triton.testing.do_bench``),
+patches per second, peak memory above the weights, speedup over transformers/sdpa, and the
+relative error against our eager reference. Every implementation gets the grid's index tensors
+precomputed (transformers through its precomputed-kwargs hooks), so the timings are of the
+forward itself. Inside torch.compile our ops are opaque: Inductor fuses only the glue between them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import platform
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from transformers.initialization import no_init_weights
+from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
+    Qwen2_5_VisionTransformerPretrainedModel,
+)
+from transformers.vision_utils import (
+    get_vision_cu_seqlens,
+    get_vision_position_ids,
+    get_vision_window_index,
+)
+
+import qwen_kernels
+from qwen_kernels.model import VisionConfig, VisionEncoder, random_hf_state_dict
+
+Grid = tuple[int, int, int]
+Forward = Callable[[], torch.Tensor]
+
+# A copy of the tower small enough for a CPU dry run (real head_dim and windows).
+TINY = VisionConfig(
+    depth=4,
+    hidden_size=160,
+    num_heads=2,
+    intermediate_size=224,
+    out_hidden_size=96,
+    fullatt_block_indexes=(1, 3),
+)
+# Eager attention materialises [heads, L, L] fp32 scores per frame; skip it beyond this many.
+EAGER_MAX_FRAME_TOKENS = 16384
+DRY_RUN_REL_ERR = 1e-4  # fp32 on the CPU
+REL_ERR_LIMIT = 3e-2  # bf16 on the GPU
+
+
+@dataclass(frozen=True)
+class Case:
+    """One batch of inputs: a name and the (t, h, w) patch grid of each input."""
+
+    name: str
+    grids: tuple[Grid, ...]
+
+    @property
+    def tokens(self) -> int:
+        return sum(t * h * w for t, h, w in self.grids)
+
+    @property
+    def max_frame(self) -> int:
+        return max(h * w for _, h, w in self.grids)
+
+
+def cases(dry_run: bool, with_64k: bool) -> list[Case]:
+    """DESIGN section 8 shapes: the real window mixes of a 1288x952 image and a 16-frame 448x448
+    video, and square images of 1k, 4k, 16k (and 64k) patches attended as one frame."""
+    if dry_run:
+        return [Case("image 112x84 + video 4x56x56", ((1, 8, 6), (2, 4, 4)))]
+    found = [
+        Case("image 1288x952", ((1, 68, 92),)),
+        Case("video 16x448x448", ((8, 32, 32),)),
+    ]
+    sides = [32, 64, 128] + ([256] if with_64k else [])
+    found += [
+        Case(f"image {s * 14}x{s * 14} ({s * s // 1024}k patches)", ((1, s, s),)) for s in sides
+    ]
+    return found
+
+
+def hf_tower(
+    config: VisionConfig, weights: dict[str, torch.Tensor], attn_implementation: str
+) -> Qwen2_5_VisionTransformerPretrainedModel:
+    """transformers' tower sharing ``weights`` (same dtype and device) without a copy."""
+    hf_config = Qwen2_5_VLVisionConfig(**config.to_hf_dict())
+    hf_config._attn_implementation = attn_implementation
+    with no_init_weights():
+        model = Qwen2_5_VisionTransformerPretrainedModel(hf_config)
+    model.load_state_dict(weights, strict=True, assign=True)
+    device = next(iter(weights.values())).device
+    return model.to(device).eval()
+
+
+def hf_precomputed(config: VisionConfig, grid_thw: torch.Tensor) -> dict[str, object]:
+    """The grid-only tensors transformers' forward accepts precomputed."""
+    cu_seqlens = get_vision_cu_seqlens(grid_thw)
+    window_index, cu_window_seqlens = get_vision_window_index(
+        grid_thw, config.spatial_merge_size, config.window_size, config.patch_size
+    )
+    return {
+        "position_ids": get_vision_position_ids(grid_thw, config.spatial_merge_size),
+        "cu_seqlens": cu_seqlens,
+        "max_seqlen": int(cu_seqlens.diff().max()),
+        "window_index": window_index,
+        "cu_window_seqlens": cu_window_seqlens,
+        "max_window_seqlen": int(cu_window_seqlens.diff().max()),
+    }
+
+
+def implementations(
+    config: VisionConfig,
+    weights: dict[str, torch.Tensor],
+    dtype: torch.dtype,
+    device: torch.device,
+    compile_backend: str,
+) -> dict[str, Callable[[torch.Tensor, Case], Forward]]:
+    """Name -> (pixel_values, case) -> a no-argument forward returning the merged tokens."""
+
+    def ours(kernels: str, compiled: bool) -> Callable[[torch.Tensor, Case], Forward]:
+        encoder = VisionEncoder.from_hf_state_dict(
+            weights, config, kernels=kernels, dtype=dtype, device=device
+        ).eval()
+        encode = (
+            torch.compile(encoder.encode, backend=compile_backend) if compiled else encoder.encode
+        )
+
+        def bind(pixels: torch.Tensor, case: Case) -> Forward:
+            layout = encoder.layout(case.grids)
+
+            def forward() -> torch.Tensor:
+                with qwen_kernels.skip_value_checks():
+                    return encode(pixels, layout)
+
+            return forward
+
+        return bind
+
+    hf_weights = {k: v.to(device=device, dtype=dtype) for k, v in weights.items()}
+
+    def theirs(attn: str, compiled: bool) -> Callable[[torch.Tensor, Case], Forward]:
+        model = hf_tower(config, hf_weights, attn)
+        run = torch.compile(model, backend=compile_backend) if compiled else model
+
+        def bind(pixels: torch.Tensor, case: Case) -> Forward:
+            grid_thw = torch.tensor(case.grids)
+            precomputed = {
+                k: v.to(device) if isinstance(v, torch.Tensor) else v
+                for k, v in hf_precomputed(config, grid_thw).items()
+            }
+            grid_thw = grid_thw.to(device)
+            # transformers pops the precomputed entries: hand it a fresh dict per call.
+            return lambda: run(pixels, grid_thw, **dict(precomputed)).pooler_output
+
+        return bind
+
+    found = {
+        "qwen/auto": ours("auto", compiled=False),
+        "qwen/torch": ours("torch", compiled=False),
+        "qwen/auto+compile": ours("auto", compiled=True),
+        "qwen/torch+compile": ours("torch", compiled=True),
+        "transformers/eager": theirs("eager", compiled=False),
+        "transformers/sdpa": theirs("sdpa", compiled=False),
+        "transformers/sdpa+compile": theirs("sdpa", compiled=True),
+    }
+    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        found["transformers/flash_attention_2"] = theirs("flash_attention_2", compiled=False)
+    return found
+
+
+@dataclass
+class Row:
+    """One implementation on one case."""
+
+    case: str
+    impl: str
+    tokens: int
+    median_ms: float | None = None
+    patches_per_s: float | None = None
+    peak_mib: float | None = None
+    speedup_vs_sdpa: float | None = None
+    rel_err: float | None = None
+    note: str = ""
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out64, ref64 = out.double(), ref.double()
+    if not torch.isfinite(out64).all():
+        return float("inf")
+    return float((out64 - ref64).norm() / ref64.norm())
+
+
+def measure(forward: Forward, device: torch.device, warmup_ms: int, rep_ms: int):
+    """(output, median ms or None, peak MiB above the live tensors or None)."""
+    out = forward()  # compiles, fills caches, checks the output
+    if device.type != "cuda":
+        return out, None, None
+    import triton.testing
+
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    forward()
+    torch.cuda.synchronize(device)
+    peak = (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    median = triton.testing.do_bench(forward, warmup=warmup_ms, rep=rep_ms, return_mode="median")
+    return out, median, peak
+
+
+def run(args: argparse.Namespace) -> list[Row]:
+    device = torch.device("cpu" if args.dry_run else "cuda")
+    if not args.dry_run and not torch.cuda.is_available():
+        raise SystemExit("timing needs a CUDA GPU; use --dry-run to check the script on the CPU")
+    dtype = torch.float32 if args.dry_run else torch.bfloat16
+    config = TINY if args.dry_run else VisionConfig.qwen2_5_vl("7b")
+    compile_backend = args.compile_backend or ("aot_eager" if args.dry_run else "inductor")
+    weights = random_hf_state_dict(config, seed=0)
+    impls = implementations(config, weights, dtype, device, compile_backend)
+    selected = [name for name in impls if not args.only or any(s in name for s in args.only)]
+    limit = DRY_RUN_REL_ERR if args.dry_run else REL_ERR_LIMIT
+
+    rows = []
+    generator = torch.Generator().manual_seed(0)
+    for case in cases(args.dry_run, args.with_64k):
+        pixels = torch.randn(case.tokens, config.patch_dim, generator=generator)
+        pixels = pixels.to(device=device, dtype=dtype)
+        expected_shape = (case.tokens // config.merge_unit, config.out_hidden_size)
+        reference = None
+        case_rows = []
+        for name in ["qwen/torch", *(n for n in selected if n != "qwen/torch")]:
+            row = Row(case.name, name, case.tokens)
+            if name == "transformers/eager" and case.max_frame > EAGER_MAX_FRAME_TOKENS:
+                row.note = f"skipped: frames of {case.max_frame} tokens"
+                case_rows.append(row)
+                continue
+            try:
+                out, row.median_ms, row.peak_mib = measure(
+                    impls[name](pixels, case), device, args.warmup_ms, args.rep_ms
+                )
+            except torch.cuda.OutOfMemoryError:
+                row.note = "out of memory"
+                torch.cuda.empty_cache()
+                case_rows.append(row)
+                continue
+            if tuple(out.shape) != expected_shape:
+                raise AssertionError(
+                    f"{name} on {case.name}: shape {tuple(out.shape)}, expected {expected_shape}"
+                )
+            reference = out if reference is None else reference
+            row.rel_err = rel_err(out, reference)
+            if row.rel_err > limit:
+                row.note = f"rel_err above {limit:g}"
+            if row.median_ms is not None:
+                row.patches_per_s = case.tokens / (row.median_ms / 1e3)
+            case_rows.append(row)
+        sdpa = next((r.median_ms for r in case_rows if r.impl == "transformers/sdpa"), None)
+        for row in case_rows:
+            if sdpa and row.median_ms:
+                row.speedup_vs_sdpa = sdpa / row.median_ms
+        rows += [r for r in case_rows if r.impl in selected]
+    return rows
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def print_rows(rows: list[Row]) -> None:
+    header = (
+        f"{'case':<28} {'implementation':<32} {'patches':>7} {'ms':>9} {'patches/s':>10} "
+        f"{'peak MiB':>9} {'vs sdpa':>7} {'rel err':>8}  note"
+    )
+    print(header)
+    for r in rows:
+        print(
+            f"{r.case:<28} {r.impl:<32} {r.tokens:>7} {_fmt(r.median_ms, '.2f'):>9} "
+            f"{_fmt(r.patches_per_s, '.0f'):>10} {_fmt(r.peak_mib, '.0f'):>9} "
+            f"{_fmt(r.speedup_vs_sdpa, '.2f'):>7} {_fmt(r.rel_err, '.1e'):>8}  {r.note}"
+        )
+
+
+def environment() -> dict[str, str]:
+    triton_version = "not installed"
+    if importlib.util.find_spec("triton") is not None:
+        import triton
+
+        triton_version = triton.__version__
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
+    return {
+        "gpu": gpu,
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "python": platform.python_version(),
+        "qwen-kernels": qwen_kernels.__version__,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="tiny tower and shapes on the CPU, each implementation run once",
+    )
+    parser.add_argument(
+        "--only",
+        nargs="*",
+        help="run implementations whose name contains one "
+        "of these (qwen/torch always runs: it is the reference)",
+    )
+    parser.add_argument("--with-64k", action="store_true", help="add the 64k-patch image")
+    parser.add_argument(
+        "--compile-backend",
+        help="torch.compile backend (default: inductor; "
+        "aot_eager in a dry run, which checks tracing without compiling)",
+    )
+    parser.add_argument("--warmup-ms", type=int, default=200)
+    parser.add_argument("--rep-ms", type=int, default=1000)
+    parser.add_argument("--out", type=Path, help="write the rows and environment as JSON")
+    args = parser.parse_args(argv)
+
+    env = environment()
+    print(", ".join(f"{k} {v}" for k, v in env.items()))
+    with torch.no_grad():
+        rows = run(args)
+    print_rows(rows)
+    if args.dry_run:
+        print("dry run: shapes and outputs checked, no timings")
+    if args.out:
+        args.out.write_text(
+            json.dumps({"environment": env, "rows": [asdict(r) for r in rows]}, indent=2)
+        )
+    return 1 if any(r.note.startswith("rel_err") for r in rows) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

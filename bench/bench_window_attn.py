@@ -1,0 +1,213 @@
+"""Benchmarks of ``qwen.window_attn``: the windows of the 28 window-attention layers and the whole
+frames of the 4 full-attention layers.
+
+Cases: the real window mix of a 1288x952 image (64-token windows plus 16- and 32-token edge
+windows) and of a 16-frame 448x448 video; windows over square images of 1k-64k tokens; whole
+frames of 1k-16k tokens. Peers: SDPA over windows padded to the longest, ``varlen_attn`` (torch's
+FlashAttention entry), flex_attention with a block mask, flash-attn's varlen kernel, and the
+per-window loop of transformers' Qwen2.5-VL vision attention.
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+
+import torch
+import torch.nn.functional as F
+
+from .harness import Case, Impl, Inputs, Maker, Suite, missing_module
+from .shapes import Scale, cu_seqlens, frame_lengths, short_count, square_grid, window_lengths
+
+OP = "window_attn"
+ARGS = ("q", "k", "v", "cu_seqlens", "max_seqlen")
+
+
+def cases(scale: Scale) -> list[Case]:
+    """Window and full-attention cases at ``scale``."""
+    heads, head_dim = scale.dims.heads, scale.dims.head_dim
+    found = []
+    for visual in scale.visuals:
+        for kind, lengths in (
+            ("windows", window_lengths(visual.grid)),
+            ("frames", frame_lengths(visual.grid)),
+        ):
+            found.append(
+                _case(f"{visual.name}/{kind}", "real", sum(lengths), lengths, heads, head_dim)
+            )
+    for tokens in scale.tokens:
+        lengths = window_lengths(square_grid(tokens))
+        found.append(
+            _case(f"windows T={short_count(tokens)}", "windows", tokens, lengths, heads, head_dim)
+        )
+    for frame in scale.frame_tokens:
+        count = scale.frames_total // frame
+        found.append(
+            _case(
+                f"frames {short_count(frame)}x{count}",
+                "frames",
+                frame,
+                [frame] * count,
+                heads,
+                head_dim,
+            )
+        )
+    return found
+
+
+def _case(name: str, series: str, x: int, lengths: list[int], heads: int, head_dim: int) -> Case:
+    tokens = sum(lengths)
+    return Case(
+        op=OP,
+        name=name,
+        series=series,
+        x=x,
+        tokens=tokens,
+        shape=f"q,k,v [{tokens}, {heads}, {head_dim}] bf16; {_segments(lengths)}",
+        # q, k, v read, out written (bf16), cu_seqlens read (int32).
+        bytes=4 * tokens * heads * head_dim * 2 + 4 * (len(lengths) + 1),
+        # QK^T and PV: 2 * L^2 * D multiply-adds per head and segment.
+        flops=4 * sum(n * n for n in lengths) * heads * head_dim,
+        args=ARGS,
+        build=functools.partial(_build, tuple(lengths), heads, head_dim),
+    )
+
+
+def _segments(lengths: list[int]) -> str:
+    sizes = sorted(set(lengths))
+    span = str(sizes[0]) if len(sizes) == 1 else f"{sizes[0]}-{sizes[-1]}"
+    return f"{len(lengths)} segment{'s' * (len(lengths) > 1)} of {span} tokens"
+
+
+def _build(lengths: tuple[int, ...], heads: int, head_dim: int, make: Maker) -> Inputs:
+    tokens = sum(lengths)
+    q, k, v = (make.randn(tokens, heads, head_dim) for _ in range(3))
+    return {
+        "q": q,
+        "k": k,
+        "v": v,
+        "cu_seqlens": make.put(cu_seqlens(list(lengths)), torch.int32),
+        "max_seqlen": max(lengths),
+        "lengths": lengths,
+    }
+
+
+def peers(op: str) -> list[Impl]:
+    """Other implementations of windowed attention on packed tokens."""
+    return [
+        Impl("sdpa-padded", _sdpa_padded, prepare=_with_padding),
+        Impl("varlen_attn", _varlen_attn, missing=_varlen_missing(), cpu=False),
+        Impl("flex_attention", _flex_attention, prepare=_with_block_mask, cpu=False),
+        Impl(
+            "flash-attn", _flash_attn, missing=missing_module("flash_attn", "flash-attn"), cpu=False
+        ),
+        Impl(
+            "transformers-loop",
+            _transformers_loop,
+            missing=missing_module("transformers", "transformers"),
+        ),
+    ]
+
+
+@functools.lru_cache(maxsize=4)
+def _padding(lengths: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Gather index [S, L] into the packed tokens, its key mask, and the padded rows that hold
+    tokens (in token order, since segments are contiguous and in order)."""
+    slot = torch.arange(max(lengths))
+    sizes = torch.tensor(lengths)
+    valid = slot < sizes[:, None]
+    index = torch.where(valid, torch.tensor(cu_seqlens(list(lengths))[:-1])[:, None] + slot, 0)
+    rows = valid.flatten().nonzero().squeeze(1)
+    return index.to(device), valid.to(device), rows.to(device)
+
+
+def _with_padding(inputs: Inputs) -> Inputs:
+    index, valid, rows = _padding(inputs["lengths"], inputs["q"].device)
+    return {**inputs, "pad_index": index, "pad_valid": valid, "pad_rows": rows}
+
+
+def _sdpa_padded(inputs: Inputs) -> torch.Tensor:
+    index, valid = inputs["pad_index"], inputs["pad_valid"]
+    q, k, v = (inputs[name][index].transpose(1, 2) for name in "qkv")  # [S, H, L, D]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, None, None, :])
+    return out.transpose(1, 2).flatten(0, 1).index_select(0, inputs["pad_rows"])
+
+
+def _varlen_missing() -> str | None:
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+    except ImportError:
+        return f"torch {torch.__version__} has no torch.nn.attention.varlen.varlen_attn"
+    return None
+
+
+def _varlen_attn(inputs: Inputs) -> torch.Tensor:
+    from torch.nn.attention.varlen import varlen_attn
+
+    cu, longest = inputs["cu_seqlens"], inputs["max_seqlen"]
+    return varlen_attn(inputs["q"], inputs["k"], inputs["v"], cu, cu, longest, longest)
+
+
+@functools.cache
+def _compiled_flex_attention():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention)
+
+
+@functools.lru_cache(maxsize=4)
+def _block_mask(lengths: tuple[int, ...], device: torch.device):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    segment = torch.repeat_interleave(
+        torch.arange(len(lengths), device=device), torch.tensor(lengths, device=device)
+    )
+
+    def same_segment(batch, head, q_index, kv_index):
+        return segment[q_index] == segment[kv_index]
+
+    tokens = sum(lengths)
+    # _compile avoids materialising the [T, T] mask (64k tokens would not fit).
+    return create_block_mask(same_segment, None, None, tokens, tokens, device=device, _compile=True)
+
+
+def _with_block_mask(inputs: Inputs) -> Inputs:
+    return {**inputs, "block_mask": _block_mask(inputs["lengths"], inputs["q"].device)}
+
+
+def _flex_attention(inputs: Inputs) -> torch.Tensor:
+    q, k, v = (inputs[name].transpose(0, 1).unsqueeze(0) for name in "qkv")  # [1, H, T, D]
+    out = _compiled_flex_attention()(q, k, v, block_mask=inputs["block_mask"])
+    return out[0].transpose(0, 1)
+
+
+def _flash_attn(inputs: Inputs) -> torch.Tensor:
+    from flash_attn import flash_attn_varlen_func
+
+    cu, longest = inputs["cu_seqlens"], inputs["max_seqlen"]
+    return flash_attn_varlen_func(inputs["q"], inputs["k"], inputs["v"], cu, cu, longest, longest)
+
+
+# transformers reads these attributes of the attention module it is called for.
+_HF_MODULE = types.SimpleNamespace(num_key_value_groups=1, is_causal=False, training=False)
+
+
+def _transformers_loop(inputs: Inputs) -> torch.Tensor:
+    """Qwen2_5_VLVisionAttention's path for its default "sdpa" attention: one SDPA per window."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    tokens, heads, head_dim = inputs["q"].shape
+    q, k, v = (inputs[name].transpose(0, 1).unsqueeze(0) for name in "qkv")  # [1, H, T, D]
+    cu = inputs["cu_seqlens"]
+    lengths = (cu[1:] - cu[:-1]).tolist()
+    splits = [torch.split(t, lengths, dim=2) for t in (q, k, v)]
+    outs = [
+        sdpa_attention_forward(
+            _HF_MODULE, qs, ks, vs, None, scaling=head_dim**-0.5, is_causal=False
+        )[0]
+        for qs, ks, vs in zip(*splits, strict=True)
+    ]
+    return torch.cat(outs, dim=1).reshape(tokens, heads, head_dim)
+
+
+SUITE = Suite("window_attn", (OP,), cases, peers)

@@ -1,0 +1,154 @@
+#!/usr/bin/env bash
+# The GPU check, for any machine with an NVIDIA GPU, a preinstalled torch and no network:
+#
+#   bash bench/gpu_check.sh OUT_DIR
+#
+# Steps: probe the GPU; build in place (pip, no build isolation, no downloads); `qwen-kernels
+# info`; the full test suite (junit XML in OUT_DIR); compute-sanitizer memcheck and racecheck on
+# a tiny call of every CUDA kernel (bench/sanitize_cases.py); the benchmarks into OUT_DIR/bench.
+# Every step has its own time limit and is reported whether it passes, fails, times out or is
+# skipped; a failing step never stops the later ones. OUT_DIR/report.json and report.md hold each
+# step's status, duration and log tail (full logs in OUT_DIR/logs/). Exit status 0 when every
+# step passed or was skipped for a stated reason.
+#
+# Environment:
+#   PYTHON                      the interpreter with torch (default: python3)
+#   QK_GPU_CHECK_BUDGET         seconds for the whole check (default 570); each step has a cap
+#                               and leaves time for the steps after it, and the benchmarks run
+#   QK_GPU_CHECK_FULL_BENCH     with --quick when less than this many seconds (default 300)
+#                               remain (a benchmark run cut short still writes what it measured)
+#   QK_CUDA_ARCHS               archs to build (default: the visible GPU's only, for a short build)
+#   QK_GPU_CHECK_CPU_TESTS=1    run the test suite even without a GPU (it is skipped otherwise);
+#                               without a GPU the benchmark step is the CPU dry run
+set -uo pipefail
+
+if [[ $# -ne 1 ]]; then
+    echo "usage: bash bench/gpu_check.sh OUT_DIR" >&2
+    exit 2
+fi
+mkdir -p "$1/logs" && OUT=$(cd "$1" && pwd) || exit 2
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT" || exit 2
+
+export PYTHON=${PYTHON:-python3}
+BUDGET=${QK_GPU_CHECK_BUDGET:-570}
+FULL_BENCH=${QK_GPU_CHECK_FULL_BENCH:-300}
+START=$(date +%s)
+DEADLINE=$((START + BUDGET))
+STEPS="$OUT/steps.tsv"
+: >"$STEPS"
+LAST_STATUS=
+
+record() {  # NAME STATUS EXIT_CODE SECONDS LIMIT DETAIL
+    printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$@" >>"$STEPS"
+    LAST_STATUS=$2
+}
+
+skip_step() {  # NAME REASON
+    echo "== $1: skipped ($2)"
+    record "$1" skip - 0 0 "$2"
+}
+
+# run_step NAME CAP RESERVE COMMAND...: run COMMAND with its output in logs/NAME.log, for at most
+# CAP seconds and never into the last RESERVE seconds of the budget (kept for the later steps).
+run_step() {
+    local name=$1 cap=$2 reserve=$3
+    shift 3
+    local left=$((DEADLINE - reserve - $(date +%s)))
+    local limit=$((cap < left ? cap : left))
+    if ((limit < 10)); then  # out of time: reported as a timeout, never as a pass
+        echo "== $name: not started, the ${BUDGET}s budget is spent"
+        record "$name" timeout - 0 0 \
+            "not started: the ${BUDGET}s budget is spent (${reserve}s kept for later steps)"
+        return
+    fi
+    echo "== $name (limit ${limit}s): $*"
+    local begin rc status=pass
+    begin=$(date +%s)
+    timeout --kill-after=15 "$limit" "$@" >"$OUT/logs/$name.log" 2>&1
+    rc=$?
+    if ((rc == 124 || rc == 137)); then
+        status=timeout
+    elif ((rc != 0)); then
+        status=fail
+    fi
+    record "$name" "$status" "$rc" "$(($(date +%s) - begin))" "$limit" "$*"
+    echo "   $status (exit $rc, $(($(date +%s) - begin))s)"
+}
+
+probe_gpu() {
+    if command -v nvidia-smi >/dev/null; then nvidia-smi; fi
+    "$PYTHON" -c '
+import torch
+print("torch", torch.__version__, "CUDA", torch.version.cuda)
+assert torch.cuda.is_available(), "no CUDA GPU is visible to torch"
+for i in range(torch.cuda.device_count()):
+    print(f"cuda:{i}", torch.cuda.get_device_name(i), torch.cuda.get_device_capability(i))
+'
+}
+export -f probe_gpu
+
+gpu_arch() {  # the visible GPU's compute capability as setup.py takes it ("9.0a" on Hopper)
+    "$PYTHON" -c '
+import torch
+major, minor = torch.cuda.get_device_capability()
+print(f"{major}.{minor}" + ("a" if major == 9 else ""))
+'
+}
+
+find_sanitizer() {
+    command -v compute-sanitizer && return
+    local candidate
+    for candidate in "${CUDA_HOME:-}" /usr/local/cuda; do
+        if [[ -n $candidate && -x $candidate/bin/compute-sanitizer ]]; then
+            echo "$candidate/bin/compute-sanitizer"
+            return
+        fi
+    done
+}
+
+run_step gpu 60 0 bash -c probe_gpu
+HAVE_GPU=0
+[[ $LAST_STATUS == pass ]] && HAVE_GPU=1
+
+if ((HAVE_GPU)) && [[ -z ${QK_CUDA_ARCHS:-} ]]; then
+    QK_CUDA_ARCHS=$(gpu_arch) && export QK_CUDA_ARCHS
+fi
+export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+run_step build 300 240 "$PYTHON" -m pip install --no-build-isolation --no-deps --no-index -e .
+run_step info 60 240 "$PYTHON" -m qwen_kernels info
+
+if ((HAVE_GPU)) || [[ ${QK_GPU_CHECK_CPU_TESTS:-0} == 1 ]]; then
+    run_step tests 300 180 "$PYTHON" -m pytest -q -p no:cacheprovider --junitxml="$OUT/junit.xml"
+else
+    skip_step tests "no CUDA GPU (set QK_GPU_CHECK_CPU_TESTS=1 to run the suite on the CPU)"
+fi
+
+SANITIZER=$(find_sanitizer)
+KERNELS=$("$PYTHON" -m qwen_kernels.bench.sanitize_cases --list 2>/dev/null)
+declare -A LEAVE=([memcheck]=180 [racecheck]=90)  # seconds kept for the steps after each
+for tool in memcheck racecheck; do
+    if ((!HAVE_GPU)); then
+        skip_step "$tool" "no CUDA GPU"
+    elif [[ -z $SANITIZER ]]; then
+        skip_step "$tool" "compute-sanitizer not found (PATH, CUDA_HOME, /usr/local/cuda)"
+    elif [[ -z $KERNELS ]]; then
+        skip_step "$tool" "no op has a CUDA kernel yet (or the package failed to import)"
+    else
+        # Without the caching allocator every tensor is its own allocation, so memcheck sees
+        # accesses past a tensor's end.
+        run_step "$tool" 120 "${LEAVE[$tool]}" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+            "$SANITIZER" --tool "$tool" --error-exitcode 99 --print-limit 50 \
+            "$PYTHON" -m qwen_kernels.bench.sanitize_cases
+    fi
+done
+
+BENCH_FLAGS=(--out "$OUT/bench")
+if ((!HAVE_GPU)); then
+    BENCH_FLAGS+=(--dry-run)
+elif ((DEADLINE - $(date +%s) < FULL_BENCH)); then
+    BENCH_FLAGS+=(--quick)
+fi
+run_step bench 600 0 "$PYTHON" -m qwen_kernels bench "${BENCH_FLAGS[@]}"
+
+"$PYTHON" bench/gpu_check_report.py "$OUT" --started "$START" --budget "$BUDGET"

@@ -1,0 +1,144 @@
+// RMSNorm and residual-add + RMSNorm: one block per row, two passes over the row. The first pass
+// reads it (and, with the add, writes the rounded sum), the second re-reads what the same
+// thread touched (an L1/L2 hit) and writes the output, so any hidden size works with no shared
+// staging; HBM traffic is one read of each input and one write of each output.
+#include <ATen/ops/empty.h>
+
+#include <algorithm>
+
+#include "common/dispatch.h"
+#include "common/kernel.h"
+#include "common/numeric.h"
+#include "common/torch_utils.h"
+#include "rms_norm/rms_norm.h"
+
+namespace qk {
+namespace {
+
+template <class T, class W, int VEC, bool ADD>
+__global__ void rms_norm_kernel(const T* __restrict__ x, int64_t x_stride,
+                                const T* __restrict__ residual, int64_t residual_stride,
+                                const W* __restrict__ weight, T* __restrict__ out,
+                                T* __restrict__ residual_out, int cols, float eps) {
+  __shared__ float scratch[32];
+  const int64_t row = blockIdx.x;
+  const T* x_row = x + row * x_stride;
+  T* out_row = out + row * cols;
+  T* summed_row = ADD ? residual_out + row * cols : nullptr;
+  const int step = blockDim.x * VEC;
+
+  float square_sum = 0.0f;
+  for (int i = threadIdx.x * VEC; i < cols; i += step) {
+    Pack<T, VEC> a = load_pack<T, VEC>(x_row + i);
+    if constexpr (ADD) {
+      // The model keeps its residual stream in the activation dtype: round the sum first.
+      const Pack<T, VEC> r = load_pack<T, VEC>(residual + row * residual_stride + i);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) a.v[j] = from_float<T>(to_float(a.v[j]) + to_float(r.v[j]));
+      store_pack<T, VEC>(summed_row + i, a);
+    }
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) square_sum += to_float(a.v[j]) * to_float(a.v[j]);
+  }
+  const float rstd = rsqrtf(block_sum(square_sum, scratch) / static_cast<float>(cols) + eps);
+
+  const T* source = ADD ? summed_row : x_row;
+  for (int i = threadIdx.x * VEC; i < cols; i += step) {
+    const Pack<T, VEC> a = load_pack<T, VEC>(source + i);
+    Pack<T, VEC> y;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      const float normed = to_float(from_float<T>(to_float(a.v[j]) * rstd));
+      y.v[j] = from_float<T>(normed * to_float(weight[i + j]));
+    }
+    store_pack<T, VEC>(out_row + i, y);
+  }
+}
+
+at::Tensor as_rows(const at::Tensor& t) {
+  at::Tensor rows = t.reshape({-1, t.size(-1)});
+  return rows.stride(-1) == 1 ? rows : rows.contiguous();
+}
+
+void check_args(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  check_device(x, "x");
+  check_dtype(x, "x", {at::kFloat, at::kHalf, at::kBFloat16});
+  QK_CHECK_ARG(x.dim() >= 1, "x", "at least 1 dimension (got shape ", x.sizes(), ")");
+  check_same_device(weight, "weight", x, "x");
+  check_dtype(weight, "weight", {x.scalar_type(), at::kFloat});
+  QK_CHECK_ARG(weight.dim() == 1 && weight.size(0) == x.size(-1), "weight",
+               "shape [x.shape[-1]] = [", x.size(-1), "] (got ", weight.sizes(), ")");
+  QK_CHECK_ARG(eps >= 0.0, "eps", "a non-negative value (got ", eps, ")");
+}
+
+// Launches one block per row; `residual` and `residual_out` are defined only for the add.
+void launch(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight, double eps,
+            at::Tensor& out, at::Tensor& residual_out) {
+  const bool add = residual.defined();
+  const at::Tensor x_rows = as_rows(x);
+  const at::Tensor residual_rows = add ? as_rows(residual) : x_rows;
+  const at::Tensor w = weight.contiguous();
+  const int64_t rows = x_rows.size(0), cols = x_rows.size(1);
+  if (rows == 0 || cols == 0) return;
+  TORCH_CHECK_VALUE(cols <= INT32_MAX, "qwen_kernels: argument 'x': rows longer than 2^31");
+
+  DeviceGuard guard(x);
+  QK_DISPATCH_FLOAT(x.scalar_type(), T, [&] {
+    const int vec = vector_width(
+        sizeof(T), cols,
+        {x_rows.data_ptr(), residual_rows.data_ptr(), out.data_ptr(),
+         add ? residual_out.data_ptr() : out.data_ptr()},
+        {x_rows.stride(0), residual_rows.stride(0)});
+    const int threads =
+        static_cast<int>(std::clamp<int64_t>((cols / vec + 31) / 32 * 32, 32, 1024));
+    auto run = [&](auto* w_ptr) {
+      using W = std::remove_const_t<std::remove_pointer_t<decltype(w_ptr)>>;
+      QK_DISPATCH_VEC(vec, VEC, [&] {
+        const T* x_ptr = static_cast<const T*>(x_rows.data_ptr());
+        const T* r_ptr = static_cast<const T*>(residual_rows.data_ptr());
+        T* out_ptr = static_cast<T*>(out.data_ptr());
+        if (add) {
+          QK_LAUNCH((rms_norm_kernel<T, W, VEC, true>), dim3(rows), dim3(threads), 0,
+                    current_stream(x), x_ptr, x_rows.stride(0), r_ptr, residual_rows.stride(0),
+                    w_ptr, out_ptr, static_cast<T*>(residual_out.data_ptr()),
+                    static_cast<int>(cols), static_cast<float>(eps));
+        } else {
+          QK_LAUNCH((rms_norm_kernel<T, W, VEC, false>), dim3(rows), dim3(threads), 0,
+                    current_stream(x), x_ptr, x_rows.stride(0), r_ptr, int64_t{0}, w_ptr,
+                    out_ptr, static_cast<T*>(nullptr), static_cast<int>(cols),
+                    static_cast<float>(eps));
+        }
+      });
+    };
+    if (w.scalar_type() == at::kFloat) {
+      run(static_cast<const float*>(w.data_ptr()));
+    } else {
+      run(static_cast<const T*>(w.data_ptr()));
+    }
+  });
+}
+
+}  // namespace
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  check_args(x, weight, eps);
+  at::Tensor out = at::empty(x.sizes(), x.options());
+  at::Tensor none;
+  launch(x, at::Tensor(), weight, eps, out, none);
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const at::Tensor& residual,
+                                                const at::Tensor& weight, double eps) {
+  check_args(x, weight, eps);
+  check_same_device(residual, "residual", x, "x");
+  check_dtype(residual, "residual", {x.scalar_type()});
+  QK_CHECK_ARG(residual.sizes() == x.sizes(), "residual", "x's shape ", x.sizes(), " (got ",
+               residual.sizes(), ")");
+  at::Tensor out = at::empty(x.sizes(), x.options());
+  at::Tensor residual_out = at::empty(x.sizes(), x.options());
+  launch(x, residual, weight, eps, out, residual_out);
+  return {out, residual_out};
+}
+
+}  // namespace qk

@@ -1,0 +1,9 @@
+// Registers swiglu in this build's op library (qwen_cuda or qwen_emu).
+#include <torch/library.h>
+
+#include "common/torch_utils.h"
+#include "swiglu/swiglu.h"
+
+TORCH_LIBRARY_FRAGMENT(QK_OPS_NAMESPACE, m) { m.def("swiglu(Tensor gate_up) -> Tensor"); }
+
+TORCH_LIBRARY_IMPL(QK_OPS_NAMESPACE, QK_DISPATCH_KEY, m) { m.impl("swiglu", &qk::swiglu); }

@@ -1,0 +1,243 @@
+"""The tower's shape (``VisionConfig``) and the kernels its layers run (``KernelConfig``)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+# out_hidden_size (the LLM's hidden size) per released Qwen2.5-VL model; the tower is the same.
+_OUT_HIDDEN = {"3b": 2048, "7b": 3584, "32b": 5120, "72b": 8192}
+
+# HF config keys that map one to one onto VisionConfig fields.
+_HF_FIELDS = (
+    "depth",
+    "hidden_size",
+    "num_heads",
+    "intermediate_size",
+    "out_hidden_size",
+    "patch_size",
+    "temporal_patch_size",
+    "spatial_merge_size",
+    "window_size",
+    "fullatt_block_indexes",
+    "in_channels",
+    "hidden_act",
+    "tokens_per_second",
+)
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """Shape of the Qwen2.5-VL vision tower. Defaults are the released tower (7B LLM width).
+
+    Attributes:
+        depth: number of transformer blocks.
+        hidden_size: width of the blocks.
+        num_heads: attention heads; ``head_dim = hidden_size // num_heads``.
+        intermediate_size: SwiGLU width.
+        out_hidden_size: width of the merged tokens (the LLM's hidden size).
+        patch_size: spatial patch side in pixels.
+        temporal_patch_size: frames per patch (an image is repeated to this many frames).
+        spatial_merge_size: side of the merge unit in patches (2x2 patches -> one LLM token).
+        window_size: side of an attention window in pixels.
+        fullatt_block_indexes: blocks that attend over whole frames instead of windows.
+        in_channels: image channels.
+        hidden_act: MLP activation; only "silu" (SwiGLU) is supported.
+        tokens_per_second: temporal position rate of the LLM's M-RoPE for videos.
+        rms_norm_eps: epsilon of every RMSNorm in the tower.
+        rope_theta: base of the 2D rotary frequencies.
+    """
+
+    depth: int = 32
+    hidden_size: int = 1280
+    num_heads: int = 16
+    intermediate_size: int = 3420
+    out_hidden_size: int = 3584
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    spatial_merge_size: int = 2
+    window_size: int = 112
+    fullatt_block_indexes: tuple[int, ...] = (7, 15, 23, 31)
+    in_channels: int = 3
+    hidden_act: str = "silu"
+    tokens_per_second: int = 2
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "fullatt_block_indexes", tuple(self.fullatt_block_indexes))
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be divisible by num_heads "
+                f"({self.num_heads})"
+            )
+        if self.head_dim % 4:
+            # Half of the rotary frequencies follow the row, half the column.
+            raise ValueError(f"head_dim ({self.head_dim}) must be a multiple of 4 (2D rotary)")
+        if self.hidden_act != "silu":
+            raise ValueError(f"only the SwiGLU (silu) MLP is supported, got {self.hidden_act!r}")
+        unit = self.patch_size * self.spatial_merge_size
+        if self.window_size % unit:
+            raise ValueError(
+                f"window_size ({self.window_size}) must be a multiple of patch_size * "
+                f"spatial_merge_size ({unit})"
+            )
+        bad = [i for i in self.fullatt_block_indexes if not 0 <= i < self.depth]
+        if bad:
+            raise ValueError(f"fullatt_block_indexes {bad} are outside [0, depth={self.depth})")
+
+    @property
+    def head_dim(self) -> int:
+        """Width of one attention head (80)."""
+        return self.hidden_size // self.num_heads
+
+    @property
+    def patch_dim(self) -> int:
+        """Values per patch: channels x temporal patch x patch x patch (1176)."""
+        return self.in_channels * self.temporal_patch_size * self.patch_size**2
+
+    @property
+    def merge_unit(self) -> int:
+        """Patches per merged token (4)."""
+        return self.spatial_merge_size**2
+
+    @property
+    def window_units(self) -> int:
+        """Side of an attention window in merge units (4)."""
+        return self.window_size // (self.patch_size * self.spatial_merge_size)
+
+    @classmethod
+    def qwen2_5_vl(cls, size: str = "7b") -> VisionConfig:
+        """The tower of a released Qwen2.5-VL model: "3b", "7b", "32b" or "72b"."""
+        key = size.lower()
+        if key not in _OUT_HIDDEN:
+            raise ValueError(f"unknown Qwen2.5-VL size {size!r}; expected {list(_OUT_HIDDEN)}")
+        return cls(out_hidden_size=_OUT_HIDDEN[key])
+
+    @classmethod
+    def from_hf(cls, config: Any) -> VisionConfig:
+        """Build from a transformers vision config, its dict, or a whole Qwen2.5-VL config.
+
+        Accepts a ``Qwen2_5_VLVisionConfig``, the ``vision_config`` dict of a checkpoint's
+        ``config.json``, or the full model config (its ``vision_config`` is used). Keys the config
+        lacks keep the released tower's values; ``in_chans`` (older checkpoints) is read as
+        ``in_channels``.
+        """
+        values = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+        if "vision_config" in values:
+            vision = values["vision_config"]
+            values = vision.to_dict() if hasattr(vision, "to_dict") else dict(vision)
+        if "in_channels" not in values and "in_chans" in values:
+            values["in_channels"] = values["in_chans"]
+        kwargs: dict[str, Any] = {k: values[k] for k in _HF_FIELDS if values.get(k) is not None}
+        for key in ("patch_size", "temporal_patch_size"):
+            if isinstance(kwargs.get(key), (list, tuple)):
+                sizes = set(kwargs[key])
+                if len(sizes) != 1:
+                    raise ValueError(f"{key} {kwargs[key]} is not square; it must be one int")
+                kwargs[key] = sizes.pop()
+        rope = values.get("rope_parameters") or {}
+        if rope.get("rope_theta") is not None:
+            kwargs["rope_theta"] = float(rope["rope_theta"])
+        return cls(**kwargs)
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """The ``vision_config`` dict transformers' ``Qwen2_5_VLVisionConfig`` accepts."""
+        values = {k: getattr(self, k) for k in _HF_FIELDS}
+        values["fullatt_block_indexes"] = list(self.fullatt_block_indexes)
+        values["rope_parameters"] = {"rope_type": "axial", "rope_theta": self.rope_theta}
+        return values
+
+
+LAYER_GROUPS: tuple[str, ...] = ("attention", "rotary", "norm", "mlp")
+OP_GROUPS: tuple[str, ...] = (*LAYER_GROUPS, "merge")
+BACKEND_NAMES: tuple[str, ...] = ("auto", "torch", "triton", "cuda", "cuda_emu")
+
+
+def _check_backend(group: str, backend: object) -> None:
+    if backend not in BACKEND_NAMES:
+        raise ValueError(f"backend for {group!r} must be one of {BACKEND_NAMES}, got {backend!r}")
+
+
+@dataclass(frozen=True)
+class LayerKernels:
+    """Backends one block uses, per op group, and whether its MLP front runs fused.
+
+    Attributes:
+        attention: ``window_attn``.
+        rotary: ``mrope_pos_`` (the 2D rotary, in place on the packed qkv).
+        norm: ``rms_norm`` / ``add_rms_norm`` (the two pre-norms with the residual adds).
+        mlp: ``swiglu``, or ``rms_norm_swiglu`` when ``fuse_mlp_norm``.
+        fuse_mlp_norm: run the second pre-norm, the gate/up GEMM and SwiGLU as one
+            ``rms_norm_swiglu`` call (on the ``mlp`` backend) instead of ``add_rms_norm`` +
+            GEMM + ``swiglu``. Off by default: it only pays where the fused kernel beats cuBLAS.
+    """
+
+    attention: str = "auto"
+    rotary: str = "auto"
+    norm: str = "auto"
+    mlp: str = "auto"
+    fuse_mlp_norm: bool = False
+
+    def __post_init__(self) -> None:
+        for group in LAYER_GROUPS:
+            _check_backend(group, getattr(self, group))
+        if not isinstance(self.fuse_mlp_norm, bool):
+            raise ValueError(f"fuse_mlp_norm must be a bool, got {self.fuse_mlp_norm!r}")
+
+
+@dataclass(frozen=True)
+class KernelConfig(LayerKernels):
+    """Backends for the whole encoder, with per-layer overrides.
+
+    ``KernelConfig.uniform("triton")`` (or the plain string "triton" wherever a KernelConfig is
+    taken) uses one backend for every group;
+    ``KernelConfig(attention="cuda", layers={7: {"attention": "torch"}})`` overrides groups of
+    single blocks.
+
+    Attributes:
+        merge: ``patch_merge`` (the merger's RMSNorm and 2x2 gather, after the last block).
+        layers: block index -> {group or "fuse_mlp_norm": value}, overriding the fields above.
+    """
+
+    merge: str = "auto"
+    layers: Mapping[int, Mapping[str, Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_backend("merge", self.merge)
+        layers: dict[int, dict[str, Any]] = {}
+        for index, overrides in self.layers.items():
+            unknown = set(overrides) - {*LAYER_GROUPS, "fuse_mlp_norm"}
+            if unknown:
+                raise ValueError(
+                    f"layers[{index}] has unknown keys {sorted(unknown)}; per-layer keys are "
+                    f"{[*LAYER_GROUPS, 'fuse_mlp_norm']}"
+                )
+            layers[int(index)] = dict(overrides)
+        object.__setattr__(self, "layers", layers)
+        for index in layers:
+            self.for_layer(index)  # validates the merged values
+
+    @classmethod
+    def uniform(cls, backend: str) -> KernelConfig:
+        """One backend for every op group of every layer."""
+        return cls(**dict.fromkeys(OP_GROUPS, backend))
+
+    @classmethod
+    def coerce(cls, spec: str | KernelConfig | Mapping[str, Any]) -> KernelConfig:
+        """A KernelConfig from a backend name, a dict of fields, or a KernelConfig."""
+        if isinstance(spec, KernelConfig):
+            return spec
+        if isinstance(spec, str):
+            return cls.uniform(spec)
+        if isinstance(spec, Mapping):
+            return cls(**spec)
+        raise TypeError(f"kernels must be a backend name, a dict or a KernelConfig, got {spec!r}")
+
+    def for_layer(self, index: int) -> LayerKernels:
+        """The kernels block ``index`` uses: the defaults with that block's overrides."""
+        base = {f.name: getattr(self, f.name) for f in dataclasses.fields(LayerKernels)}
+        return LayerKernels(**{**base, **self.layers.get(index, {})})

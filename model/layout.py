@@ -1,0 +1,151 @@
+"""Token order, attention segments and rotary positions of a batch of images and videos.
+
+Everything here depends only on the grids ``(t, h, w)`` (in patches) of the inputs, so the encoder
+computes it once per distinct batch of grids, on the host, and caches it on the device: the layers
+then run without any device-to-host copy.
+
+Token orders. The preprocessor emits patches grouped in 2x2 merge units: units in raster order
+per frame, the 4 patches of a unit row-major ("unit order"). The encoder permutes whole merge
+units into window order (frames in order, windows of ``window_units x window_units`` units in
+raster order, units raster order inside a window) so that each attention window is a contiguous
+segment, and undoes the permutation when it merges the units.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .config import VisionConfig
+
+Grid = tuple[tuple[int, int, int], ...]
+
+
+@dataclass(frozen=True)
+class GridLayout:
+    """Per-batch index tensors, all on the encoder's device.
+
+    Attributes:
+        grid: the ``(t, h, w)`` patch grid of each input.
+        num_tokens: patches in the batch (rows of ``pixel_values``).
+        token_index: int64 ``[T]``: row i of the window-ordered sequence is patch
+            ``token_index[i]`` of the input.
+        unit_index: int64 ``[T/4]``: merged token j (unit order) is window-ordered merge unit
+            ``unit_index[j]`` (the inverse of the window permutation, for ``patch_merge``).
+        positions: int32 ``[2, T]``: (row, column) of each window-ordered token in its frame.
+        inv_freq: fp32 ``[head_dim/2]``: the axial rotary frequencies, once for the row half and
+            once for the column half of the rotary dims.
+        rotary_section: ``[head_dim/4, head_dim/4]``: frequencies driven by the row, the column.
+        cu_window_seqlens: int32 ``[W+1]``: the attention windows (no empty ones).
+        max_window_seqlen: the longest window in tokens.
+        cu_frame_seqlens: int32 ``[F+1]``: whole frames, for the full-attention blocks.
+        max_frame_seqlen: the longest frame in tokens.
+    """
+
+    grid: Grid
+    num_tokens: int
+    token_index: Tensor
+    unit_index: Tensor
+    positions: Tensor
+    inv_freq: Tensor
+    rotary_section: list[int]
+    cu_window_seqlens: Tensor
+    max_window_seqlen: int
+    cu_frame_seqlens: Tensor
+    max_frame_seqlen: int
+
+
+def normalize_grid(grid_thw: Tensor | Iterable[Sequence[int]]) -> Grid:
+    """``grid_thw`` ([N, 3] tensor or nested sequence) as a tuple of int triples."""
+    rows = grid_thw.tolist() if isinstance(grid_thw, Tensor) else [list(g) for g in grid_thw]
+    grid = tuple((int(r[0]), int(r[1]), int(r[2])) for r in rows if len(r) == 3)
+    if len(grid) != len(rows) or not grid:
+        raise ValueError(f"grid_thw must be a non-empty [N, 3] list of (t, h, w), got {rows}")
+    return grid
+
+
+def window_index(grid: Grid, merge_size: int, window_units: int) -> tuple[Tensor, list[int]]:
+    """Window order of the merge units, and the window sizes in merge units.
+
+    Returns:
+        ``(index, sizes)``: ``index[i]`` is the unit-order position of the i-th merge unit in
+        window order (int64); ``sizes`` the number of merge units of each non-empty window.
+    """
+    indices, sizes, offset = [], [], 0
+    for t, h, w in grid:
+        uh, uw = h // merge_size, w // merge_size
+        nh, nw = -(-uh // window_units), -(-uw // window_units)
+        units = torch.arange(t * uh * uw).reshape(t, uh, uw)
+        # Pad to whole windows with -1, cut into windows, keep the real units in window order.
+        padded = torch.full((t, nh * window_units, nw * window_units), -1, dtype=torch.long)
+        padded[:, :uh, :uw] = units
+        windows = padded.reshape(t, nh, window_units, nw, window_units).permute(0, 1, 3, 2, 4)
+        windows = windows.reshape(t * nh * nw, window_units * window_units)
+        real = windows >= 0
+        indices.append(windows[real] + offset)
+        sizes.extend(real.sum(1).tolist())
+        offset += t * uh * uw
+    return torch.cat(indices), sizes
+
+
+def unit_order_positions(grid: Grid, merge_size: int) -> Tensor:
+    """int64 ``[2, T]``: (row, column) in its frame of each patch, in unit order."""
+    out = []
+    for t, h, w in grid:
+        rows = torch.arange(h).view(h, 1).expand(h, w)
+        cols = torch.arange(w).view(1, w).expand(h, w)
+        per_frame = torch.stack([rows, cols]).reshape(
+            2, h // merge_size, merge_size, w // merge_size, merge_size
+        )
+        out.append(per_frame.permute(0, 1, 3, 2, 4).reshape(2, h * w).repeat(1, t))
+    return torch.cat(out, dim=1)
+
+
+def rotary_inv_freq(config: VisionConfig) -> Tensor:
+    """fp32 ``[head_dim/2]``: the head_dim/4 axial frequencies, for the row then the column."""
+    quarter = config.head_dim // 2
+    freq = 1.0 / config.rope_theta ** (torch.arange(0, quarter, 2, dtype=torch.float) / quarter)
+    return torch.cat([freq, freq])
+
+
+def _cu_seqlens(lengths: Sequence[int], total: int, what: str) -> Tensor:
+    """int32 cumulative lengths, checked once here so the layers can skip their value checks."""
+    cu = torch.tensor([0, *lengths], dtype=torch.int64).cumsum(0)
+    if any(n <= 0 for n in lengths) or int(cu[-1]) != total:
+        raise AssertionError(f"bad {what} segments {list(lengths)} for {total} tokens")
+    return cu.to(torch.int32)
+
+
+def build_layout(config: VisionConfig, grid: Grid, device: torch.device) -> GridLayout:
+    """All index tensors for ``grid`` on ``device`` (computed on the host, copied once)."""
+    merge, unit = config.spatial_merge_size, config.merge_unit
+    for t, h, w in grid:
+        if t < 1 or h < merge or w < merge or h % merge or w % merge:
+            raise ValueError(
+                f"grid (t={t}, h={h}, w={w}): t must be positive, and h and w positive multiples "
+                f"of spatial_merge_size={merge}"
+            )
+    num_tokens = sum(t * h * w for t, h, w in grid)
+    units, window_sizes = window_index(grid, merge, config.window_units)
+    token_index = (units[:, None] * unit + torch.arange(unit)).reshape(-1)
+    positions = unit_order_positions(grid, merge)[:, token_index]
+    frames = [h * w for t, h, w in grid for _ in range(t)]
+    quarter = config.head_dim // 4
+    return GridLayout(
+        grid=grid,
+        num_tokens=num_tokens,
+        token_index=token_index.to(device),
+        unit_index=torch.argsort(units).to(device),
+        positions=positions.to(device=device, dtype=torch.int32),
+        inv_freq=rotary_inv_freq(config).to(device),
+        rotary_section=[quarter, quarter],
+        cu_window_seqlens=_cu_seqlens([n * unit for n in window_sizes], num_tokens, "window").to(
+            device
+        ),
+        max_window_seqlen=max(window_sizes) * unit,
+        cu_frame_seqlens=_cu_seqlens(frames, num_tokens, "frame").to(device),
+        max_frame_seqlen=max(frames),
+    )

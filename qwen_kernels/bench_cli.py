@@ -1,0 +1,60 @@
+"""``qwen-kernels bench``: the benchmark suite (``qwen_kernels.bench``) from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+from pathlib import Path
+
+
+def add_bench_parser(commands: argparse._SubParsersAction) -> None:
+    """Add the ``bench`` subcommand to the ``qwen-kernels`` parser."""
+    parser = commands.add_parser(
+        "bench",
+        help="benchmark every op against its peers (or check the suite with --dry-run)",
+        description="Time every case of every op on the GPU, each usable backend and each "
+        "installed peer; print a table and write results.json, results.md and plots.",
+    )
+    parser.add_argument(
+        "--op",
+        action="append",
+        metavar="NAME",
+        help="an op (e.g. window_attn) or a benchmark file (e.g. norm_swiglu); "
+        "repeatable; default: all",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="fewer sizes (T = 4k, 16k), for a check within minutes"
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        metavar="DIR",
+        help="where to write the results (default: bench/out/<timestamp>)",
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="no GPU needed: build and check every case, run each once at tiny "
+        "sizes on the CPU; nothing is timed",
+    )
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    """Run ``qwen-kernels bench`` with parsed ``args``; returns the exit status."""
+    if args.dry_run and "triton" not in sys.modules:
+        # Triton kernels run on CPU tensors only under the interpreter, chosen at first import.
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    from .bench import runner
+
+    command = shlex.join(["qwen-kernels", "bench", *_flags(args)])
+    return runner.main(
+        args.op, quick=args.quick, dry_run=args.dry_run, out=args.out, command=command
+    )
+
+
+def _flags(args: argparse.Namespace) -> list[str]:
+    flags = [f"--op={name}" for name in args.op or ()]
+    flags += ["--quick"] * args.quick + ["--dry-run"] * args.dry_run
+    return flags + ([f"--out={args.out}"] if args.out else [])

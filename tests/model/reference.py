@@ -1,0 +1,82 @@
+"""Shared pieces of the encoder tests: configs, transformers' tower as the reference, random
+inputs, and the kernel configurations to run on this machine."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from transformers.initialization import no_init_weights
+from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
+    Qwen2_5_VisionTransformerPretrainedModel,
+)
+
+from qwen_kernels.model import VisionConfig
+from tests.helpers import backends_for
+
+# Real head_dim (80) and window size with few, narrow layers; blocks 1 and 3 attend over frames.
+SMALL = VisionConfig(
+    depth=4,
+    hidden_size=160,
+    num_heads=2,
+    intermediate_size=224,
+    out_hidden_size=96,
+    fullatt_block_indexes=(1, 3),
+)
+
+# The ops behind each op group of KernelConfig.
+GROUP_OPS = {
+    "attention": ("window_attn",),
+    "rotary": ("mrope_pos_",),
+    "norm": ("rms_norm", "add_rms_norm"),
+    "mlp": ("swiglu",),
+    "merge": ("patch_merge",),
+}
+
+DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
+
+
+def hf_tower(
+    config: VisionConfig,
+    state_dict: Mapping[str, torch.Tensor],
+    dtype: torch.dtype = torch.float32,
+    attn_implementation: str = "sdpa",
+) -> Qwen2_5_VisionTransformerPretrainedModel:
+    """transformers' tower on the CPU holding ``state_dict`` (shared, not copied, where the dtype
+    matches). References run on the CPU: on GPUs cuDNN may run its Conv3d in TF32."""
+    hf_config = Qwen2_5_VLVisionConfig(**config.to_hf_dict())
+    hf_config._attn_implementation = attn_implementation
+    with no_init_weights():
+        model = Qwen2_5_VisionTransformerPretrainedModel(hf_config)
+    weights = {k: v.to(dtype) for k, v in state_dict.items()}
+    model.load_state_dict(weights, strict=True, assign=True)
+    return model.eval()
+
+
+def random_pixels(gen: torch.Generator, grid: list[tuple[int, int, int]], patch_dim: int = 1176):
+    """Normalised-pixel-like patches for ``grid`` (CLIP-normalised values span about +-2)."""
+    tokens = sum(t * h * w for t, h, w in grid)
+    return torch.randn(tokens, patch_dim, generator=gen)
+
+
+def group_backends(backend: str, device: str, fused_mlp: bool = False) -> dict[str, str] | None:
+    """KernelConfig fields using ``backend`` for every group whose ops it covers on ``device``
+    ("torch" for the rest), or None when it covers no group."""
+    groups = dict(GROUP_OPS)
+    if fused_mlp:
+        groups["mlp"] = ("rms_norm_swiglu",)
+    fields = {
+        group: backend if all(backend in backends_for(op, device) for op in ops) else "torch"
+        for group, ops in groups.items()
+    }
+    return fields if backend in fields.values() else None
+
+
+def device_backends() -> list[tuple[str, str]]:
+    """(device, backend) pairs to test: each kernel backend that runs some group on the device."""
+    pairs = []
+    for device in DEVICES:
+        usable = {b for ops in GROUP_OPS.values() for op in ops for b in backends_for(op, device)}
+        pairs += [(device, b) for b in sorted(usable - {"torch"})]
+    return pairs

@@ -1,0 +1,152 @@
+"""Preprocessing against transformers' Qwen2VLImageProcessorPil (images of odd sizes and modes),
+smart_resize over many sizes, and the video path: frame sampling and patch order."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+from transformers import Qwen2VLImageProcessorPil
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+    smart_resize as hf_smart_resize,
+)
+
+from qwen_kernels.model import (
+    preprocess_image,
+    preprocess_video,
+    sample_frame_indices,
+    smart_resize,
+)
+
+
+def random_image(gen: torch.Generator, height: int, width: int, channels: int = 3) -> np.ndarray:
+    shape = (height, width, channels) if channels else (height, width)
+    return torch.randint(0, 256, shape, generator=gen, dtype=torch.uint8).numpy()
+
+
+def hf_preprocess(images, min_pixels, max_pixels):
+    processor = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels)
+    out = processor(images=images, return_tensors="pt")
+    return out["pixel_values"], out["image_grid_thw"]
+
+
+@given(
+    height=st.integers(1, 4000),
+    width=st.integers(1, 4000),
+    min_pixels=st.sampled_from([56 * 56, 128 * 28 * 28]),
+    max_pixels=st.sampled_from([28 * 28 * 16, 28 * 28 * 1280, 16384 * 28 * 28]),
+)
+@settings(max_examples=300, deadline=None)
+def test_smart_resize_matches_transformers(height, width, min_pixels, max_pixels):
+    if max(height, width) / min(height, width) > 200:
+        with pytest.raises(ValueError, match="aspect ratio"):
+            smart_resize(height, width, 28, min_pixels, max_pixels)
+        return
+    ours = smart_resize(height, width, 28, min_pixels, max_pixels)
+    assert ours == hf_smart_resize(height, width, 28, min_pixels, max_pixels)
+    assert ours[0] % 28 == 0 and ours[1] % 28 == 0
+
+
+@pytest.mark.parametrize(
+    "height, width, channels, max_pixels",
+    [
+        (37, 53, 3, 28 * 28 * 1280),  # upscaled to min_pixels
+        (301, 177, 3, 28 * 28 * 1280),  # odd sides, rounded to multiples of 28
+        (20, 1000, 3, 28 * 28 * 1280),  # aspect ratio 50
+        (517, 389, 3, 28 * 28 * 64),  # downscaled to max_pixels
+        (90, 61, 4, 28 * 28 * 1280),  # RGBA: composited on white
+        (45, 99, 0, 28 * 28 * 1280),  # grayscale [H, W]
+    ],
+)
+def test_image_matches_transformers(gen, height, width, channels, max_pixels):
+    image = random_image(gen, height, width, channels)
+    pixels, grid = preprocess_image(image, max_pixels=max_pixels)
+    # transformers takes a 2-D array for a batch of rows: give it grayscale as a PIL image.
+    hf_image = image if channels else Image.fromarray(image)
+    hf_pixels, hf_grid = hf_preprocess(hf_image, 56 * 56, max_pixels)
+    assert grid.tolist() == hf_grid.tolist()
+    assert pixels.dtype == torch.float32 and pixels.shape == hf_pixels.shape
+    torch.testing.assert_close(pixels, hf_pixels, rtol=0, atol=1e-6)
+
+
+def test_pil_images_batch_matches_transformers(gen):
+    images = [
+        Image.fromarray(random_image(gen, 61, 143)),
+        Image.fromarray(random_image(gen, 200, 90, 4), mode="RGBA"),
+        Image.fromarray(random_image(gen, 77, 77)).convert("P"),
+    ]
+    pixels, grid = preprocess_image(images)
+    hf_pixels, hf_grid = hf_preprocess(images, 56 * 56, 28 * 28 * 1280)
+    assert grid.tolist() == hf_grid.tolist()
+    torch.testing.assert_close(pixels, hf_pixels, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "image, error, match",
+    [
+        (np.zeros((30, 40, 3), dtype=np.float32), ValueError, "uint8"),
+        (np.zeros((30, 40, 2), dtype=np.uint8), ValueError, r"\[H, W, 3\]"),
+        (np.zeros((3, 5000, 3), dtype=np.uint8), ValueError, "aspect ratio"),
+        ("photo.jpg", TypeError, "PIL image or a numpy array"),
+    ],
+)
+def test_bad_images(image, error, match):
+    with pytest.raises(error, match=match):
+        preprocess_image(image)
+
+
+@pytest.mark.parametrize(
+    "num_frames, fps, expected_count",
+    [
+        (300, 30.0, 20),  # 10 s at 2 fps
+        (31, 30.0, 4),  # about 1 s: at least 4 frames
+        (5, 30.0, 4),
+        (3, 1.0, 2),  # fewer frames than min_frames: all of them, rounded down to even
+        (100_000, 25.0, 768),  # capped at max_frames
+    ],
+)
+def test_frame_sampling(num_frames, fps, expected_count):
+    indices = sample_frame_indices(num_frames, fps)
+    assert len(indices) == expected_count and len(indices) % 2 == 0
+    assert indices[0] == 0 and indices[-1] == num_frames - 1
+    assert indices == sorted(indices)
+    # Evenly spread over time: each the nearest frame to its ideal position (fp32 linspace).
+    step = (num_frames - 1) / (expected_count - 1)
+    assert all(abs(i - k * step) <= 0.51 for k, i in enumerate(indices))
+
+
+def test_video_patch_order_and_timing(gen):
+    frames = np.stack([random_image(gen, 56, 84) for _ in range(13)])  # 13 frames of 56x84
+    video = preprocess_video(frames, fps=4.0, min_pixels=56 * 56)
+    # 3.25 s at 2 fps: 6.5 frames, rounded down to whole temporal patches.
+    assert video.frame_indices == [0, 2, 5, 7, 10, 12]
+    t, h, w = video.grid_thw[0].tolist()
+    assert (t, h, w) == (3, 4, 6)
+    assert math.isclose(video.second_per_grid_t, 2 / (6 / 13 * 4.0))
+    # Each temporal patch holds two consecutive sampled frames, normalised like an image.
+    per_frame = [preprocess_image(frames[i], min_pixels=56 * 56)[0] for i in video.frame_indices]
+    patches = video.pixel_values.view(t, h * w, 3, 2, 14 * 14)
+    for k in range(t):
+        for j in range(2):
+            image_patches = per_frame[2 * k + j].view(h * w, 3, 2, 14 * 14)[:, :, 0]
+            torch.testing.assert_close(patches[k, :, :, j], image_patches, rtol=0, atol=0)
+
+
+def test_video_of_one_repeated_frame_equals_the_image(gen):
+    frame = random_image(gen, 70, 100)
+    video = preprocess_video([frame, frame], fps=2.0, min_pixels=56 * 56, max_pixels=28 * 28 * 64)
+    pixels, grid = preprocess_image(frame, min_pixels=56 * 56, max_pixels=28 * 28 * 64)
+    assert video.grid_thw.tolist() == grid.tolist()
+    torch.testing.assert_close(video.pixel_values, pixels, rtol=0, atol=0)
+
+
+def test_bad_videos(gen):
+    with pytest.raises(ValueError, match="at least 2 frames"):
+        preprocess_video([random_image(gen, 56, 56)], fps=2.0)
+    with pytest.raises(ValueError, match="share one size"):
+        preprocess_video([random_image(gen, 56, 56), random_image(gen, 56, 84)], fps=2.0)
+    with pytest.raises(ValueError, match="must be positive"):
+        sample_frame_indices(10, fps=0.0)
