@@ -1,9 +1,9 @@
 // Root of the op library: the CUDA build registers it as `qwen_cuda`, the CPU emulation build as
 // `qwen_emu` (QK_OPS_NAMESPACE). Each op folder adds its schemas and kernels with
 // TORCH_LIBRARY_FRAGMENT / TORCH_LIBRARY_IMPL in its own registration file.
-#include <string>
-
 #include <torch/library.h>
+
+#include <string>
 
 #ifndef QK_OPS_NAMESPACE
 #error "QK_OPS_NAMESPACE must name the op library (qwen_cuda or qwen_emu)"

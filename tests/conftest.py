@@ -2,7 +2,8 @@
 
 Without a GPU, Triton kernels run on CPU tensors through the Triton interpreter: the variable must
 be set before triton is first imported, so it is set here, at the top of the first file pytest
-loads. GPU tests are marked ``gpu`` and skipped where no GPU is visible.
+loads. GPU tests are marked ``gpu`` and skipped where no GPU is visible. Every test runs with
+outputs poisoned (``poison_outputs``).
 """
 
 import os
@@ -29,3 +30,19 @@ def gen(request) -> torch.Generator:
     """A CPU generator seeded from the test's id: fresh but reproducible inputs per test."""
     seed = sum(ord(c) * (i + 1) for i, c in enumerate(request.node.nodeid)) % (2**31)
     return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture(autouse=True)
+def poison_outputs():
+    """In deterministic mode torch fills each fresh allocation (torch.empty, at::empty) with NaN,
+    so an element that a kernel or the encoder never writes shows up as NaN and fails the
+    comparison instead of passing as stale memory."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    previous_fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous)
+        torch.utils.deterministic.fill_uninitialized_memory = previous_fill

@@ -10,47 +10,47 @@
 #include "kernel.h"
 
 // QK_DISPATCH_FLOAT(dtype, T, ...): runs the body with T = float, __half or __nv_bfloat16.
-#define QK_DISPATCH_FLOAT(dtype, T, ...)                                             \
-  [&] {                                                                              \
-    switch (dtype) {                                                                 \
-      case at::ScalarType::Float: {                                                  \
-        using T = float;                                                             \
-        return __VA_ARGS__();                                                        \
-      }                                                                              \
-      case at::ScalarType::Half: {                                                   \
-        using T = __half;                                                            \
-        return __VA_ARGS__();                                                        \
-      }                                                                              \
-      case at::ScalarType::BFloat16: {                                               \
-        using T = __nv_bfloat16;                                                     \
-        return __VA_ARGS__();                                                        \
-      }                                                                              \
-      default:                                                                       \
-        TORCH_CHECK_VALUE(false, "qwen_kernels: unsupported dtype ", dtype);        \
-    }                                                                                \
+#define QK_DISPATCH_FLOAT(dtype, T, ...)                                     \
+  [&] {                                                                      \
+    switch (dtype) {                                                         \
+      case at::ScalarType::Float: {                                          \
+        using T = float;                                                     \
+        return __VA_ARGS__();                                                \
+      }                                                                      \
+      case at::ScalarType::Half: {                                           \
+        using T = __half;                                                    \
+        return __VA_ARGS__();                                                \
+      }                                                                      \
+      case at::ScalarType::BFloat16: {                                       \
+        using T = __nv_bfloat16;                                             \
+        return __VA_ARGS__();                                                \
+      }                                                                      \
+      default:                                                               \
+        TORCH_CHECK_VALUE(false, "qwen_kernels: unsupported dtype ", dtype); \
+    }                                                                        \
   }()
 
 // QK_DISPATCH_VEC(vec, VEC, ...): runs the body with the constant VEC = vec (1, 2, 4 or 8).
-#define QK_DISPATCH_VEC(vec, VEC, ...)                  \
-  [&] {                                                 \
-    switch (vec) {                                      \
-      case 8: {                                         \
-        constexpr int VEC = 8;                          \
-        return __VA_ARGS__();                           \
-      }                                                 \
-      case 4: {                                         \
-        constexpr int VEC = 4;                          \
-        return __VA_ARGS__();                           \
-      }                                                 \
-      case 2: {                                         \
-        constexpr int VEC = 2;                          \
-        return __VA_ARGS__();                           \
-      }                                                 \
-      default: {                                        \
-        constexpr int VEC = 1;                          \
-        return __VA_ARGS__();                           \
-      }                                                 \
-    }                                                   \
+#define QK_DISPATCH_VEC(vec, VEC, ...) \
+  [&] {                                \
+    switch (vec) {                     \
+      case 8: {                        \
+        constexpr int VEC = 8;         \
+        return __VA_ARGS__();          \
+      }                                \
+      case 4: {                        \
+        constexpr int VEC = 4;         \
+        return __VA_ARGS__();          \
+      }                                \
+      case 2: {                        \
+        constexpr int VEC = 2;         \
+        return __VA_ARGS__();          \
+      }                                \
+      default: {                       \
+        constexpr int VEC = 1;         \
+        return __VA_ARGS__();          \
+      }                                \
+    }                                  \
   }()
 
 namespace qk {

@@ -34,7 +34,7 @@
 #define QK_DYNAMIC_SMEM(type, name) \
   type* name = reinterpret_cast<type*>(::qk_emu::active().dynamic_smem())
 #else
-#define QK_DYNAMIC_SMEM(type, name)                                   \
+#define QK_DYNAMIC_SMEM(type, name)                                 \
   extern __shared__ __align__(16) unsigned char qk_dynamic_smem_[]; \
   type* name = reinterpret_cast<type*>(qk_dynamic_smem_)
 #endif
@@ -72,7 +72,7 @@ inline void check_cuda(cudaError_t err, const char* what, const char* file, int 
 template <class... P, class... A>
 void launch(const char* file, int line, void (*kernel)(P...), dim3 grid, dim3 block,
             std::size_t smem_bytes, cudaStream_t stream, A&&... args) {
-  kernel<<<grid, block, smem_bytes, stream>>>(std::forward<A>(args)...);
+  kernel<<<grid, block, smem_bytes, stream> > >(std::forward<A>(args)...);
   check_cuda(cudaGetLastError(), "kernel launch", file, line);
 }
 

@@ -1,5 +1,5 @@
 // Device helpers shared by the elementwise and row-wise kernels: conversions that round to
-// nearest even, packed vector access, and a block-wide sum.
+// nearest even, packed vector access, and a warp-wide sum.
 #pragma once
 
 #include "kernel.h"
@@ -44,19 +44,6 @@ QK_DEVICE void store_pack(T* p, const Pack<T, VEC>& pack) {
 QK_DEVICE float warp_sum(float x) {
 #pragma unroll
   for (int offset = 16; offset > 0; offset >>= 1) x += __shfl_xor_sync(0xffffffffu, x, offset);
-  return x;
-}
-
-// Sum of x over the block (blockDim.x a multiple of 32, at most 1024); every thread gets it.
-// `scratch` is 32 floats of shared memory, free again when this returns.
-QK_DEVICE float block_sum(float x, float* scratch) {
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
-  x = warp_sum(x);
-  if (lane == 0) scratch[warp] = x;
-  __syncthreads();
-  x = lane < warps ? scratch[lane] : 0.0f;
-  x = warp_sum(x);
-  __syncthreads();  // scratch may be reused by the caller right after
   return x;
 }
 

@@ -47,8 +47,7 @@ inline int __syncthreads_and(int pred,
                              std::source_location site = std::source_location::current()) {
   return qk_emu::active().barrier("__syncthreads_and()", qk_emu::BarrierOp::kAnd, pred, site);
 }
-inline int __syncthreads_or(int pred,
-                            std::source_location site = std::source_location::current()) {
+inline int __syncthreads_or(int pred, std::source_location site = std::source_location::current()) {
   return qk_emu::active().barrier("__syncthreads_or()", qk_emu::BarrierOp::kOr, pred, site);
 }
 
@@ -105,10 +104,22 @@ void shfl_fn(Thread* const* lanes, unsigned mask) {
     int j;
     bool ok;
     switch (mode) {
-      case ShflMode::kUp: j = lane - b; ok = j >= max_lane; break;
-      case ShflMode::kDown: j = lane + b; ok = j <= max_lane; break;
-      case ShflMode::kBfly: j = lane ^ b; ok = j <= max_lane; break;
-      default: j = min_lane | (b & ~seg); ok = j <= max_lane; break;
+      case ShflMode::kUp:
+        j = lane - b;
+        ok = j >= max_lane;
+        break;
+      case ShflMode::kDown:
+        j = lane + b;
+        ok = j <= max_lane;
+        break;
+      case ShflMode::kBfly:
+        j = lane ^ b;
+        ok = j <= max_lane;
+        break;
+      default:
+        j = min_lane | (b & ~seg);
+        ok = j <= max_lane;
+        break;
     }
     if (!ok) j = lane;
     // Reading a lane outside the mask is undefined on the GPU: give a poison value (NaN, -1).
@@ -123,12 +134,11 @@ void shfl_fn(Thread* const* lanes, unsigned mask) {
 }
 
 template <class T>
-concept ShflType =
-    std::same_as<T, int> || std::same_as<T, unsigned> || std::same_as<T, long> ||
-    std::same_as<T, unsigned long> || std::same_as<T, long long> ||
-    std::same_as<T, unsigned long long> || std::same_as<T, float> || std::same_as<T, double> ||
-    std::same_as<T, __half> || std::same_as<T, __half2> || std::same_as<T, __nv_bfloat16> ||
-    std::same_as<T, __nv_bfloat162>;
+concept ShflType = std::same_as<T, int> || std::same_as<T, unsigned> || std::same_as<T, long> ||
+                   std::same_as<T, unsigned long> || std::same_as<T, long long> ||
+                   std::same_as<T, unsigned long long> || std::same_as<T, float> ||
+                   std::same_as<T, double> || std::same_as<T, __half> || std::same_as<T, __half2> ||
+                   std::same_as<T, __nv_bfloat16> || std::same_as<T, __nv_bfloat162>;
 
 template <ShflMode mode, class T>
 T shfl(const char* op, unsigned mask, T var, int b, int width, bool up,
@@ -180,8 +190,8 @@ T __shfl_sync(unsigned mask, T var, int src_lane, int width = warpSize,
 template <qk_emu::ShflType T>
 T __shfl_up_sync(unsigned mask, T var, unsigned delta, int width = warpSize,
                  std::source_location site = std::source_location::current()) {
-  return qk_emu::shfl<qk_emu::ShflMode::kUp>("__shfl_up_sync()", mask, var,
-                                             static_cast<int>(delta), width, true, site);
+  return qk_emu::shfl<qk_emu::ShflMode::kUp>("__shfl_up_sync()", mask, var, static_cast<int>(delta),
+                                             width, true, site);
 }
 template <qk_emu::ShflType T>
 T __shfl_down_sync(unsigned mask, T var, unsigned delta, int width = warpSize,
@@ -219,30 +229,30 @@ T atomic_update(T* address, F f) {
   using Bits = std::conditional_t<sizeof(T) == 4, std::uint32_t, std::uint64_t>;
   auto* p = reinterpret_cast<Bits*>(address);
   Bits old = __atomic_load_n(p, __ATOMIC_RELAXED);
-  while (!__atomic_compare_exchange_n(p, &old, std::bit_cast<Bits>(f(std::bit_cast<T>(old))),
-                                      false, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
+  while (!__atomic_compare_exchange_n(p, &old, std::bit_cast<Bits>(f(std::bit_cast<T>(old))), false,
+                                      __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
   }
   return std::bit_cast<T>(old);
 }
 }  // namespace qk_emu
 
 // Plain overloads, not templates, so that arguments convert as they do with CUDA's.
-#define QK_EMU_ATOMIC(name, T, expr)                                                      \
-  inline T name(T* address, T val) {                                                      \
+#define QK_EMU_ATOMIC(name, T, expr)                                                     \
+  inline T name(T* address, T val) {                                                     \
     return qk_emu::atomic_update(address, [=]([[maybe_unused]] T old) { return expr; }); \
   }
-#define QK_EMU_ATOMIC_INT(T)                                                              \
-  QK_EMU_ATOMIC(atomicAdd, T, old + val)                                                  \
-  QK_EMU_ATOMIC(atomicMax, T, old > val ? old : val)                                      \
-  QK_EMU_ATOMIC(atomicMin, T, old < val ? old : val)                                      \
-  QK_EMU_ATOMIC(atomicExch, T, val)                                                       \
-  QK_EMU_ATOMIC(atomicAnd, T, old & val)                                                  \
-  QK_EMU_ATOMIC(atomicOr, T, old | val)                                                   \
-  QK_EMU_ATOMIC(atomicXor, T, old ^ val)                                                  \
-  inline T atomicCAS(T* address, T compare, T val) {                                      \
-    __atomic_compare_exchange_n(address, &compare, val, false, __ATOMIC_RELAXED,          \
-                                __ATOMIC_RELAXED);                                        \
-    return compare;                                                                       \
+#define QK_EMU_ATOMIC_INT(T)                                                     \
+  QK_EMU_ATOMIC(atomicAdd, T, old + val)                                         \
+  QK_EMU_ATOMIC(atomicMax, T, old > val ? old : val)                             \
+  QK_EMU_ATOMIC(atomicMin, T, old < val ? old : val)                             \
+  QK_EMU_ATOMIC(atomicExch, T, val)                                              \
+  QK_EMU_ATOMIC(atomicAnd, T, old& val)                                          \
+  QK_EMU_ATOMIC(atomicOr, T, old | val)                                          \
+  QK_EMU_ATOMIC(atomicXor, T, old ^ val)                                         \
+  inline T atomicCAS(T* address, T compare, T val) {                             \
+    __atomic_compare_exchange_n(address, &compare, val, false, __ATOMIC_RELAXED, \
+                                __ATOMIC_RELAXED);                               \
+    return compare;                                                              \
   }
 QK_EMU_ATOMIC_INT(int)
 QK_EMU_ATOMIC_INT(unsigned int)

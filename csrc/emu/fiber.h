@@ -62,10 +62,10 @@ struct FiberContext {
 inline void context_init(FiberContext& ctx, void* stack_lo, std::size_t size, void (*entry)()) {
   auto top = (reinterpret_cast<std::uintptr_t>(stack_lo) + size) & ~std::uintptr_t{15};
   auto* slot = reinterpret_cast<std::uint64_t*>(top);
-  *--slot = 0;                                        // entry's return address
-  *--slot = reinterpret_cast<std::uint64_t>(entry);   // popped by ret
-  for (int i = 0; i < 6; ++i) *--slot = 0;            // rbp rbx r12 r13 r14 r15
-  *--slot = std::uint64_t{0x037F} << 32 | 0x1F80;     // x87 control word, MXCSR
+  *--slot = 0;                                       // entry's return address
+  *--slot = reinterpret_cast<std::uint64_t>(entry);  // popped by ret
+  for (int i = 0; i < 6; ++i) *--slot = 0;           // rbp rbx r12 r13 r14 r15
+  *--slot = std::uint64_t{0x037F} << 32 | 0x1F80;    // x87 control word, MXCSR
   ctx.sp = slot;
 }
 

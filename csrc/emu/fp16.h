@@ -140,20 +140,20 @@ inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 b) { return b.__x; }
 inline __nv_bfloat16 __ushort_as_bfloat16(unsigned short u) { return {u}; }
 
 // Arithmetic intrinsics, scalar and 2-wide, for both 16-bit types.
-#define QK_EMU_FP16_BINARY(name, name2, expr)                                    \
-  template <class T>                                                           \
-    requires(std::same_as<T, __half> || std::same_as<T, __nv_bfloat16>)        \
-  inline T name(T a, T b) {                                                    \
-    const double x = qk_emu::to_float(a), y = qk_emu::to_float(b);             \
-    return qk_emu::round_from_double<T>(expr);                                 \
-  }                                                                            \
+#define QK_EMU_FP16_BINARY(name, name2, expr)                                             \
+  template <class T>                                                                      \
+    requires(std::same_as<T, __half> || std::same_as<T, __nv_bfloat16>)                   \
+  inline T name(T a, T b) {                                                               \
+    const double x = qk_emu::to_float(a), y = qk_emu::to_float(b);                        \
+    return qk_emu::round_from_double<T>(expr);                                            \
+  }                                                                                       \
   inline __half2 name2(__half2 a, __half2 b) { return {name(a.x, b.x), name(a.y, b.y)}; } \
-  inline __nv_bfloat162 name2(__nv_bfloat162 a, __nv_bfloat162 b) {            \
-    return {name(a.x, b.x), name(a.y, b.y)};                                   \
+  inline __nv_bfloat162 name2(__nv_bfloat162 a, __nv_bfloat162 b) {                       \
+    return {name(a.x, b.x), name(a.y, b.y)};                                              \
   }
 QK_EMU_FP16_BINARY(__hadd, __hadd2, x + y)
 QK_EMU_FP16_BINARY(__hsub, __hsub2, x - y)
-QK_EMU_FP16_BINARY(__hmul, __hmul2, x * y)
+QK_EMU_FP16_BINARY(__hmul, __hmul2, x* y)
 #undef QK_EMU_FP16_BINARY
 
 template <class T>

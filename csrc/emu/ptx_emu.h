@@ -68,9 +68,9 @@ template <class T>
 void mma_m16n8k16(float (&d)[4], const std::uint32_t (&a)[4], const std::uint32_t (&b)[2],
                   const float (&c)[4], const std::source_location& site) {
   Thread& t = stage(MmaIn{{a[0], a[1], a[2], a[3]}, {b[0], b[1]}, {c[0], c[1], c[2], c[3]}});
-  active().warp_collective(std::same_as<T, __nv_bfloat16> ? "mma.sync.m16n8k16.bf16"
-                                                          : "mma.sync.m16n8k16.f16",
-                           &mma_m16n8k16_fn<T>, 0xFFFFFFFFu, site);
+  active().warp_collective(
+      std::same_as<T, __nv_bfloat16> ? "mma.sync.m16n8k16.bf16" : "mma.sync.m16n8k16.f16",
+      &mma_m16n8k16_fn<T>, 0xFFFFFFFFu, site);
   const Floats4 r = result<Floats4>(t);
   for (int i = 0; i < 4; ++i) d[i] = r.v[i];
 }

@@ -84,10 +84,10 @@ struct Thread {
   const char* op;  // what it waits in or last waited in, for messages
   std::source_location site;
   int barrier_result;
-  alignas(16) unsigned char in[48];  // this lane's operands of a warp collective
+  alignas(16) unsigned char in[48];   // this lane's operands of a warp collective
   alignas(16) unsigned char out[16];  // and its result
-  std::vector<AsyncCopy> copies;  // cp.async not yet completed
-  unsigned cp_group;  // the open commit group; committed groups are below it
+  std::vector<AsyncCopy> copies;      // cp.async not yet completed
+  unsigned cp_group;                  // the open commit group; committed groups are below it
 };
 
 struct WarpGroup {
@@ -96,7 +96,7 @@ struct WarpGroup {
 };
 
 struct Warp {
-  unsigned present;  // lanes that exist and have not exited
+  unsigned present;             // lanes that exist and have not exited
   std::vector<WarpGroup> open;  // collectives waiting for lanes; disjoint masks
   Thread* lanes[32];
 };
@@ -300,10 +300,17 @@ inline int Scheduler::barrier(const char* op, BarrierOp reduce, int value,
   t.op = op;
   t.site = site;
   switch (reduce) {
-    case BarrierOp::kNone: break;
-    case BarrierOp::kCount: barrier_acc_ += value != 0; break;
-    case BarrierOp::kAnd: barrier_acc_ &= value != 0; break;
-    case BarrierOp::kOr: barrier_acc_ |= value != 0; break;
+    case BarrierOp::kNone:
+      break;
+    case BarrierOp::kCount:
+      barrier_acc_ += value != 0;
+      break;
+    case BarrierOp::kAnd:
+      barrier_acc_ &= value != 0;
+      break;
+    case BarrierOp::kOr:
+      barrier_acc_ |= value != 0;
+      break;
   }
   if (++arrived_ == threads_.size()) {
     arrived_ = 0;
@@ -325,8 +332,8 @@ inline void Scheduler::warp_collective(const char* op, WarpFn fn, unsigned mask,
   auto error = [&](const std::string& what) {
     char masks[64];
     std::snprintf(masks, sizeof masks, " (mask 0x%08x, lanes present 0x%08x)", mask, w.present);
-    fail(std::string(op) + " at " + where(site) + " in thread " + std::to_string(t.linear) +
-         ": " + what + masks);
+    fail(std::string(op) + " at " + where(site) + " in thread " + std::to_string(t.linear) + ": " +
+         what + masks);
   };
   if (!(mask & bit)) error("the mask does not name the calling lane");
   if (mask & ~w.present) error("the mask names lanes that have exited or do not exist");
@@ -334,8 +341,7 @@ inline void Scheduler::warp_collective(const char* op, WarpFn fn, unsigned mask,
   for (WarpGroup& g : w.open) {
     if (!(g.mask & mask)) continue;
     if (g.mask != mask || g.fn != fn) {
-      error("lanes of the mask wait in a different collective or with another mask; " +
-            describe());
+      error("lanes of the mask wait in a different collective or with another mask; " + describe());
     }
     group = &g;
   }
@@ -397,9 +403,14 @@ inline std::string Scheduler::describe() const {
       i = j + 1;
     }
     switch (g[0]->state) {
-      case State::kExited: out += " exited"; break;
-      case State::kRunnable: out += " running"; break;
-      default: out += " wait in " + std::string(g[0]->op) + " at " + where(g[0]->site);
+      case State::kExited:
+        out += " exited";
+        break;
+      case State::kRunnable:
+        out += " running";
+        break;
+      default:
+        out += " wait in " + std::string(g[0]->op) + " at " + where(g[0]->site);
     }
   }
   return out;

@@ -1,6 +1,4 @@
 // Self-test kernels of the CUDA emulation layer; see selftest.h for what each computes.
-#include "emu_selftest/selftest.h"
-
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/full.h>
@@ -12,6 +10,7 @@
 
 #include "common/kernel.h"
 #include "common/torch_utils.h"
+#include "emu_selftest/selftest.h"
 
 namespace qk::selftest {
 namespace {
@@ -348,8 +347,8 @@ void launch_gemm(const at::Tensor& a, const at::Tensor& b, bool b_kn, at::Tensor
     QK_LAUNCH(gemm_kernel<T, true>, grid, 128, 0, stream, ptr<T>(a), ptr<T>(b), mut_ptr<float>(c),
               n, k);
   } else {
-    QK_LAUNCH(gemm_kernel<T, false>, grid, 128, 0, stream, ptr<T>(a), ptr<T>(b),
-              mut_ptr<float>(c), n, k);
+    QK_LAUNCH(gemm_kernel<T, false>, grid, 128, 0, stream, ptr<T>(a), ptr<T>(b), mut_ptr<float>(c),
+              n, k);
   }
 }
 
@@ -359,8 +358,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> convert(const at::Ten
   check_input(x, "x");
   check_dtype(x, "x", {at::kFloat});
   check_dim(x, "x", 1);
-  QK_CHECK_ARG(x.size(0) % 2 == 0 && x.size(0) > 0, "x", "a positive even length (got ",
-               x.size(0), ")");
+  QK_CHECK_ARG(x.size(0) % 2 == 0 && x.size(0) > 0, "x", "a positive even length (got ", x.size(0),
+               ")");
   QK_CHECK_ARG(reinterpret_cast<std::uintptr_t>(x.data_ptr()) % 8 == 0, "x",
                "an 8-byte aligned data pointer");
   DeviceGuard guard(x);
@@ -392,8 +391,7 @@ at::Tensor mma(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c) {
                "a shape [M, K] with M and K positive multiples of 16 (got ", a.sizes(), ")");
   QK_CHECK_ARG(b.size(1) == k && n % 8 == 0 && n > 0, "b",
                "shape [N, K] with N a positive multiple of 8 (got ", b.sizes(), ")");
-  QK_CHECK_ARG(c.size(0) == m && c.size(1) == n, "c", "shape [M, N] (got ",
-               c.sizes(), ")");
+  QK_CHECK_ARG(c.size(0) == m && c.size(1) == n, "c", "shape [M, N] (got ", c.sizes(), ")");
   DeviceGuard guard(a);
   at::Tensor d = at::empty({m, n}, c.options());
   const dim3 grid(static_cast<unsigned>(n / 8), static_cast<unsigned>(m / 16));
@@ -434,8 +432,8 @@ std::tuple<at::Tensor, at::Tensor> shuffle(const at::Tensor& x, const at::Tensor
   check_dim(x, "x", 1);
   QK_CHECK_ARG(x.size(0) % 32 == 0 && x.size(0) > 0 && x.size(0) <= 1024, "x",
                "a length that is a multiple of 32 up to 1024 (got ", x.size(0), ")");
-  QK_CHECK_ARG(table.dim() == 2 && table.size(1) == 3, "table", "shape [V, 3] (got ",
-               table.sizes(), ")");
+  QK_CHECK_ARG(table.dim() == 2 && table.size(1) == 3, "table", "shape [V, 3] (got ", table.sizes(),
+               ")");
   DeviceGuard guard(x);
   const int64_t n = x.size(0), variants = table.size(0);
   at::Tensor out32 = at::empty({variants, n}, x.options());
@@ -573,7 +571,7 @@ void misuse(at::Tensor& out, int64_t mode) {
   if (mode < 4) {
     QK_LAUNCH(misuse_kernel, 1, 128, 0, stream, m, o);
   } else {
-    constexpr std::size_t kSmem = 64 * 1024;  // above the default limit, never raised
+    constexpr std::size_t kSmem = 64 * 1024;                // above the default limit, never raised
     QK_LAUNCH(misuse_kernel, 1, 128, kSmem, stream, m, o);  // misuse: smem-limit
   }
 #else

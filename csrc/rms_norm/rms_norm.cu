@@ -1,7 +1,9 @@
-// RMSNorm and residual-add + RMSNorm: one block per row, two passes over the row. The first pass
-// reads it (and, with the add, writes the rounded sum), the second re-reads what the same
-// thread touched (an L1/L2 hit) and writes the output, so any hidden size works with no shared
-// staging; HBM traffic is one read of each input and one write of each output.
+// RMSNorm and residual-add + RMSNorm. A block of 8 warps normalises 8 / warps_per_row rows: short
+// rows get one warp each (shuffle-only reduction), long rows up to the whole block, so every
+// thread moves a few 16-byte vectors whatever the hidden size. Two passes over the row: the first
+// reads it (and, with the add, writes the rounded sum), the second re-reads what the same thread
+// touched (an L1/L2 hit) and writes the output; HBM sees each input read once and each output
+// written once, with no shared-memory staging.
 #include <ATen/ops/empty.h>
 
 #include <algorithm>
@@ -15,20 +17,29 @@
 namespace qk {
 namespace {
 
+constexpr int kWarpsPerBlock = 8;
+// Vectors per thread a row group aims for before it takes more warps.
+constexpr int kVectorsPerThread = 4;
+
 template <class T, class W, int VEC, bool ADD>
 __global__ void rms_norm_kernel(const T* __restrict__ x, int64_t x_stride,
                                 const T* __restrict__ residual, int64_t residual_stride,
                                 const W* __restrict__ weight, T* __restrict__ out,
-                                T* __restrict__ residual_out, int cols, float eps) {
-  __shared__ float scratch[32];
-  const int64_t row = blockIdx.x;
+                                T* __restrict__ residual_out, int64_t rows, int cols, float eps,
+                                int warps_per_row) {
+  __shared__ float warp_sums[kWarpsPerBlock];
+  const int warp = threadIdx.x / 32;
+  const int group = warp / warps_per_row;  // this thread's row within the block
+  const int rank = threadIdx.x % (32 * warps_per_row);
+  const int step = 32 * warps_per_row * VEC;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * (kWarpsPerBlock / warps_per_row) + group;
+  const bool active = row < rows;  // tail rows still reach the barrier below
   const T* x_row = x + row * x_stride;
   T* out_row = out + row * cols;
   T* summed_row = ADD ? residual_out + row * cols : nullptr;
-  const int step = blockDim.x * VEC;
 
   float square_sum = 0.0f;
-  for (int i = threadIdx.x * VEC; i < cols; i += step) {
+  for (int i = rank * VEC; active && i < cols; i += step) {
     Pack<T, VEC> a = load_pack<T, VEC>(x_row + i);
     if constexpr (ADD) {
       // The model keeps its residual stream in the activation dtype: round the sum first.
@@ -40,10 +51,16 @@ __global__ void rms_norm_kernel(const T* __restrict__ x, int64_t x_stride,
 #pragma unroll
     for (int j = 0; j < VEC; ++j) square_sum += to_float(a.v[j]) * to_float(a.v[j]);
   }
-  const float rstd = rsqrtf(block_sum(square_sum, scratch) / static_cast<float>(cols) + eps);
+  square_sum = warp_sum(square_sum);
+  if (threadIdx.x % 32 == 0) warp_sums[warp] = square_sum;
+  __syncthreads();
+  if (!active) return;
+  float total = 0.0f;
+  for (int w = group * warps_per_row; w < (group + 1) * warps_per_row; ++w) total += warp_sums[w];
+  const float rstd = rsqrtf(total / static_cast<float>(cols) + eps);
 
   const T* source = ADD ? summed_row : x_row;
-  for (int i = threadIdx.x * VEC; i < cols; i += step) {
+  for (int i = rank * VEC; i < cols; i += step) {
     const Pack<T, VEC> a = load_pack<T, VEC>(source + i);
     Pack<T, VEC> y;
 #pragma unroll
@@ -53,6 +70,14 @@ __global__ void rms_norm_kernel(const T* __restrict__ x, int64_t x_stride,
     }
     store_pack<T, VEC>(out_row + i, y);
   }
+}
+
+// Warps per row: enough that each thread moves about kVectorsPerThread vectors, a power of two
+// dividing the block.
+int warps_per_row(int64_t vectors) {
+  int warps = 1;
+  while (warps < kWarpsPerBlock && vectors > int64_t{32} * warps * kVectorsPerThread) warps *= 2;
+  return warps;
 }
 
 at::Tensor as_rows(const at::Tensor& t) {
@@ -84,13 +109,14 @@ void launch(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& w
 
   DeviceGuard guard(x);
   QK_DISPATCH_FLOAT(x.scalar_type(), T, [&] {
-    const int vec = vector_width(
-        sizeof(T), cols,
-        {x_rows.data_ptr(), residual_rows.data_ptr(), out.data_ptr(),
-         add ? residual_out.data_ptr() : out.data_ptr()},
-        {x_rows.stride(0), residual_rows.stride(0)});
-    const int threads =
-        static_cast<int>(std::clamp<int64_t>((cols / vec + 31) / 32 * 32, 32, 1024));
+    const int vec = vector_width(sizeof(T), cols,
+                                 {x_rows.data_ptr(), residual_rows.data_ptr(), out.data_ptr(),
+                                  add ? residual_out.data_ptr() : out.data_ptr()},
+                                 {x_rows.stride(0), residual_rows.stride(0)});
+    const int row_warps = warps_per_row(cols / vec);
+    const int64_t rows_per_block = kWarpsPerBlock / row_warps;
+    const dim3 grid(static_cast<unsigned>((rows + rows_per_block - 1) / rows_per_block));
+    const dim3 block(32 * kWarpsPerBlock);
     auto run = [&](auto* w_ptr) {
       using W = std::remove_const_t<std::remove_pointer_t<decltype(w_ptr)>>;
       QK_DISPATCH_VEC(vec, VEC, [&] {
@@ -98,15 +124,14 @@ void launch(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& w
         const T* r_ptr = static_cast<const T*>(residual_rows.data_ptr());
         T* out_ptr = static_cast<T*>(out.data_ptr());
         if (add) {
-          QK_LAUNCH((rms_norm_kernel<T, W, VEC, true>), dim3(rows), dim3(threads), 0,
-                    current_stream(x), x_ptr, x_rows.stride(0), r_ptr, residual_rows.stride(0),
-                    w_ptr, out_ptr, static_cast<T*>(residual_out.data_ptr()),
-                    static_cast<int>(cols), static_cast<float>(eps));
+          QK_LAUNCH((rms_norm_kernel<T, W, VEC, true>), grid, block, 0, current_stream(x), x_ptr,
+                    x_rows.stride(0), r_ptr, residual_rows.stride(0), w_ptr, out_ptr,
+                    static_cast<T*>(residual_out.data_ptr()), rows, static_cast<int>(cols),
+                    static_cast<float>(eps), row_warps);
         } else {
-          QK_LAUNCH((rms_norm_kernel<T, W, VEC, false>), dim3(rows), dim3(threads), 0,
-                    current_stream(x), x_ptr, x_rows.stride(0), r_ptr, int64_t{0}, w_ptr,
-                    out_ptr, static_cast<T*>(nullptr), static_cast<int>(cols),
-                    static_cast<float>(eps));
+          QK_LAUNCH((rms_norm_kernel<T, W, VEC, false>), grid, block, 0, current_stream(x), x_ptr,
+                    x_rows.stride(0), r_ptr, int64_t{0}, w_ptr, out_ptr, static_cast<T*>(nullptr),
+                    rows, static_cast<int>(cols), static_cast<float>(eps), row_warps);
         }
       });
     };

@@ -50,8 +50,8 @@ at::Tensor swiglu(const at::Tensor& gate_up) {
 
   DeviceGuard guard(gate_up);
   QK_DISPATCH_FLOAT(gate_up.scalar_type(), T, [&] {
-    const int vec = vector_width(sizeof(T), cols, {rows.data_ptr(), out.data_ptr()},
-                                 {rows.stride(0)});
+    const int vec =
+        vector_width(sizeof(T), cols, {rows.data_ptr(), out.data_ptr()}, {rows.stride(0)});
     QK_DISPATCH_VEC(vec, VEC, [&] {
       const dim3 grid(n_rows, (cols / VEC + kThreads - 1) / kThreads);
       QK_LAUNCH((swiglu_kernel<T, VEC>), grid, dim3(kThreads), 0, current_stream(gate_up),

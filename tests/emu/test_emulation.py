@@ -23,18 +23,6 @@ from qwen_kernels import _emu
 SELFTEST_SOURCE = Path(__file__).resolve().parents[2] / "csrc" / "emu_selftest" / "selftest.cu"
 
 
-@pytest.fixture(autouse=True)
-def poison_outputs():
-    """Fresh allocations (the kernels' outputs) start as NaN, so unwritten elements fail."""
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(previous)
-
-
 @pytest.fixture(scope="module")
 def emu_ops() -> Any:
     if not _emu.is_available():

@@ -1,4 +1,4 @@
-"""The poisoning fixture of tests/ops/conftest.py is in force: fresh allocations hold NaN."""
+"""The poisoning fixture of tests/conftest.py is in force: fresh allocations hold NaN."""
 
 import torch
 

@@ -8,7 +8,7 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLRMSNorm
 import qwen_kernels
 from tests.helpers import DTYPES, assert_close_to_reference, backends_for, randn, rel_err, tolerance
 
-SHAPES = [(1, 1280), (7, 1280), (5, 3420), (3, 5120), (13, 1), (2, 3, 97)]
+SHAPES = [(1, 1280), (7, 1280), (5, 3420), (3, 5120), (13, 1), (2, 3, 97), (37, 64), (9, 5121)]
 EPS = 1e-6
 
 
