@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import qwen_kernels
@@ -52,6 +53,19 @@ def assert_close_to_reference(
 def backends_for(op: str, device: str = "cpu") -> list[str]:
     """Every backend that has a kernel for ``op`` and runs on ``device`` here."""
     return qwen_kernels._backends.REGISTRY[op].usable(device)
+
+
+def targets(op: str, kernels_only: bool = False) -> list:
+    """pytest params ``(backend, device)`` for every backend of ``op`` on every device where it
+    runs here: CPU tensors always (Triton through the interpreter, CUDA through the emulation),
+    CUDA tensors when a GPU is visible. ``kernels_only`` leaves out the "torch" reference."""
+    devices = ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
+    return [
+        pytest.param(backend, device, id=f"{backend}-{device}")
+        for device in devices
+        for backend in backends_for(op, device)
+        if not (kernels_only and backend == "torch")
+    ]
 
 
 def tolerance(dtype: torch.dtype) -> float:

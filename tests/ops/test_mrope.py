@@ -15,7 +15,7 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
 )
 
 import qwen_kernels
-from tests.helpers import DTYPES, assert_close_to_reference, backends_for, randn, rel_err, tolerance
+from tests.helpers import DTYPES, assert_close_to_reference, randn, rel_err, targets, tolerance
 
 VISION_SECTION = [20, 20]
 TEXT_SECTION = [16, 24, 24]
@@ -94,10 +94,10 @@ def test_text_rotary_matches_transformers(gen):
         torch.testing.assert_close(k_out, expected_k.transpose(1, 2))
 
 
-@pytest.mark.parametrize("backend", backends_for("mrope_pos"))
+@pytest.mark.parametrize(("backend", "device"), targets("mrope_pos"))
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("head_dim", [64, 80, 128])
-def test_mrope_pos_backend_matches_reference(gen, backend, dtype, head_dim):
+def test_mrope_pos_backend_matches_reference(gen, backend, device, dtype, head_dim):
     _, positions, q, k = text_inputs(gen, seq=13, head_dim=head_dim, dtype=dtype)
     section = [
         head_dim // 8,
@@ -107,32 +107,33 @@ def test_mrope_pos_backend_matches_reference(gen, backend, dtype, head_dim):
     inv_freq = 1.0 / (1e6 ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
     ref64 = qwen_kernels.mrope_pos(q.double(), k.double(), positions, inv_freq, section, "torch")
     eager = qwen_kernels.mrope_pos(q, k, positions, inv_freq, section, "torch")
-    got = qwen_kernels.mrope_pos(q, k, positions, inv_freq, section, backend)
+    args = [t.to(device) for t in (q, k, positions, inv_freq)]
+    got = qwen_kernels.mrope_pos(*args, section, backend)
     for out, ref, same in zip(got, ref64, eager, strict=True):
-        assert_close_to_reference(out, ref, same)
+        assert_close_to_reference(out.cpu(), ref, same)
 
 
-@pytest.mark.parametrize("backend", backends_for("mrope"))
+@pytest.mark.parametrize(("backend", "device"), targets("mrope"))
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_mrope_backend_matches_reference(gen, backend, dtype):
+def test_mrope_backend_matches_reference(gen, backend, device, dtype):
     q, k, positions, inv_freq = vision_inputs(gen, 41, dtype=dtype)
     angles = torch.cat([vision_angles(positions.float(), inv_freq)] * 2, dim=-1)
     cos, sin = angles.cos(), angles.sin()
     ref64 = qwen_kernels.mrope(q.double(), k.double(), cos, sin, backend="torch")
     eager = qwen_kernels.mrope(q, k, cos, sin, backend="torch")
-    for out, ref, same in zip(
-        qwen_kernels.mrope(q, k, cos, sin, backend=backend), ref64, eager, strict=True
-    ):
-        assert_close_to_reference(out, ref, same)
+    got = qwen_kernels.mrope(*[t.to(device) for t in (q, k, cos, sin)], backend=backend)
+    for out, ref, same in zip(got, ref64, eager, strict=True):
+        assert_close_to_reference(out.cpu(), ref, same)
 
 
-@pytest.mark.parametrize("backend", backends_for("mrope_pos_"))
-def test_in_place_on_packed_qkv_views(gen, backend):
+@pytest.mark.parametrize(("backend", "device"), targets("mrope_pos_"))
+def test_in_place_on_packed_qkv_views(gen, backend, device):
     tokens, heads, head_dim = 23, 2, 80
-    qkv = randn(gen, tokens, 3, heads, head_dim)
+    qkv = randn(gen, tokens, 3, heads, head_dim).to(device)
     original = qkv.clone()
     q, k, _ = qkv.unbind(1)  # strided views into the packed buffer
     _, _, positions, inv_freq = vision_inputs(gen, tokens)
+    positions, inv_freq = positions.to(device), inv_freq.to(device)
     expected = qwen_kernels.mrope_pos(q, k, positions, inv_freq, VISION_SECTION, "torch")
     qwen_kernels.mrope_pos_(q, k, positions, inv_freq, VISION_SECTION, backend)
     torch.testing.assert_close(qkv[:, 0], expected[0])

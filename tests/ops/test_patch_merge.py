@@ -6,7 +6,7 @@ import torch
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLPatchMerger
 
 import qwen_kernels
-from tests.helpers import DTYPES, assert_close_to_reference, backends_for, randn, rel_err, tolerance
+from tests.helpers import DTYPES, assert_close_to_reference, randn, rel_err, targets, tolerance
 
 EPS = 1e-6
 
@@ -40,10 +40,10 @@ def test_matches_transformers_merger_with_reverse_window_index(gen):
     torch.testing.assert_close(ours, expected)
 
 
-@pytest.mark.parametrize("backend", backends_for("patch_merge"))
+@pytest.mark.parametrize(("backend", "device"), targets("patch_merge"))
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("index_dtype", [None, torch.int32, torch.int64])
-def test_backend_matches_reference(gen, backend, dtype, index_dtype):
+def test_backend_matches_reference(gen, backend, device, dtype, index_dtype):
     tokens, channels = 4 * 9, 1280
     x, weight = randn(gen, tokens, channels, dtype=dtype), randn(gen, channels, dtype=dtype)
     unit_index = None
@@ -51,8 +51,11 @@ def test_backend_matches_reference(gen, backend, dtype, index_dtype):
         unit_index = torch.randint(0, tokens // 4, (11,), generator=gen).to(index_dtype)
     ref64 = qwen_kernels.patch_merge(x.double(), weight.double(), EPS, unit_index, "torch")
     eager = qwen_kernels.patch_merge(x, weight, EPS, unit_index, "torch")
+    index = unit_index.to(device) if unit_index is not None else None
     assert_close_to_reference(
-        qwen_kernels.patch_merge(x, weight, EPS, unit_index, backend), ref64, eager
+        qwen_kernels.patch_merge(x.to(device), weight.to(device), EPS, index, backend).cpu(),
+        ref64,
+        eager,
     )
 
 

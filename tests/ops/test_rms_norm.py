@@ -6,7 +6,15 @@ import torch
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLRMSNorm
 
 import qwen_kernels
-from tests.helpers import DTYPES, assert_close_to_reference, backends_for, randn, rel_err, tolerance
+from tests.helpers import (
+    DTYPES,
+    assert_close_to_reference,
+    backends_for,
+    randn,
+    rel_err,
+    targets,
+    tolerance,
+)
 
 SHAPES = [(1, 1280), (7, 1280), (5, 3420), (3, 5120), (13, 1), (2, 3, 97), (37, 64), (9, 5121)]
 EPS = 1e-6
@@ -39,43 +47,57 @@ def test_reference_matches_transformers(gen, dtype):
     torch.testing.assert_close(qwen_kernels.rms_norm(x, module.weight, EPS, "torch"), expected)
 
 
-def test_large_fp16_activations_stay_finite(gen):
+@pytest.mark.parametrize(("backend", "device"), targets("rms_norm"))
+def test_large_fp16_activations_stay_finite(gen, backend, device):
     x = randn(gen, 4, 1280, dtype=torch.float16, scale=1e4)
     weight = randn(gen, 1280, dtype=torch.float16)
-    for backend in backends_for("rms_norm"):
-        out = qwen_kernels.rms_norm(x, weight, EPS, backend)
-        assert torch.isfinite(out).all(), backend
-        assert rel_err(out, direct_rms_norm(x, weight, EPS)) < 2 * tolerance(torch.float16)
+    out = qwen_kernels.rms_norm(x.to(device), weight.to(device), EPS, backend).cpu()
+    assert torch.isfinite(out).all()
+    assert rel_err(out, direct_rms_norm(x, weight, EPS)) < 2 * tolerance(torch.float16)
 
 
-@pytest.mark.parametrize("backend", backends_for("rms_norm"))
+@pytest.mark.parametrize(("backend", "device"), targets("rms_norm"))
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_backend_matches_reference(gen, backend, shape, dtype):
+def test_backend_matches_reference(gen, backend, device, shape, dtype):
     x, weight = randn(gen, *shape, dtype=dtype), randn(gen, shape[-1], dtype=dtype)
     ref64 = qwen_kernels.rms_norm(x.double(), weight.double(), EPS, "torch")
     eager = qwen_kernels.rms_norm(x, weight, EPS, "torch")
-    assert_close_to_reference(qwen_kernels.rms_norm(x, weight, EPS, backend), ref64, eager)
+    out = qwen_kernels.rms_norm(x.to(device), weight.to(device), EPS, backend)
+    assert_close_to_reference(out.cpu(), ref64, eager)
 
 
-@pytest.mark.parametrize("backend", backends_for("rms_norm"))
-def test_strided_input(gen, backend):
-    base = randn(gen, 6, 2 * 1280)
+@pytest.mark.parametrize(("backend", "device"), targets("rms_norm"))
+def test_fp32_weight_with_low_precision_input(gen, backend, device):
+    x, weight = randn(gen, 7, 1280, dtype=torch.bfloat16), randn(gen, 1280)
+    ref64 = qwen_kernels.rms_norm(x.double(), weight.double(), EPS, "torch")
+    eager = qwen_kernels.rms_norm(x, weight, EPS, "torch")
+    out = qwen_kernels.rms_norm(x.to(device), weight.to(device), EPS, backend)
+    assert out.dtype == torch.bfloat16
+    assert_close_to_reference(out.cpu(), ref64, eager)
+
+
+@pytest.mark.parametrize(("backend", "device"), targets("rms_norm"))
+def test_strided_input(gen, backend, device):
+    base = randn(gen, 6, 2 * 1280).to(device)
     x = base[:, 1280:]  # row stride 2560: a view, not a copy
-    weight = randn(gen, 1280)
+    weight = randn(gen, 1280).to(device)
     out = qwen_kernels.rms_norm(x, weight, EPS, backend)
     torch.testing.assert_close(out, qwen_kernels.rms_norm(x.contiguous(), weight, EPS, "torch"))
 
 
-@pytest.mark.parametrize("backend", backends_for("add_rms_norm"))
+@pytest.mark.parametrize(("backend", "device"), targets("add_rms_norm"))
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_add_rms_norm(gen, backend, dtype):
-    x, residual = randn(gen, 11, 1280, dtype=dtype), randn(gen, 11, 1280, dtype=dtype)
-    weight = randn(gen, 1280, dtype=dtype)
-    out, residual_out = qwen_kernels.add_rms_norm(x, residual, weight, EPS, backend)
-    torch.testing.assert_close(residual_out, x + residual)
-    expected = direct_rms_norm(residual_out, weight, EPS)
-    assert rel_err(out, expected) < 2 * tolerance(dtype)
+@pytest.mark.parametrize("shape", [(11, 1280), (3, 5, 3420), (37, 64)])
+def test_add_rms_norm(gen, backend, device, dtype, shape):
+    x, residual = randn(gen, *shape, dtype=dtype), randn(gen, *shape, dtype=dtype)
+    weight = randn(gen, shape[-1], dtype=dtype)
+    out, residual_out = qwen_kernels.add_rms_norm(
+        x.to(device), residual.to(device), weight.to(device), EPS, backend
+    )
+    torch.testing.assert_close(residual_out.cpu(), x + residual)
+    expected = direct_rms_norm(residual_out.cpu(), weight, EPS)
+    assert rel_err(out.cpu(), expected) < 2 * tolerance(dtype)
 
 
 def test_add_rms_norm_matches_transformers_block_order(gen):
@@ -138,20 +160,29 @@ def test_unknown_and_unavailable_backend(gen):
             qwen_kernels.rms_norm(x, weight, EPS, backend=backend)
 
 
-def test_kernel_backends_reject_float64(gen):
+@pytest.mark.parametrize(("backend", "device"), targets("rms_norm", kernels_only=True))
+def test_kernel_backends_reject_float64(gen, backend, device):
+    x = randn(gen, 2, 8, dtype=torch.float64).to(device)
+    weight = randn(gen, 8, dtype=torch.float64).to(device)
+    with pytest.raises(ValueError, match="only the 'torch' reference runs in float64"):
+        qwen_kernels.rms_norm(x, weight, EPS, backend)
+
+
+def test_auto_runs_float64_on_the_reference(gen):
     x, weight = randn(gen, 2, 8, dtype=torch.float64), randn(gen, 8, dtype=torch.float64)
-    for backend in backends_for("rms_norm"):
-        if backend == "torch":
-            continue
-        with pytest.raises(ValueError, match="only the 'torch' reference runs in float64"):
-            qwen_kernels.rms_norm(x, weight, EPS, backend)
-    # "auto" falls back to the reference for float64 rather than failing.
     torch.testing.assert_close(
         qwen_kernels.rms_norm(x, weight, EPS), direct_rms_norm(x, weight, EPS)
     )
 
 
-@pytest.mark.parametrize("backend", [b for b in backends_for("rms_norm") if "cuda" in b])
+@pytest.mark.parametrize(
+    "backend",
+    [
+        b
+        for b in ("cuda", "cuda_emu")
+        if b in backends_for("rms_norm", "cuda" if b == "cuda" else "cpu")
+    ],
+)
 def test_native_op_checks_its_arguments(gen, backend):
     """The C++ ops check their input themselves when called directly (torch.ops.qwen_emu...)."""
     import importlib

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLMLP, Qwen2_5_VLRMSNorm
 
 import qwen_kernels
-from tests.helpers import DTYPES, assert_close_to_reference, backends_for, randn, rel_err, tolerance
+from tests.helpers import DTYPES, assert_close_to_reference, randn, rel_err, targets, tolerance
 
 EPS = 1e-6
 
@@ -37,19 +37,28 @@ def test_reference_matches_direct_math(gen, shape, dtype):
     assert rel_err(out, direct_swiglu(gate_up)) < tolerance(dtype)
 
 
-@pytest.mark.parametrize("backend", backends_for("swiglu"))
-@pytest.mark.parametrize("shape", [(7, 2 * 3420), (3, 2 * 1281), (1, 2)])
+@pytest.mark.parametrize(("backend", "device"), targets("swiglu"))
+@pytest.mark.parametrize("shape", [(7, 2 * 3420), (3, 2 * 1281), (1, 2), (2, 3, 2 * 1280)])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_backend_matches_reference(gen, backend, shape, dtype):
+def test_backend_matches_reference(gen, backend, device, shape, dtype):
     gate_up = randn(gen, *shape, dtype=dtype, scale=3.0)
     ref64 = qwen_kernels.swiglu(gate_up.double(), "torch")
     eager = qwen_kernels.swiglu(gate_up, "torch")
-    assert_close_to_reference(qwen_kernels.swiglu(gate_up, backend), ref64, eager)
+    out = qwen_kernels.swiglu(gate_up.to(device), backend)
+    assert_close_to_reference(out.cpu(), ref64, eager)
 
 
-@pytest.mark.parametrize("backend", backends_for("swiglu"))
-def test_strided_input(gen, backend):
-    gate_up = randn(gen, 2 * 96, 5).t()  # [5, 192] with column stride 5
+@pytest.mark.parametrize(("backend", "device"), targets("swiglu"))
+def test_large_fp16_gates_stay_finite(gen, backend, device):
+    gate_up = randn(gen, 3, 2 * 1280, dtype=torch.float16, scale=300.0)
+    out = qwen_kernels.swiglu(gate_up.to(device), backend).cpu()
+    eager = qwen_kernels.swiglu(gate_up, "torch")
+    assert torch.equal(torch.isfinite(out), torch.isfinite(eager))
+
+
+@pytest.mark.parametrize(("backend", "device"), targets("swiglu"))
+def test_strided_input(gen, backend, device):
+    gate_up = randn(gen, 2 * 96, 5).to(device).t()  # [5, 192] with column stride 5
     torch.testing.assert_close(
         qwen_kernels.swiglu(gate_up, backend), qwen_kernels.swiglu(gate_up.contiguous(), "torch")
     )
@@ -69,9 +78,9 @@ def test_swiglu_matches_transformers_mlp(gen, dtype):
     assert rel_err(ours, expected) < 2 * tolerance(dtype)
 
 
-@pytest.mark.parametrize("backend", backends_for("rms_norm_swiglu"))
+@pytest.mark.parametrize(("backend", "device"), targets("rms_norm_swiglu"))
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_rms_norm_swiglu_matches_transformers(gen, backend, dtype):
+def test_rms_norm_swiglu_matches_transformers(gen, backend, device, dtype):
     hidden, intermediate = 80, 123
     mlp = random_mlp(gen, hidden, intermediate, dtype)
     norm = Qwen2_5_VLRMSNorm(hidden, eps=EPS)
@@ -84,15 +93,16 @@ def test_rms_norm_swiglu_matches_transformers(gen, backend, dtype):
     with torch.no_grad():
         h = norm(x)
         expected = F.silu(mlp.gate_proj(h).double()) * mlp.up_proj(h).double()
-    out = qwen_kernels.rms_norm_swiglu(x, norm.weight, gate_up_weight, gate_up_bias, EPS, backend)
+    args = [t.detach().to(device) for t in (x, norm.weight, gate_up_weight, gate_up_bias)]
+    out = qwen_kernels.rms_norm_swiglu(*args, EPS, backend).cpu()
     assert out.shape == (3, 7, intermediate) and out.dtype == dtype
     assert rel_err(out, expected) < 3 * tolerance(dtype)
 
 
-@pytest.mark.parametrize("backend", backends_for("rms_norm_swiglu"))
+@pytest.mark.parametrize(("backend", "device"), targets("rms_norm_swiglu"))
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_rms_norm_swiglu_backend_matches_reference(gen, backend, dtype, with_bias):
+def test_rms_norm_swiglu_backend_matches_reference(gen, backend, device, dtype, with_bias):
     rows, hidden, intermediate = 37, 200, 130  # odd sizes: partial tiles on every side
     x = randn(gen, rows, hidden, dtype=dtype, scale=3.0)
     norm_weight = randn(gen, hidden, dtype=dtype)
@@ -101,14 +111,16 @@ def test_rms_norm_swiglu_backend_matches_reference(gen, backend, dtype, with_bia
     args64 = [t.double() if t is not None else None for t in (x, norm_weight, weight, bias)]
     ref64 = qwen_kernels.rms_norm_swiglu(*args64, EPS, "torch")
     eager = qwen_kernels.rms_norm_swiglu(x, norm_weight, weight, bias, EPS, "torch")
-    got = qwen_kernels.rms_norm_swiglu(x, norm_weight, weight, bias, EPS, backend)
-    assert_close_to_reference(got, ref64, eager)
+    args = [t.to(device) if t is not None else None for t in (x, norm_weight, weight, bias)]
+    got = qwen_kernels.rms_norm_swiglu(*args, EPS, backend)
+    assert_close_to_reference(got.cpu(), ref64, eager)
 
 
-@pytest.mark.parametrize("backend", backends_for("rms_norm_swiglu"))
-def test_rms_norm_swiglu_sees_in_place_weight_updates(gen, backend):
+@pytest.mark.parametrize(("backend", "device"), targets("rms_norm_swiglu"))
+def test_rms_norm_swiglu_sees_in_place_weight_updates(gen, backend, device):
     """Kernels that prepare folded weights once must notice a changed weight."""
-    x, norm_weight, weight = randn(gen, 5, 32), randn(gen, 32), randn(gen, 24, 32, scale=0.2)
+    x, norm_weight = randn(gen, 5, 32).to(device), randn(gen, 32).to(device)
+    weight = randn(gen, 24, 32, scale=0.2).to(device)
     first = qwen_kernels.rms_norm_swiglu(x, norm_weight, weight, None, EPS, backend)
     norm_weight.mul_(-0.5)
     weight[:3].add_(1.0)

@@ -11,7 +11,7 @@ from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVi
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLVisionAttention
 
 import qwen_kernels
-from tests.helpers import DTYPES, assert_close_to_reference, backends_for, randn, rel_err, tolerance
+from tests.helpers import DTYPES, assert_close_to_reference, randn, rel_err, targets, tolerance
 
 # Windows of 64 with the edge windows of a real grid, a 1-token and an empty segment.
 WINDOW_LENGTHS = [64, 64, 32, 1, 0, 48, 16, 64, 4, 12]
@@ -77,25 +77,25 @@ def test_matches_transformers_vision_attention(gen):
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("backend", backends_for("window_attn"))
+@pytest.mark.parametrize(("backend", "device"), targets("window_attn"))
 @pytest.mark.parametrize("head_dim", [64, 80, 128])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_backend_matches_reference(gen, backend, head_dim, dtype):
+def test_backend_matches_reference(gen, backend, device, head_dim, dtype):
     cu = cu_seqlens_of(WINDOW_LENGTHS)
     q, k, v = random_qkv(gen, int(cu[-1]), 2, head_dim, dtype, scale=2.0)
     ref64 = qwen_kernels.window_attn(q.double(), k.double(), v.double(), cu, 64, backend="torch")
     eager = qwen_kernels.window_attn(q, k, v, cu, 64, backend="torch")
-    got = qwen_kernels.window_attn(q, k, v, cu, 64, backend=backend)
-    assert_close_to_reference(got, ref64, eager)
+    got = qwen_kernels.window_attn(*[t.to(device) for t in (q, k, v, cu)], 64, backend=backend)
+    assert_close_to_reference(got.cpu(), ref64, eager)
 
 
-@pytest.mark.parametrize("backend", backends_for("window_attn"))
-def test_strided_views_of_packed_qkv(gen, backend):
+@pytest.mark.parametrize(("backend", "device"), targets("window_attn"))
+def test_strided_views_of_packed_qkv(gen, backend, device):
     cu = cu_seqlens_of([5, 64, 1, 30])
     qkv = randn(gen, int(cu[-1]), 3, 2, 80)
-    q, k, v = qkv.unbind(1)
-    out = qwen_kernels.window_attn(q, k, v, cu, 64, backend=backend)
-    assert rel_err(out, segment_loop(q, k, v, cu)) < 1e-5
+    q, k, v = qkv.to(device).unbind(1)
+    out = qwen_kernels.window_attn(q, k, v, cu.to(device), 64, backend=backend)
+    assert rel_err(out.cpu(), segment_loop(*qkv.unbind(1), cu)) < 1e-5
 
 
 def test_skip_value_checks_skips_the_sync(gen):
