@@ -10,6 +10,7 @@ band of frequencies (Qwen2.5-VL's text model). ``mrope_pos`` takes the integer p
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -38,9 +39,11 @@ def rope_tables(
     positions: Tensor, inv_freq: Tensor, mrope_section: Sequence[int], dtype: torch.dtype
 ) -> tuple[Tensor, Tensor]:
     """cos/sin ``[..., S, D]``; angle i is ``positions[axis(i)] * inv_freq[i]``."""
-    axis_of_freq = torch.repeat_interleave(
-        torch.arange(len(mrope_section)), torch.tensor(list(mrope_section))
-    ).to(positions.device)
+    # Built on the device from Python ints: no host-to-device copy, so no sync.
+    frequency = torch.arange(sum(mrope_section), device=positions.device)
+    axis_of_freq = torch.zeros_like(frequency)
+    for boundary in itertools.accumulate(mrope_section[:-1]):
+        axis_of_freq += frequency >= boundary
     angles = positions.to(dtype)[axis_of_freq].movedim(0, -1) * inv_freq.to(dtype)
     emb = torch.cat((angles, angles), dim=-1)
     return emb.cos(), emb.sin()

@@ -30,18 +30,23 @@ def window_attn_reference(
 ) -> Tensor:
     """Eager reference: segments padded to ``max_seqlen`` and run through SDPA with a key mask.
 
-    Computes in fp32 (fp64 for fp64 inputs); needs no device-to-host copy.
+    Computes in fp32 (fp64 for fp64 inputs). Only gathers and selects, no boolean indexing, so
+    it never synchronises with the host (the encoder runs whole forwards without a sync).
     """
     tokens, heads, head_dim = q.shape
-    out = torch.empty_like(q, memory_format=torch.contiguous_format)
     segments = cu_seqlens.numel() - 1
-    if tokens == 0 or segments == 0 or max_seqlen == 0:
-        return out
+    if tokens == 0:
+        return torch.empty_like(q, memory_format=torch.contiguous_format)
     scale = head_dim**-0.5 if softmax_scale is None else softmax_scale
     acc = compute_dtype(q.dtype)
     starts = cu_seqlens[:-1].long()
     lengths = cu_seqlens[1:].long() - starts
     slot = torch.arange(max_seqlen, device=q.device)
+    # Where each token sits in the padded layout: its segment and its slot within it.
+    token = torch.arange(tokens, device=q.device, dtype=cu_seqlens.dtype)
+    token_segment = torch.searchsorted(cu_seqlens[1:], token, right=True).clamp_(max=segments - 1)
+    token_slot = (token.long() - starts[token_segment]).clamp_(0, max_seqlen - 1)
+    out = None
     per_chunk = max(1, _REFERENCE_CHUNK_ELEMENTS // (max_seqlen * heads * head_dim))
     for first in range(0, segments, per_chunk):
         chunk = slice(first, first + per_chunk)
@@ -50,8 +55,14 @@ def window_attn_reference(
         padded = [t.to(acc)[index].transpose(1, 2) for t in (q, k, v)]  # [s, H, L, D]
         attended = F.scaled_dot_product_attention(
             *padded, attn_mask=valid[:, None, None, :], scale=scale
-        )
-        out[index[valid]] = attended.transpose(1, 2)[valid].to(q.dtype)
+        ).transpose(1, 2)  # [s, L, H, D]
+        local = (token_segment - first).clamp(0, attended.shape[0] - 1)
+        rows = attended[local, token_slot].to(q.dtype)  # [T, H, D]
+        if out is None:
+            out = rows
+        else:
+            inside = (token_segment >= first) & (token_segment < first + attended.shape[0])
+            out = torch.where(inside[:, None, None], rows, out)
     return out
 
 

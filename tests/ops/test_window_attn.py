@@ -2,6 +2,7 @@
 backend vs the reference (windows, edge windows, 1-token and empty segments, long segments,
 strided views), opcheck, and bad input."""
 
+import importlib
 import itertools
 from types import SimpleNamespace
 
@@ -154,3 +155,13 @@ def test_bad_input(gen):
             call(**changes)
     with pytest.raises(ValueError, match="`softmax_scale` must be a positive float"):
         qwen_kernels.window_attn(q, k, v, cu, 5, softmax_scale=-1.0)
+
+
+def test_reference_in_several_chunks(gen, monkeypatch):
+    """The reference bounds its memory by running segments in chunks; the result is the same."""
+    module = importlib.import_module("qwen_kernels.ops.window_attn")
+    monkeypatch.setattr(module, "_REFERENCE_CHUNK_ELEMENTS", 64 * 2 * 16 * 2)  # 2 segments a chunk
+    cu = cu_seqlens_of(WINDOW_LENGTHS)
+    q, k, v = random_qkv(gen, int(cu[-1]), 2, 16)
+    out = qwen_kernels.window_attn(q, k, v, cu, 64, backend="torch")
+    assert rel_err(out, segment_loop(q, k, v, cu)) < 1e-5
