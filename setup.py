@@ -68,10 +68,17 @@ def _cuda_build_blocker() -> str | None:
 
 
 def _gencode_flags(archs: str) -> list[str]:
+    """Machine code for each arch, plus PTX of the oldest portable one so that GPUs newer than
+    the list still run (JIT-compiled by the driver); "a" archs (9.0a) are not portable."""
+    listed = [a.strip() for a in archs.split(";") if a.strip()]
     flags = []
-    for arch in filter(None, (a.strip() for a in archs.split(";"))):
+    for arch in listed:
         number = arch.replace(".", "")
         flags.append(f"-gencode=arch=compute_{number},code=sm_{number}")
+    portable = sorted((a for a in listed if not a.endswith("a")), key=float)
+    if portable:
+        number = portable[0].replace(".", "")
+        flags.append(f"-gencode=arch=compute_{number},code=compute_{number}")
     return flags
 
 

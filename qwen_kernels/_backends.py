@@ -20,7 +20,7 @@ import torch
 BACKENDS: tuple[str, ...] = ("torch", "triton", "cuda", "cuda_emu")
 BACKEND_CHOICES: tuple[str, ...] = ("auto", *BACKENDS)
 
-# Preference of "auto" per device type; ops may narrow it with a shape-aware chooser.
+# Preference of "auto" per device type.
 _AUTO_ORDER: dict[str, tuple[str, ...]] = {
     "cuda": ("cuda", "triton", "torch"),
     "cpu": ("torch",),
@@ -49,6 +49,31 @@ def cuda_extension_error() -> str | None:
     return None
 
 
+def archs_run_on(device: int, archs: Sequence[str]) -> bool:
+    """Whether a build for ``archs`` (e.g. ["8.0", "9.0a"]) runs on GPU ``device`` (e.g. 90).
+
+    The build holds machine code for each arch (an "a" arch runs only on that exact chip, the
+    others also on later minors of the same major) and PTX of the oldest portable arch, which
+    the driver compiles for any later GPU.
+    """
+    numbers = [(round(float(a.rstrip("a")) * 10), a.endswith("a")) for a in archs]
+    machine_code = any(
+        device == number if exact else (device // 10 == number // 10 and device >= number)
+        for number, exact in numbers
+    )
+    portable = [number for number, exact in numbers if not exact]
+    return machine_code or bool(portable and device >= min(portable))
+
+
+@functools.cache
+def _cuda_arch_missing() -> str | None:
+    major, minor = torch.cuda.get_device_capability()
+    archs = [a for a in torch.ops.qwen_cuda.build_info().split(";") if a]
+    if archs_run_on(major * 10 + minor, archs):
+        return None
+    return f"qwen_kernels._C was built for {';'.join(archs)}, not for this sm_{major}{minor} GPU"
+
+
 def _emu_missing() -> str | None:
     try:
         emu = importlib.import_module("qwen_kernels._emu")
@@ -75,7 +100,7 @@ def runtime_missing(backend: str, device_type: str | None = None) -> str | None:
             return "the cuda backend needs CUDA tensors (use cuda_emu for CPU tensors)"
         if not torch.cuda.is_available():
             return "no CUDA GPU is visible to torch"
-        return cuda_extension_error()
+        return cuda_extension_error() or _cuda_arch_missing()
     if backend == "cuda_emu":
         if device_type not in (None, "cpu"):
             return "the cuda_emu backend runs CPU tensors only"
@@ -94,8 +119,8 @@ class OpBackends:
 
     op: str
     impls: dict[str, Callable | str] = field(default_factory=dict)
-    # Optional chooser for "auto": gets the call's arguments, returns backends in preference order.
-    auto: Callable[..., Sequence[str]] | None = None
+    # What "auto" runs instead of picking a backend, if set (e.g. a chain of the best kernels).
+    auto_impl: Callable | None = None
 
     def register(self, backend: str, impl: Callable | str) -> None:
         """Add (or replace) the implementation of ``backend``."""
@@ -115,19 +140,22 @@ class OpBackends:
             self.impls[backend] = impl
         return impl
 
-    def select(self, backend: str, like: torch.Tensor, *args) -> tuple[str, Callable]:
-        """Resolve ``backend`` (possibly "auto") for inputs like ``like`` (its device and dtype);
-        ``args`` are the call's arguments, for a shape-aware "auto". Raises if unusable."""
+    def select(self, backend: str, like: torch.Tensor) -> Callable:
+        """Resolve ``backend`` (possibly "auto") for inputs like ``like`` (its device and dtype).
+        Returns the implementation to call; raises if the backend cannot run these inputs here."""
         device = like.device
         # Kernels compute in fp32 at most; fp64 exists to build references on "torch".
         kernel_dtype = like.dtype != torch.float64
+        if backend == "auto" and like.numel() == 0:
+            return self._load("torch")  # nothing to compute: no launch, no failure
+        if backend == "auto" and self.auto_impl is not None:
+            return self.auto_impl
         if backend == "auto":
-            order = self.auto(*args) if self.auto else _AUTO_ORDER.get(device.type, ("torch",))
-            for name in order:
+            for name in _AUTO_ORDER.get(device.type, ("torch",)):
                 usable = name in self.impls and runtime_missing(name, device.type) is None
                 if usable and (kernel_dtype or name == "torch"):
-                    return name, self._load(name)
-            return "torch", self._load("torch")
+                    return self._load(name)
+            return self._load("torch")
         if backend not in BACKENDS:
             raise ValueError(
                 f"qwen.{self.op}: `backend` must be one of {BACKEND_CHOICES}, got {backend!r}"
@@ -145,7 +173,7 @@ class OpBackends:
                 f"qwen.{self.op}: backend {backend!r} takes fp16, bf16 or fp32 inputs, got "
                 "float64 (only the 'torch' reference runs in float64)"
             )
-        return backend, self._load(backend)
+        return self._load(backend)
 
 
 class NativeOp:

@@ -28,6 +28,8 @@ python -m pip install -q --upgrade pip
 python -m pip install -q "$TORCH_SPEC" setuptools wheel ninja pybind11 numpy
 echo "setup: building qwen-kernels (the CUDA extension takes a few minutes where nvcc exists)"
 start=$SECONDS
+# A stale extension from an earlier build must not stand in for one that fails to build now.
+rm -f qwen_kernels/_C*.so
 python -m pip install -q --no-build-isolation -e ".[test,bench]"
 echo "setup: installed in $((SECONDS - start)) s"
 echo "$digest" > "$stamp"

@@ -18,7 +18,8 @@ def round_to(x, dtype: tl.constexpr):
 
 
 def as_rows(x: torch.Tensor) -> torch.Tensor:
-    """``x`` as ``[rows, cols]`` with unit column stride: a view when the strides allow one."""
+    """``x`` (with at least one element) as ``[rows, cols]`` with unit column stride: a view when
+    the strides allow one."""
     rows = x.reshape(-1, x.shape[-1])
     return rows if rows.stride(-1) == 1 or rows.shape[-1] == 1 else rows.contiguous()
 

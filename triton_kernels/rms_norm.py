@@ -60,13 +60,14 @@ def _rms_norm_kernel(
 def _launch(
     x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    x_rows = as_rows(x)
-    residual_rows = as_rows(residual) if residual is not None else x_rows
-    n_rows, n_cols = x_rows.shape
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     residual_out = torch.empty_like(out) if residual is not None else out
-    if n_rows == 0:
+    if out.numel() == 0:
         return out, residual_out if residual is not None else None
+    x_rows = as_rows(x)
+    residual_rows = as_rows(residual) if residual is not None else x_rows
+    weight = weight.contiguous()
+    n_rows, n_cols = x_rows.shape
     block_cols = triton.next_power_of_2(n_cols)
     rows_per_program = max(1, min(16, _ELEMENTS_PER_PROGRAM // block_cols))
     grid = (triton.cdiv(n_rows, rows_per_program),)

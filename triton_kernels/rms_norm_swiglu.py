@@ -8,7 +8,7 @@ epilogue. The normalised activations and the ``[T, 2I]`` gate/up product never r
 
 from __future__ import annotations
 
-from collections import OrderedDict
+import weakref
 
 import torch
 import triton
@@ -16,31 +16,37 @@ import triton.language as tl
 
 from qwen_kernels._backends import triton_interpreting
 
-from ._common import round_to
+from ._common import as_rows, round_to
 
 _BLOCK_M, _BLOCK_N, _BLOCK_K = 64, 64, 32
-# Folded weights kept for reuse, keyed by the identity and version of their sources.
-_FOLDED: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = OrderedDict()
-_FOLDED_CAPACITY = 4
+# One folded weight per live gate/up weight tensor (keyed by id, dropped when that tensor dies):
+# (weak ref to the gate/up weight, weak ref to the norm weight, their versions, folded weight).
+_FOLDED: dict[int, tuple[weakref.ref, weakref.ref, tuple, torch.Tensor]] = {}
+
+
+def _version(t: torch.Tensor) -> int | None:
+    # Inference tensors keep no version counter (and cannot change outside inference mode).
+    return None if t.is_inference() else t._version
 
 
 def fold_norm_weight(norm_weight: torch.Tensor, gate_up_weight: torch.Tensor) -> torch.Tensor:
-    """``gate_up_weight * norm_weight`` (per input channel) in the weight's dtype, cached.
-
-    The cache holds the source tensors, so their memory cannot be reused by other tensors while
-    an entry lives, and keys on their versions, so an in-place update of either refolds.
-    """
-    key = tuple(
-        (t.data_ptr(), t._version, tuple(t.shape), t.stride(), t.dtype, t.device)
-        for t in (norm_weight, gate_up_weight)
-    )
-    if key in _FOLDED:
-        _FOLDED.move_to_end(key)
-        return _FOLDED[key][2]
+    """``gate_up_weight * norm_weight`` (per input channel) in the weight's dtype, computed once
+    per weight: kept while ``gate_up_weight`` lives, recomputed after an in-place update of
+    either tensor (their version counters) or when paired with another norm weight."""
+    key = id(gate_up_weight)
+    versions = (_version(norm_weight), _version(gate_up_weight))
+    entry = _FOLDED.get(key)
+    if (
+        entry is not None
+        and entry[0]() is gate_up_weight
+        and entry[1]() is norm_weight
+        and entry[2] == versions
+    ):
+        return entry[3]
     folded = (gate_up_weight.float() * norm_weight.float()).to(gate_up_weight.dtype).contiguous()
-    _FOLDED[key] = (norm_weight, gate_up_weight, folded)
-    if len(_FOLDED) > _FOLDED_CAPACITY:
-        _FOLDED.popitem(last=False)
+    if entry is None:
+        weakref.finalize(gate_up_weight, _FOLDED.pop, key, None)
+    _FOLDED[key] = (weakref.ref(gate_up_weight), weakref.ref(norm_weight), versions, folded)
     return folded
 
 
@@ -48,6 +54,7 @@ def fold_norm_weight(norm_weight: torch.Tensor, gate_up_weight: torch.Tensor) ->
 def _rms_norm_swiglu_kernel(
     x_ptr,
     weight_ptr,
+    up_weight_ptr,
     bias_ptr,
     out_ptr,
     n_rows,
@@ -67,10 +74,10 @@ def _rms_norm_swiglu_kernel(
     ks = tl.arange(0, BLOCK_K)
     row_mask, col_mask = rows < n_rows, cols < n_out
     x_ptrs = x_ptr + rows.to(tl.int64)[:, None] * x_row_stride + ks[None, :]
-    # Weight tiles are [BLOCK_K, BLOCK_N] views of the row-major [2I, C] weight: gate rows `cols`,
-    # up rows `n_out + cols`.
+    # Weight tiles are [BLOCK_K, BLOCK_N] views of the row-major [2I, C] weight: gate rows `cols`
+    # from weight_ptr, up rows `cols` from up_weight_ptr (row I of the same weight).
     gate_ptrs = weight_ptr + cols.to(tl.int64)[None, :] * n_in + ks[:, None]
-    up_ptrs = gate_ptrs + n_out * n_in
+    up_ptrs = up_weight_ptr + cols.to(tl.int64)[None, :] * n_in + ks[:, None]
 
     gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -113,27 +120,27 @@ def rms_norm_swiglu(
 ) -> torch.Tensor:
     """``silu(g) * u`` with ``[g | u] = rms_norm(x) @ gate_up_weight.T + gate_up_bias`` (validated
     by the op); the folded weight is computed once per weight version."""
-    folded = fold_norm_weight(norm_weight, gate_up_weight)
-    rows = x.reshape(-1, x.shape[-1])
-    if rows.stride(-1) != 1:
-        rows = rows.contiguous()
-    n_rows, n_in = rows.shape
-    n_out = folded.shape[0] // 2
+    n_out = gate_up_weight.shape[0] // 2
     out = torch.empty((*x.shape[:-1], n_out), dtype=x.dtype, device=x.device)
     if out.numel() == 0:
         return out
+    folded = fold_norm_weight(norm_weight, gate_up_weight)
+    rows = as_rows(x)
+    n_rows, n_in = rows.shape
+    bias = gate_up_bias.contiguous() if gate_up_bias is not None else None
     grid = (triton.cdiv(n_rows, _BLOCK_M), triton.cdiv(n_out, _BLOCK_N))
     _rms_norm_swiglu_kernel[grid](
         rows,
         folded,
-        gate_up_bias if gate_up_bias is not None else folded,
+        folded[n_out:],
+        bias if bias is not None else folded,
         out,
         n_rows,
         n_out,
         n_in,
         rows.stride(0),
         eps,
-        HAS_BIAS=gate_up_bias is not None,
+        HAS_BIAS=bias is not None,
         UPCAST=triton_interpreting(),
         IEEE_FP32=x.dtype == torch.float32,
         BLOCK_M=_BLOCK_M,

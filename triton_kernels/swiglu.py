@@ -25,11 +25,12 @@ def _swiglu_kernel(gate_up_ptr, out_ptr, n_cols, row_stride, BLOCK: tl.constexpr
 
 def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up`` with ``[gate | up] = gate_up`` (validated by the op)."""
-    rows = as_rows(gate_up)
-    n_rows, n_cols = rows.shape[0], rows.shape[1] // 2
+    n_cols = gate_up.shape[-1] // 2
     out = torch.empty((*gate_up.shape[:-1], n_cols), dtype=gate_up.dtype, device=gate_up.device)
     if out.numel() == 0:
         return out
+    rows = as_rows(gate_up)
+    n_rows = rows.shape[0]
     grid = (n_rows, triton.cdiv(n_cols, _BLOCK))
     _swiglu_kernel[grid](rows, out, n_cols, rows.stride(0), BLOCK=_BLOCK, num_warps=4)
     return out

@@ -72,7 +72,10 @@ inline void check_cuda(cudaError_t err, const char* what, const char* file, int 
 template <class... P, class... A>
 void launch(const char* file, int line, void (*kernel)(P...), dim3 grid, dim3 block,
             std::size_t smem_bytes, cudaStream_t stream, A&&... args) {
-  kernel<<<grid, block, smem_bytes, stream> > >(std::forward<A>(args)...);
+  // clang-format reads .h files as C++ and would split the launch chevrons.
+  // clang-format off
+  kernel<<<grid, block, smem_bytes, stream>>>(std::forward<A>(args)...);
+  // clang-format on
   check_cuda(cudaGetLastError(), "kernel launch", file, line);
 }
 

@@ -31,13 +31,31 @@ struct alignas(sizeof(T) * VEC) Pack {
   T v[VEC];
 };
 
+#ifdef QK_EMULATE
+// A GPU faults on a misaligned vector access; the CPU would not, so the emulation checks.
 template <class T, int VEC>
-QK_DEVICE Pack<T, VEC> load_pack(const T* p) {
+void check_pack_alignment(const void* p, const std::source_location& site) {
+  if (reinterpret_cast<std::uintptr_t>(p) % sizeof(Pack<T, VEC>) != 0) {
+    throw qk_emu::Error("misaligned " + std::to_string(sizeof(Pack<T, VEC>)) +
+                        "-byte vector access at " + qk_emu::where(site));
+  }
+}
+#define QK_CHECK_PACK_ALIGNMENT(p) check_pack_alignment<T, VEC>(p, site)
+#define QK_PACK_SITE , const std::source_location& site = std::source_location::current()
+#else
+#define QK_CHECK_PACK_ALIGNMENT(p)
+#define QK_PACK_SITE
+#endif
+
+template <class T, int VEC>
+QK_DEVICE Pack<T, VEC> load_pack(const T* p QK_PACK_SITE) {
+  QK_CHECK_PACK_ALIGNMENT(p);
   return *reinterpret_cast<const Pack<T, VEC>*>(p);
 }
 
 template <class T, int VEC>
-QK_DEVICE void store_pack(T* p, const Pack<T, VEC>& pack) {
+QK_DEVICE void store_pack(T* p, const Pack<T, VEC>& pack QK_PACK_SITE) {
+  QK_CHECK_PACK_ALIGNMENT(p);
   *reinterpret_cast<Pack<T, VEC>*>(p) = pack;
 }
 

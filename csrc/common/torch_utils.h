@@ -5,6 +5,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <initializer_list>
 #include <string>
 
@@ -89,9 +90,10 @@ inline void check_dtype(const at::Tensor& t, const char* arg,
                         std::initializer_list<c10::ScalarType> dtypes) {
   bool ok = false;
   std::string names;
-  for (c10::ScalarType d : dtypes) {
-    ok = ok || t.scalar_type() == d;
-    names += (names.empty() ? "" : " or ") + std::string(c10::toString(d));
+  for (auto it = dtypes.begin(); it != dtypes.end(); ++it) {
+    ok = ok || t.scalar_type() == *it;
+    if (std::find(dtypes.begin(), it, *it) != it) continue;  // listed twice (e.g. x's dtype)
+    names += (names.empty() ? "" : " or ") + std::string(c10::toString(*it));
   }
   QK_CHECK_ARG(ok, arg, "dtype ", names, " (got ", t.scalar_type(), ")");
 }

@@ -88,7 +88,8 @@ at::Tensor as_rows(const at::Tensor& t) {
 void check_args(const at::Tensor& x, const at::Tensor& weight, double eps) {
   check_device(x, "x");
   check_dtype(x, "x", {at::kFloat, at::kHalf, at::kBFloat16});
-  QK_CHECK_ARG(x.dim() >= 1, "x", "at least 1 dimension (got shape ", x.sizes(), ")");
+  QK_CHECK_ARG(x.dim() >= 1 && x.size(-1) > 0, "x",
+               "at least 1 dimension and a non-empty last one (got shape ", x.sizes(), ")");
   check_same_device(weight, "weight", x, "x");
   check_dtype(weight, "weight", {x.scalar_type(), at::kFloat});
   QK_CHECK_ARG(weight.dim() == 1 && weight.size(0) == x.size(-1), "weight",
@@ -96,7 +97,8 @@ void check_args(const at::Tensor& x, const at::Tensor& weight, double eps) {
   QK_CHECK_ARG(eps >= 0.0, "eps", "a non-negative value (got ", eps, ")");
 }
 
-// Launches one block per row; `residual` and `residual_out` are defined only for the add.
+// Launches 8 / warps_per_row rows per block; `residual` and `residual_out` are defined only for
+// the add.
 void launch(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight, double eps,
             at::Tensor& out, at::Tensor& residual_out) {
   const bool add = residual.defined();
@@ -104,8 +106,8 @@ void launch(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& w
   const at::Tensor residual_rows = add ? as_rows(residual) : x_rows;
   const at::Tensor w = weight.contiguous();
   const int64_t rows = x_rows.size(0), cols = x_rows.size(1);
-  if (rows == 0 || cols == 0) return;
-  TORCH_CHECK_VALUE(cols <= INT32_MAX, "qwen_kernels: argument 'x': rows longer than 2^31");
+  if (rows == 0) return;
+  QK_CHECK_ARG(cols <= INT32_MAX, "x", "rows shorter than 2^31 (got ", cols, ")");
 
   DeviceGuard guard(x);
   QK_DISPATCH_FLOAT(x.scalar_type(), T, [&] {

@@ -39,14 +39,16 @@ at::Tensor swiglu(const at::Tensor& gate_up) {
   check_dtype(gate_up, "gate_up", {at::kFloat, at::kHalf, at::kBFloat16});
   QK_CHECK_ARG(gate_up.dim() >= 1 && gate_up.size(-1) % 2 == 0, "gate_up",
                "an even last dimension [..., 2I] (got shape ", gate_up.sizes(), ")");
-  at::Tensor rows = gate_up.reshape({-1, gate_up.size(-1)});
-  if (rows.stride(-1) != 1) rows = rows.contiguous();
-  const int64_t n_rows = rows.size(0), cols = rows.size(1) / 2;
+  const int64_t cols = gate_up.size(-1) / 2;
   std::vector<int64_t> out_shape(gate_up.sizes().begin(), gate_up.sizes().end());
   out_shape.back() = cols;
   at::Tensor out = at::empty(out_shape, gate_up.options());
   if (out.numel() == 0) return out;
-  TORCH_CHECK_VALUE(cols <= INT32_MAX, "qwen_kernels: argument 'gate_up': rows longer than 2^31");
+  at::Tensor rows = gate_up.reshape({-1, gate_up.size(-1)});
+  if (rows.stride(-1) != 1) rows = rows.contiguous();
+  const int64_t n_rows = rows.size(0);
+  QK_CHECK_ARG(cols <= INT32_MAX && n_rows <= INT32_MAX, "gate_up",
+               "fewer than 2^31 rows and columns (got shape ", gate_up.sizes(), ")");
 
   DeviceGuard guard(gate_up);
   QK_DISPATCH_FLOAT(gate_up.scalar_type(), T, [&] {

@@ -175,7 +175,7 @@ def _mrope_op(
 ) -> tuple[Tensor, Tensor]:
     _check_qk("mrope", q, k)
     _check_tables("mrope", q, cos, sin, mrope_section)
-    _, impl = MROPE.select(backend, q, q, k, cos, sin, mrope_section)
+    impl = MROPE.select(backend, q)
     q_out, k_out = impl(q, k, cos, sin, mrope_section)
     return q_out.contiguous(), k_out.contiguous()
 
@@ -203,7 +203,7 @@ def _mrope_inplace_op(
 ) -> None:
     _check_qk("mrope_", q, k)
     _check_tables("mrope_", q, cos, sin, mrope_section)
-    _, impl = MROPE_INPLACE.select(backend, q, q, k, cos, sin, mrope_section)
+    impl = MROPE_INPLACE.select(backend, q)
     impl(q, k, cos, sin, mrope_section)
 
 
@@ -229,7 +229,7 @@ def _mrope_pos_op(
 ) -> tuple[Tensor, Tensor]:
     _check_qk("mrope_pos", q, k)
     _check_positions("mrope_pos", q, positions, inv_freq, mrope_section)
-    _, impl = MROPE_POS.select(backend, q, q, k, positions, inv_freq, mrope_section)
+    impl = MROPE_POS.select(backend, q)
     q_out, k_out = impl(q, k, positions, inv_freq, mrope_section)
     return q_out.contiguous(), k_out.contiguous()
 
@@ -257,7 +257,7 @@ def _mrope_pos_inplace_op(
 ) -> None:
     _check_qk("mrope_pos_", q, k)
     _check_positions("mrope_pos_", q, positions, inv_freq, mrope_section)
-    _, impl = MROPE_POS_INPLACE.select(backend, q, q, k, positions, inv_freq, mrope_section)
+    impl = MROPE_POS_INPLACE.select(backend, q)
     impl(q, k, positions, inv_freq, mrope_section)
 
 

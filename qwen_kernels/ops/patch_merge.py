@@ -66,7 +66,7 @@ def _patch_merge_op(
 ) -> Tensor:
     _check_args(x, weight, eps, unit_index)
     _check_values(x, unit_index)
-    _, impl = PATCH_MERGE.select(backend, x, x, weight, eps, unit_index)
+    impl = PATCH_MERGE.select(backend, x)
     return impl(x, weight, eps, unit_index).contiguous()
 
 

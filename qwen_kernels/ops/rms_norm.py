@@ -39,7 +39,10 @@ def check_rms_norm_args(op: str, x: Tensor, weight: Tensor, eps: float) -> None:
     """Shape/dtype/device checks shared by the RMSNorm family (also used by fused ops)."""
     check_float(op, "x", x)
     check_ndim(op, "x", x, (1,))
-    check_float(op, "weight", weight)
+    if x.shape[-1] == 0:
+        fail(op, "x", "a non-empty last dim (the normalised features)", tuple(x.shape))
+    # The model's weight has the activations' dtype; fp32 master weights are common too.
+    check_float(op, "weight", weight, tuple(dict.fromkeys((x.dtype, torch.float32))))
     check_device(op, "x", x, weight=weight)
     if weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
         fail(
@@ -60,7 +63,7 @@ register_native(ADD_RMS_NORM)
 @torch.library.custom_op("qwen::rms_norm", mutates_args=())
 def _rms_norm_op(x: Tensor, weight: Tensor, eps: float, backend: str = "auto") -> Tensor:
     check_rms_norm_args("rms_norm", x, weight, eps)
-    _, impl = RMS_NORM.select(backend, x, x, weight, eps)
+    impl = RMS_NORM.select(backend, x)
     return impl(x, weight, eps).contiguous()
 
 
@@ -75,7 +78,7 @@ def _add_rms_norm_op(
     x: Tensor, residual: Tensor, weight: Tensor, eps: float, backend: str = "auto"
 ) -> tuple[Tensor, Tensor]:
     _check_add_args(x, residual, weight, eps)
-    _, impl = ADD_RMS_NORM.select(backend, x, x, residual, weight, eps)
+    impl = ADD_RMS_NORM.select(backend, x)
     out, residual_out = impl(x, residual, weight, eps)
     return out.contiguous(), residual_out.contiguous()
 

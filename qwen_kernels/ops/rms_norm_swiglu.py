@@ -47,13 +47,19 @@ def _check_args(
         )
 
 
-def _auto_order(*args) -> tuple[str, ...]:
-    # The fused kernel has not been measured against norm + cuBLAS GEMM + swiglu on a GPU yet, and
-    # "auto" only picks it where it wins: until then "auto" runs the unfused chain.
-    return ("torch",)
+def unfused_best(
+    x: Tensor, norm_weight: Tensor, gate_up_weight: Tensor, gate_up_bias: Tensor | None, eps: float
+) -> Tensor:
+    """The chain "auto" runs: the best rms_norm, one cuBLAS GEMM, the best swiglu.
+
+    The fused kernel has not been measured against this chain on a GPU yet, and "auto" only
+    picks it where it wins.
+    """
+    normed = torch.ops.qwen.rms_norm(x, norm_weight, eps, "auto")
+    return torch.ops.qwen.swiglu(F.linear(normed, gate_up_weight, gate_up_bias), "auto")
 
 
-RMS_NORM_SWIGLU = op_backends(OP, rms_norm_swiglu_reference, auto=_auto_order)
+RMS_NORM_SWIGLU = op_backends(OP, rms_norm_swiglu_reference, auto_impl=unfused_best)
 RMS_NORM_SWIGLU.register("triton", "qwen_kernels.triton_kernels.rms_norm_swiglu:rms_norm_swiglu")
 
 
@@ -67,7 +73,7 @@ def _rms_norm_swiglu_op(
     backend: str = "auto",
 ) -> Tensor:
     _check_args(x, norm_weight, gate_up_weight, gate_up_bias, eps)
-    _, impl = RMS_NORM_SWIGLU.select(backend, x, x, norm_weight, gate_up_weight, gate_up_bias, eps)
+    impl = RMS_NORM_SWIGLU.select(backend, x)
     return impl(x, norm_weight, gate_up_weight, gate_up_bias, eps).contiguous()
 
 

@@ -45,7 +45,7 @@ register_native(SWIGLU)
 @torch.library.custom_op("qwen::swiglu", mutates_args=())
 def _swiglu_op(gate_up: Tensor, backend: str = "auto") -> Tensor:
     check_swiglu_args(gate_up)
-    _, impl = SWIGLU.select(backend, gate_up, gate_up)
+    impl = SWIGLU.select(backend, gate_up)
     return impl(gate_up).contiguous()
 
 

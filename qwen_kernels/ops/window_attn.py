@@ -137,7 +137,7 @@ def _window_attn_op(
 ) -> Tensor:
     _check_args(q, k, v, cu_seqlens, max_seqlen, softmax_scale)
     _check_values(q, cu_seqlens, max_seqlen)
-    _, impl = WINDOW_ATTN.select(backend, q, q, k, v, cu_seqlens, max_seqlen, softmax_scale)
+    impl = WINDOW_ATTN.select(backend, q)
     return impl(q, k, v, cu_seqlens, max_seqlen, softmax_scale).contiguous()
 
 

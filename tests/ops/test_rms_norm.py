@@ -200,3 +200,59 @@ def test_native_op_checks_its_arguments(gen, backend):
         library.rms_norm(x.double(), weight, EPS)
     with pytest.raises(ValueError, match="argument 'residual'"):
         library.add_rms_norm(x, x[:2], weight, EPS)
+
+
+@pytest.mark.parametrize(("backend", "device"), targets("rms_norm"))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_strided_weight_and_misaligned_rows(gen, backend, device, dtype):
+    """A weight view with stride 2, and rows that start one element past a 16-byte boundary
+    (a narrower vector width must be chosen, not a misaligned 16-byte access)."""
+    base = randn(gen, 5, 1 + 1280, dtype=dtype).to(device)
+    x = base[:, 1:]
+    weight = randn(gen, 2 * 1280, dtype=dtype).to(device)[::2]
+    expected = qwen_kernels.rms_norm(x.cpu(), weight.cpu(), EPS, "torch")
+    torch.testing.assert_close(qwen_kernels.rms_norm(x, weight, EPS, backend).cpu(), expected)
+    out, _ = qwen_kernels.add_rms_norm(x, x, weight, EPS, backend)
+    torch.testing.assert_close(
+        out.cpu(), qwen_kernels.add_rms_norm(x.cpu(), x.cpu(), weight.cpu(), EPS, "torch")[0]
+    )
+
+
+@pytest.mark.parametrize(("backend", "device"), targets("add_rms_norm"))
+def test_add_rms_norm_large_fp16_stays_finite(gen, backend, device):
+    x = randn(gen, 4, 1280, dtype=torch.float16, scale=1e4)
+    residual = randn(gen, 4, 1280, dtype=torch.float16, scale=1e4)
+    weight = randn(gen, 1280, dtype=torch.float16)
+    out, summed = qwen_kernels.add_rms_norm(
+        x.to(device), residual.to(device), weight.to(device), EPS, backend
+    )
+    expected_out, expected_sum = qwen_kernels.add_rms_norm(x, residual, weight, EPS, "torch")
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(summed.cpu(), expected_sum)
+    assert rel_err(out.cpu(), expected_out) < 2 * tolerance(torch.float16)
+
+
+@pytest.mark.parametrize(("backend", "device"), targets("rms_norm", kernels_only=True))
+def test_opcheck_kernels(gen, backend, device):
+    x, weight = randn(gen, 3, 40).to(device), randn(gen, 40).to(device)
+    torch.library.opcheck(torch.ops.qwen.rms_norm, (x, weight, EPS, backend))
+    residual = randn(gen, 3, 40).to(device)
+    torch.library.opcheck(torch.ops.qwen.add_rms_norm, (x, residual, weight, EPS, backend))
+
+
+@pytest.mark.parametrize(("backend", "device"), targets("rms_norm"))
+def test_empty_rows(gen, backend, device):
+    x, weight = randn(gen, 0, 64).to(device), randn(gen, 64).to(device)
+    assert qwen_kernels.rms_norm(x, weight, EPS, backend).shape == (0, 64)
+    out, summed = qwen_kernels.add_rms_norm(x, x, weight, EPS, backend)
+    assert out.shape == summed.shape == (0, 64)
+
+
+def test_weight_dtype_contract(gen):
+    """The weight is x's dtype or fp32 on every backend, so "auto" never meets a kernel that
+    refuses what the reference took."""
+    x = randn(gen, 3, 16, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="`weight` must be of dtype bfloat16, float32"):
+        qwen_kernels.rms_norm(x, randn(gen, 16, dtype=torch.float16), EPS)
+    out = qwen_kernels.rms_norm(x, randn(gen, 16), EPS)
+    assert out.dtype == torch.bfloat16

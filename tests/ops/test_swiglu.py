@@ -158,3 +158,47 @@ def test_bad_input(gen):
         qwen_kernels.rms_norm_swiglu(x, norm_weight, randn(gen, 10, 16), randn(gen, 9), EPS)
     with pytest.raises(ValueError, match=r"`gate_up_weight` must be of dtype torch\.float32"):
         qwen_kernels.rms_norm_swiglu(x, norm_weight, randn(gen, 10, 16).half(), None, EPS)
+
+
+@pytest.mark.parametrize(("backend", "device"), targets("swiglu"))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_row_strided_and_misaligned_views(gen, backend, device, dtype):
+    """Rows of a wider buffer (a view, no copy) starting one element past a 16-byte boundary."""
+    base = randn(gen, 6, 1 + 2 * 1280 + 7, dtype=dtype).to(device)
+    gate_up = base[:, 1 : 1 + 2 * 1280]
+    expected = qwen_kernels.swiglu(gate_up.cpu(), "torch")
+    torch.testing.assert_close(qwen_kernels.swiglu(gate_up, backend).cpu(), expected)
+
+
+@pytest.mark.parametrize(("backend", "device"), targets("swiglu"))
+def test_empty_inputs(gen, backend, device):
+    assert qwen_kernels.swiglu(randn(gen, 0, 8).to(device), backend).shape == (0, 4)
+    assert qwen_kernels.swiglu(randn(gen, 3, 0).to(device), backend).shape == (3, 0)
+
+
+@pytest.mark.parametrize(("backend", "device"), targets("swiglu", kernels_only=True))
+def test_opcheck_kernels(gen, backend, device):
+    torch.library.opcheck(torch.ops.qwen.swiglu, (randn(gen, 3, 10).to(device), backend))
+
+
+@pytest.mark.parametrize(("backend", "device"), targets("rms_norm_swiglu", kernels_only=True))
+def test_rms_norm_swiglu_opcheck_and_strided_bias(gen, backend, device):
+    x, norm_weight = randn(gen, 3, 8).to(device), randn(gen, 8).to(device)
+    weight = randn(gen, 12, 8).to(device)
+    bias = randn(gen, 24).to(device)[::2]  # a strided view
+    torch.library.opcheck(
+        torch.ops.qwen.rms_norm_swiglu, (x, norm_weight, weight, bias, EPS, backend)
+    )
+    expected = qwen_kernels.rms_norm_swiglu(
+        *[t.cpu() for t in (x, norm_weight, weight, bias)], EPS, "torch"
+    )
+    got = qwen_kernels.rms_norm_swiglu(x, norm_weight, weight, bias, EPS, backend)
+    assert rel_err(got.cpu(), expected) < 1e-5
+
+
+def test_rms_norm_swiglu_bias_must_match(gen):
+    x, norm_weight, weight = randn(gen, 4, 16), randn(gen, 16), randn(gen, 10, 16)
+    with pytest.raises(ValueError, match=r"`gate_up_bias` must be of dtype torch\.float32"):
+        qwen_kernels.rms_norm_swiglu(x, norm_weight, weight, randn(gen, 10).half(), EPS)
+    with pytest.raises(ValueError, match="`gate_up_bias` must be on cpu"):
+        qwen_kernels.rms_norm_swiglu(x, norm_weight, weight, torch.empty(10, device="meta"), EPS)
