@@ -1,6 +1,8 @@
 """swiglu and rms_norm_swiglu: reference vs fp64 math and transformers' Qwen2_5_VLMLP, every
 backend vs the reference, opcheck, and the errors of bad input."""
 
+import gc
+import importlib
 from types import SimpleNamespace
 
 import pytest
@@ -202,3 +204,15 @@ def test_rms_norm_swiglu_bias_must_match(gen):
         qwen_kernels.rms_norm_swiglu(x, norm_weight, weight, randn(gen, 10).half(), EPS)
     with pytest.raises(ValueError, match="`gate_up_bias` must be on cpu"):
         qwen_kernels.rms_norm_swiglu(x, norm_weight, weight, torch.empty(10, device="meta"), EPS)
+
+
+def test_folded_weight_is_made_once_and_dropped_with_its_weight(gen):
+    fused = importlib.import_module("qwen_kernels.triton_kernels.rms_norm_swiglu")
+    norm_weight, weight = randn(gen, 8), randn(gen, 6, 8)
+    folded = fused.fold_norm_weight(norm_weight, weight)
+    torch.testing.assert_close(folded, weight * norm_weight)
+    assert fused.fold_norm_weight(norm_weight, weight) is folded
+    key = id(weight)
+    del weight
+    gc.collect()
+    assert key not in fused._FOLDED
