@@ -1,29 +1,37 @@
 """End-to-end benchmark of the Qwen2.5-VL vision tower (7B config, bf16): our encoder with the
 best kernels ("auto") and with the eager references ("torch"), each also under torch.compile,
 against transformers' ``Qwen2_5_VisionTransformerPretrainedModel`` (eager, sdpa,
-flash_attention_2 where installed, and sdpa under torch.compile).
+flash_attention_2 where installed, and sdpa under torch.compile), and the best the model does on
+PyTorch alone: the "torch" references with torch's ``varlen_attn`` for attention, under
+torch.compile (on a GPU whose torch has ``torch.nn.attention.varlen``).
 
     python bench/bench_encoder.py                   # GPU: time every implementation
     python bench/bench_encoder.py --dry-run         # CPU: tiny shapes, run once each, no timing
 
 Reported per case and implementation: median time (CUDA events, ``triton.testing.do_bench``),
-patches per second, peak memory above the weights, speedup over transformers/sdpa, and the
-relative error against our eager reference. Every implementation gets the grid's index tensors
-precomputed (transformers through its precomputed-kwargs hooks), so the timings are of the
-forward itself. Inside torch.compile our ops are opaque: Inductor fuses only the glue between them.
+patches per second, peak memory above the weights, the share of GPU time outside GEMMs (one
+profiled forward), speedup over transformers/sdpa, and the relative error against our eager
+reference. An implementation that fails (a compile error, a missing flash-attn kernel) gets its
+error in its row and the others still run; the exit status is 1 when one failed or disagreed with
+the reference. Every implementation gets the grid's index tensors precomputed (transformers
+through its precomputed-kwargs hooks), so the timings are of the forward itself. Inside
+torch.compile our ops are opaque: Inductor fuses only the glue between them.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import platform
+import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from torch import Tensor, nn
 from transformers.initialization import no_init_weights
 from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
@@ -36,7 +44,14 @@ from transformers.vision_utils import (
 )
 
 import qwen_kernels
-from qwen_kernels.model import VisionConfig, VisionEncoder, random_hf_state_dict
+from qwen_kernels.model import LayerKernels, VisionConfig, VisionEncoder, random_hf_state_dict
+from qwen_kernels.model.encoder import VisionAttention
+from qwen_kernels.model.layout import GridLayout
+
+try:  # torch.nn.attention.varlen (FlashAttention over packed segments) is in recent torch only
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:
+    varlen_attn = None
 
 Grid = tuple[int, int, int]
 Forward = Callable[[], torch.Tensor]
@@ -54,6 +69,11 @@ TINY = VisionConfig(
 EAGER_MAX_FRAME_TOKENS = 16384
 DRY_RUN_REL_ERR = 1e-4  # fp32 on the CPU
 REL_ERR_LIMIT = 3e-2  # bf16 on the GPU
+# GPU kernels that are GEMMs (cuBLAS, cuBLASLt's nvjet, CUTLASS, Inductor's Triton mm templates),
+# matched on the name before its template arguments; attention kernels built on CUTLASS (named
+# as such anywhere in the full name) are not.
+GEMM_KERNEL = re.compile(r"gemm|cutlass|xmma|cublas|nvjet|triton_tem_\w*mm", re.IGNORECASE)
+ATTENTION_KERNEL = re.compile(r"flash|attn|attention|fmha", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -117,6 +137,31 @@ def hf_precomputed(config: VisionConfig, grid_thw: torch.Tensor) -> dict[str, ob
     }
 
 
+class VarlenAttention(nn.Module):
+    """A block's attention with torch's ``varlen_attn`` in place of ``qwen.window_attn``: the
+    PyTorch-only model (same packed qkv, in-place rotary and weights)."""
+
+    def __init__(self, attn: VisionAttention) -> None:
+        super().__init__()
+        self.attn = attn
+
+    def forward(
+        self,
+        x: Tensor,
+        layout: GridLayout,
+        cu_seqlens: Tensor,
+        max_seqlen: int,
+        kernels: LayerKernels,
+    ) -> Tensor:
+        attn, tokens = self.attn, x.shape[0]
+        q, k, v = attn.qkv(x).view(tokens, 3, attn.num_heads, attn.head_dim).unbind(1)
+        qwen_kernels.mrope_pos_(
+            q, k, layout.positions, layout.inv_freq, layout.rotary_section, backend=kernels.rotary
+        )
+        out = varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen)
+        return attn.proj(out.reshape(tokens, -1))
+
+
 def implementations(
     config: VisionConfig,
     weights: dict[str, torch.Tensor],
@@ -124,17 +169,28 @@ def implementations(
     device: torch.device,
     compile_backend: str,
 ) -> dict[str, Callable[[torch.Tensor, Case], Forward]]:
-    """Name -> (pixel_values, case) -> a no-argument forward returning the merged tokens."""
+    """Name -> (pixel_values, case) -> a no-argument forward returning the merged tokens.
 
-    def ours(kernels: str, compiled: bool) -> Callable[[torch.Tensor, Case], Forward]:
-        encoder = VisionEncoder.from_hf_state_dict(
-            weights, config, kernels=kernels, dtype=dtype, device=device
-        ).eval()
-        encode = (
-            torch.compile(encoder.encode, backend=compile_backend) if compiled else encoder.encode
-        )
+    Models are built on first use, so a failure to build one is reported in that
+    implementation's rows rather than stopping the run.
+    """
+
+    def ours(
+        kernels: str, compiled: bool, varlen: bool = False
+    ) -> Callable[[torch.Tensor, Case], Forward]:
+        @functools.cache
+        def build() -> tuple[VisionEncoder, Callable[..., torch.Tensor]]:
+            encoder = VisionEncoder.from_hf_state_dict(
+                weights, config, kernels=kernels, dtype=dtype, device=device
+            ).eval()
+            if varlen:
+                for block in encoder.blocks:
+                    block.attn = VarlenAttention(block.attn)
+            encode = encoder.encode
+            return encoder, torch.compile(encode, backend=compile_backend) if compiled else encode
 
         def bind(pixels: torch.Tensor, case: Case) -> Forward:
+            encoder, encode = build()
             layout = encoder.layout(case.grids)
 
             def forward() -> torch.Tensor:
@@ -148,10 +204,13 @@ def implementations(
     hf_weights = {k: v.to(device=device, dtype=dtype) for k, v in weights.items()}
 
     def theirs(attn: str, compiled: bool) -> Callable[[torch.Tensor, Case], Forward]:
-        model = hf_tower(config, hf_weights, attn)
-        run = torch.compile(model, backend=compile_backend) if compiled else model
+        @functools.cache
+        def build() -> Callable[..., object]:
+            model = hf_tower(config, hf_weights, attn)
+            return torch.compile(model, backend=compile_backend) if compiled else model
 
         def bind(pixels: torch.Tensor, case: Case) -> Forward:
+            run = build()
             grid_thw = torch.tensor(case.grids)
             precomputed = {
                 k: v.to(device) if isinstance(v, torch.Tensor) else v
@@ -172,6 +231,8 @@ def implementations(
         "transformers/sdpa": theirs("sdpa", compiled=False),
         "transformers/sdpa+compile": theirs("sdpa", compiled=True),
     }
+    if device.type == "cuda" and varlen_attn is not None:  # FlashAttention: CUDA only
+        found["pytorch/varlen+compile"] = ours("torch", compiled=True, varlen=True)
     if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
         found["transformers/flash_attention_2"] = theirs("flash_attention_2", compiled=False)
     return found
@@ -187,6 +248,7 @@ class Row:
     median_ms: float | None = None
     patches_per_s: float | None = None
     peak_mib: float | None = None
+    non_gemm_share: float | None = None
     speedup_vs_sdpa: float | None = None
     rel_err: float | None = None
     note: str = ""
@@ -199,11 +261,39 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out64 - ref64).norm() / ref64.norm())
 
 
-def measure(forward: Forward, device: torch.device, warmup_ms: int, rep_ms: int):
-    """(output, median ms or None, peak MiB above the live tensors or None)."""
+def is_gemm_kernel(name: str) -> bool:
+    """Whether a GPU kernel name is a GEMM's: a GEMM name before the template arguments (which
+    may mention CUTLASS types for any kernel), and no attention kernel (FlashAttention 3 is a
+    ``cutlass::device_kernel<flash::...>``)."""
+    head = re.split(r"[<(]", name.removeprefix("void "), maxsplit=1)[0]
+    return bool(GEMM_KERNEL.search(head)) and not ATTENTION_KERNEL.search(name)
+
+
+def non_gemm_share(forward: Forward, device: torch.device) -> float | None:
+    """Share of the GPU time of one profiled forward spent outside GEMM kernels (memory copies
+    and sets count as outside); None when the profiler saw no GPU activity."""
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as profile:
+        forward()
+        torch.cuda.synchronize(device)
+    total = gemm = 0.0
+    for event in profile.events():
+        if event.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        elapsed = event.time_range.elapsed_us()
+        total += elapsed
+        gemm += elapsed if is_gemm_kernel(event.name) else 0.0
+    return 1 - gemm / total if total else None
+
+
+def measure(
+    forward: Forward, device: torch.device, warmup_ms: int, rep_ms: int
+) -> tuple[torch.Tensor, float | None, float | None, float | None]:
+    """(output, median ms, peak MiB above the live tensors, share of GPU time outside GEMMs);
+    on the CPU only the output (no timing claimed)."""
     out = forward()  # compiles, fills caches, checks the output
     if device.type != "cuda":
-        return out, None, None
+        return out, None, None, None
     import triton.testing
 
     torch.cuda.synchronize(device)
@@ -213,7 +303,16 @@ def measure(forward: Forward, device: torch.device, warmup_ms: int, rep_ms: int)
     torch.cuda.synchronize(device)
     peak = (torch.cuda.max_memory_allocated(device) - before) / 2**20
     median = triton.testing.do_bench(forward, warmup=warmup_ms, rep=rep_ms, return_mode="median")
-    return out, median, peak
+    return out, median, peak, non_gemm_share(forward, device)
+
+
+def _error_note(error: Exception) -> str:
+    """A one-line summary of ``error`` for a result row."""
+    lines = str(error).strip().splitlines()
+    message = lines[0] if lines else ""
+    if len(message) > 160:
+        message = message[:157] + "..."
+    return f"error: {type(error).__name__}: {message}"
 
 
 def run(args: argparse.Namespace) -> list[Row]:
@@ -243,22 +342,27 @@ def run(args: argparse.Namespace) -> list[Row]:
                 case_rows.append(row)
                 continue
             try:
-                out, row.median_ms, row.peak_mib = measure(
+                out, row.median_ms, row.peak_mib, row.non_gemm_share = measure(
                     impls[name](pixels, case), device, args.warmup_ms, args.rep_ms
                 )
             except torch.cuda.OutOfMemoryError:
                 row.note = "out of memory"
-                torch.cuda.empty_cache()
+            except Exception as error:  # one broken implementation must not end the run
+                row.note = _error_note(error)
+            else:
+                if tuple(out.shape) != expected_shape:
+                    row.note = f"error: shape {tuple(out.shape)}, expected {expected_shape}"
+            if row.note:
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
                 case_rows.append(row)
                 continue
-            if tuple(out.shape) != expected_shape:
-                raise AssertionError(
-                    f"{name} on {case.name}: shape {tuple(out.shape)}, expected {expected_shape}"
-                )
-            reference = out if reference is None else reference
-            row.rel_err = rel_err(out, reference)
-            if row.rel_err > limit:
-                row.note = f"rel_err above {limit:g}"
+            if name == "qwen/torch":
+                reference = out
+            if reference is not None:  # None: the reference itself failed (its row says why)
+                row.rel_err = rel_err(out, reference)
+                if row.rel_err > limit:
+                    row.note = f"rel_err above {limit:g}"
             if row.median_ms is not None:
                 row.patches_per_s = case.tokens / (row.median_ms / 1e3)
             case_rows.append(row)
@@ -266,7 +370,8 @@ def run(args: argparse.Namespace) -> list[Row]:
         for row in case_rows:
             if sdpa and row.median_ms:
                 row.speedup_vs_sdpa = sdpa / row.median_ms
-        rows += [r for r in case_rows if r.impl in selected]
+        # The reference runs even when not selected: its failure is reported all the same.
+        rows += [r for r in case_rows if r.impl in selected or r.note.startswith("error")]
     return rows
 
 
@@ -277,14 +382,15 @@ def _fmt(value: float | None, spec: str) -> str:
 def print_rows(rows: list[Row]) -> None:
     header = (
         f"{'case':<28} {'implementation':<32} {'patches':>7} {'ms':>9} {'patches/s':>10} "
-        f"{'peak MiB':>9} {'vs sdpa':>7} {'rel err':>8}  note"
+        f"{'peak MiB':>9} {'non-GEMM':>8} {'vs sdpa':>7} {'rel err':>8}  note"
     )
     print(header)
     for r in rows:
         print(
             f"{r.case:<28} {r.impl:<32} {r.tokens:>7} {_fmt(r.median_ms, '.2f'):>9} "
             f"{_fmt(r.patches_per_s, '.0f'):>10} {_fmt(r.peak_mib, '.0f'):>9} "
-            f"{_fmt(r.speedup_vs_sdpa, '.2f'):>7} {_fmt(r.rel_err, '.1e'):>8}  {r.note}"
+            f"{_fmt(r.non_gemm_share, '.0%'):>8} {_fmt(r.speedup_vs_sdpa, '.2f'):>7} "
+            f"{_fmt(r.rel_err, '.1e'):>8}  {r.note}"
         )
 
 
@@ -300,6 +406,7 @@ def environment() -> dict[str, str]:
         "torch": torch.__version__,
         "triton": triton_version,
         "python": platform.python_version(),
+        "varlen_attn": "yes" if varlen_attn is not None else "no",
         "qwen-kernels": qwen_kernels.__version__,
     }
 
@@ -339,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
         args.out.write_text(
             json.dumps({"environment": env, "rows": [asdict(r) for r in rows]}, indent=2)
         )
-    return 1 if any(r.note.startswith("rel_err") for r in rows) else 0
+    return 1 if any(r.note.startswith(("rel_err", "error")) for r in rows) else 0
 
 
 if __name__ == "__main__":

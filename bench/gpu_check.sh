@@ -5,7 +5,8 @@
 #
 # Steps: probe the GPU; build in place (pip, no build isolation, no downloads); `qwen-kernels
 # info`; the full test suite (junit XML in OUT_DIR); compute-sanitizer memcheck and racecheck on
-# a tiny call of every CUDA kernel (bench/sanitize_cases.py); the benchmarks into OUT_DIR/bench.
+# a tiny call of every CUDA kernel (bench/sanitize_cases.py); the encoder benchmark
+# (OUT_DIR/encoder.json); the op benchmarks into OUT_DIR/bench.
 # Every step has its own time limit and is reported whether it passes, fails, times out or is
 # skipped; a failing step never stops the later ones. OUT_DIR/report.json and report.md hold each
 # step's status, duration and log tail (full logs in OUT_DIR/logs/). Exit status 0 when every
@@ -142,6 +143,15 @@ for tool in memcheck racecheck; do
             "$PYTHON" -m qwen_kernels.bench.sanitize_cases
     fi
 done
+
+# The whole encoder against transformers, on the uncompiled configurations (compiles would take
+# most of the budget); the full comparison is `python bench/bench_encoder.py` on its own.
+if ((HAVE_GPU)); then
+    run_step encoder 150 150 "$PYTHON" bench/bench_encoder.py --only qwen/auto transformers/sdpa \
+        transformers/flash_attention_2 --warmup-ms 50 --rep-ms 300 --out "$OUT/encoder.json"
+else
+    run_step encoder 120 60 "$PYTHON" bench/bench_encoder.py --dry-run --out "$OUT/encoder.json"
+fi
 
 BENCH_FLAGS=(--out "$OUT/bench")
 if ((!HAVE_GPU)); then

@@ -7,6 +7,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from qwen_kernels import _backends
+
 # out_hidden_size (the LLM's hidden size) per released Qwen2.5-VL model; the tower is the same.
 _OUT_HIDDEN = {"3b": 2048, "7b": 3584, "32b": 5120, "72b": 8192}
 
@@ -155,10 +157,47 @@ LAYER_GROUPS: tuple[str, ...] = ("attention", "rotary", "norm", "mlp")
 OP_GROUPS: tuple[str, ...] = (*LAYER_GROUPS, "merge")
 BACKEND_NAMES: tuple[str, ...] = ("auto", "torch", "triton", "cuda", "cuda_emu")
 
+# The qwen ops each op group runs; with fuse_mlp_norm the mlp group runs FUSED_MLP_OPS instead.
+GROUP_OPS: dict[str, tuple[str, ...]] = {
+    "attention": ("window_attn",),
+    "rotary": ("mrope_pos_",),
+    "norm": ("rms_norm", "add_rms_norm"),
+    "mlp": ("swiglu",),
+    "merge": ("patch_merge",),
+}
+FUSED_MLP_OPS: tuple[str, ...] = ("rms_norm_swiglu",)
+
 
 def _check_backend(group: str, backend: object) -> None:
     if backend not in BACKEND_NAMES:
         raise ValueError(f"backend for {group!r} must be one of {BACKEND_NAMES}, got {backend!r}")
+
+
+def group_ops(group: str, fuse_mlp_norm: bool = False) -> tuple[str, ...]:
+    """The qwen ops that op group ``group`` runs (the mlp group depends on ``fuse_mlp_norm``)."""
+    return FUSED_MLP_OPS if group == "mlp" and fuse_mlp_norm else GROUP_OPS[group]
+
+
+def op_backends(op: str) -> tuple[str, ...]:
+    """The backends that have code for qwen op ``op`` (whether or not they can run here)."""
+    impls = _backends.REGISTRY[op].impls
+    return tuple(b for b in _backends.BACKENDS if b in impls)
+
+
+def _has_code(backend: str, ops: tuple[str, ...]) -> bool:
+    return backend == "auto" or all(backend in op_backends(op) for op in ops)
+
+
+def _format_layers(indices: list[int]) -> str:
+    """``[0, 1, 2, 5]`` -> "layers 0-2, 5"; one index -> "layer 5"."""
+    runs: list[list[int]] = []
+    for i in sorted(indices):
+        if runs and i == runs[-1][-1] + 1:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    parts = [f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs]
+    return ("layers " if len(indices) > 1 else "layer ") + ", ".join(parts)
 
 
 @dataclass(frozen=True)
@@ -193,9 +232,12 @@ class KernelConfig(LayerKernels):
     """Backends for the whole encoder, with per-layer overrides.
 
     ``KernelConfig.uniform("triton")`` (or the plain string "triton" wherever a KernelConfig is
-    taken) uses one backend for every group;
-    ``KernelConfig(attention="cuda", layers={7: {"attention": "torch"}})`` overrides groups of
-    single blocks.
+    taken) uses one backend for every group; ``KernelConfig.best_effort("triton")`` uses it for
+    the groups whose ops all have Triton kernels and "auto" for the rest;
+    ``KernelConfig(norm="cuda", layers={7: {"norm": "torch"}})`` overrides groups of single blocks.
+
+    A config names backends per group; whether every op of a group has code for the backend named
+    is checked by ``validate``, which ``VisionEncoder`` runs whenever it takes a config.
 
     Attributes:
         merge: ``patch_merge`` (the merger's RMSNorm and 2x2 gather, after the last block).
@@ -223,8 +265,25 @@ class KernelConfig(LayerKernels):
 
     @classmethod
     def uniform(cls, backend: str) -> KernelConfig:
-        """One backend for every op group of every layer."""
+        """One backend for every op group of every layer (an encoder refuses it while some op
+        has no code for that backend; ``best_effort`` falls back to "auto" for those groups)."""
         return cls(**dict.fromkeys(OP_GROUPS, backend))
+
+    @classmethod
+    def best_effort(cls, backend: str, fuse_mlp_norm: bool = False) -> KernelConfig:
+        """``backend`` for every op group whose ops all have code for it, "auto" for the rest
+        (e.g. "cuda" for the norms and the MLP while attention has only the reference).
+
+        Args:
+            backend: a backend name ("auto" gives the default config).
+            fuse_mlp_norm: fuse the MLP front (then the mlp group runs ``rms_norm_swiglu``).
+        """
+        _check_backend("every group", backend)
+        fields = {
+            group: backend if _has_code(backend, group_ops(group, fuse_mlp_norm)) else "auto"
+            for group in OP_GROUPS
+        }
+        return cls(**fields, fuse_mlp_norm=fuse_mlp_norm)
 
     @classmethod
     def coerce(cls, spec: str | KernelConfig | Mapping[str, Any]) -> KernelConfig:
@@ -241,3 +300,44 @@ class KernelConfig(LayerKernels):
         """The kernels block ``index`` uses: the defaults with that block's overrides."""
         base = {f.name: getattr(self, f.name) for f in dataclasses.fields(LayerKernels)}
         return LayerKernels(**{**base, **self.layers.get(index, {})})
+
+    def validate(self, depth: int) -> None:
+        """Check the config against an encoder of ``depth`` blocks: every override names an
+        existing block, and every op of every group has code for the backend the group names
+        ("auto" always passes; whether a backend can run on this machine is known only at the
+        first call, on the inputs' device).
+
+        Raises:
+            ValueError: naming each offending group with its layers, op, the backend asked for
+                and the backends that op has.
+        """
+        bad = sorted(i for i in self.layers if not 0 <= i < depth)
+        if bad:
+            raise ValueError(f"kernel overrides for layers {bad} outside [0, {depth})")
+        # (group, op, backend) -> the layers asking for a backend the op has no code for.
+        missing: dict[tuple[str, str, str], list[int]] = {}
+        for index in range(depth):
+            layer = self.for_layer(index)
+            for group in LAYER_GROUPS:
+                backend = getattr(layer, group)
+                for op in group_ops(group, layer.fuse_mlp_norm):
+                    if not _has_code(backend, (op,)):
+                        missing.setdefault((group, op, backend), []).append(index)
+        problems = [
+            f"{_format_layers(layers)}: {group!r} runs qwen.{op}, which has no {backend!r} "
+            f"kernel (it has: {', '.join(op_backends(op))})"
+            for (group, op, backend), layers in missing.items()
+        ]
+        for op in GROUP_OPS["merge"]:
+            if not _has_code(self.merge, (op,)):
+                problems.append(
+                    f"merger: 'merge' runs qwen.{op}, which has no {self.merge!r} kernel "
+                    f"(it has: {', '.join(op_backends(op))})"
+                )
+        if problems:
+            raise ValueError(
+                "kernel config names backends some ops lack: "
+                + "; ".join(problems)
+                + ". Name a backend those ops have, or use KernelConfig.best_effort(backend) "
+                "for that backend where it exists and 'auto' elsewhere."
+            )

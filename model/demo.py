@@ -21,7 +21,7 @@ from torch import Tensor
 
 import qwen_kernels
 
-from .config import VisionConfig
+from .config import BACKEND_NAMES, OP_GROUPS, KernelConfig, VisionConfig
 from .encoder import VisionEncoder
 from .preprocess import (
     IMAGE_MAX_PIXELS,
@@ -75,7 +75,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--backends",
         default="auto,torch",
-        help="comma-separated backends to run; each is compared with 'torch'",
+        help="comma-separated backends to run, each compared with 'torch'; a backend runs every "
+        "op group whose ops it has kernels for, the others run on 'auto'",
     )
     parser.add_argument(
         "--max-pixels", type=int, default=IMAGE_MAX_PIXELS, help="pixel budget of the resized image"
@@ -154,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         dtype = _DTYPES[args.dtype]
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    unknown = [b for b in backends if b not in BACKEND_NAMES]
+    if unknown:
+        parser.error(f"unknown backends {unknown}; expected some of {list(BACKEND_NAMES)}")
     if REFERENCE not in backends:
         backends.append(REFERENCE)
     repeat = args.repeat if args.repeat is not None else (10 if device.type == "cuda" else 1)
@@ -200,15 +204,19 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'backend':<10} {'s/forward':>10} {'patches/s':>10}")
     with torch.inference_mode():
         for backend in backends:
-            encoder.set_kernels(backend)
+            # Ops without a kernel of this backend yet run on "auto", and the line says which.
+            kernels = KernelConfig.best_effort(backend)
+            encoder.set_kernels(kernels)
+            fallback = [g for g in OP_GROUPS if getattr(kernels, g) != backend]
+            note = f"  ({', '.join(fallback)} on auto)" if fallback else ""
             try:
                 seconds, outputs[backend] = _timed(
                     lambda: encoder(pixel_values, grid_thw), device, repeat
                 )
-            except RuntimeError as error:  # a backend without a kernel for some op, or runtime
+            except RuntimeError as error:  # the backend cannot run here (device, build)
                 print(f"{backend:<10} unavailable: {error}")
                 continue
-            print(f"{backend:<10} {seconds:>10.3f} {layout.num_tokens / seconds:>10.0f}")
+            print(f"{backend:<10} {seconds:>10.3f} {layout.num_tokens / seconds:>10.0f}{note}")
     reference = outputs[REFERENCE].float()
     for backend in outputs:
         if backend == REFERENCE:

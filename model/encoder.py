@@ -10,6 +10,10 @@ Same computation and the same output rows as transformers'
 * the residual adds are fused into the following RMSNorm (``add_rms_norm``);
 * the merger gathers merge units straight into raster order (``patch_merge`` with the inverse
   window permutation) instead of merging in window order and permuting afterwards.
+
+Inference only: the ``torch.ops.qwen`` ops have no autograd formulas (and the rotary rewrites q
+and k in place), so the encoder's parameters do not require grad and its forward runs without
+autograd whatever the grad mode.
 """
 
 from __future__ import annotations
@@ -162,7 +166,12 @@ class VisionEncoder(nn.Module):
             ``KernelConfig``, or a dict of its fields; change it later with ``set_kernels``.
 
     Weights start as placeholders (``torch.ones`` norms, default Linear init): load real ones with
-    ``from_pretrained`` / ``from_hf_state_dict``.
+    ``from_pretrained`` / ``from_hf_state_dict``. Inference only: the parameters do not require
+    grad and the output never does.
+
+    Raises:
+        ValueError: ``kernels`` names a backend that some op of a group has no code for (see
+            ``KernelConfig.validate``).
     """
 
     def __init__(
@@ -182,14 +191,20 @@ class VisionEncoder(nn.Module):
         self.blocks = nn.ModuleList(VisionBlock(config, i) for i in range(config.depth))
         self.merger = PatchMerger(config)
         self._layouts: OrderedDict[tuple[Any, ...], GridLayout] = OrderedDict()
+        # The ops have no backward: no parameter asks autograd to track it (load_state_dict with
+        # assign=True keeps this flag for the loaded tensors).
+        self.requires_grad_(False)
         self.set_kernels(kernels)
 
     def set_kernels(self, kernels: str | KernelConfig | Mapping[str, Any]) -> None:
-        """Switch the backends of the live model (takes effect on the next forward)."""
+        """Switch the backends of the live model (takes effect on the next forward).
+
+        Raises:
+            ValueError: an override names a block the model lacks, or a group names a backend
+                that one of its ops has no code for (checked here rather than at the first call).
+        """
         config = KernelConfig.coerce(kernels)
-        bad = [i for i in config.layers if not 0 <= i < self.config.depth]
-        if bad:
-            raise ValueError(f"kernel overrides for layers {bad} outside [0, {self.config.depth})")
+        config.validate(self.config.depth)
         self.kernels = config
         for index, block in enumerate(self.blocks):
             block.kernels = config.for_layer(index)
@@ -236,6 +251,9 @@ class VisionEncoder(nn.Module):
         with qk.skip_value_checks():
             return self.encode(pixel_values, layout, return_hidden)
 
+    # Without autograd even in grad mode: the in-place rotary on unbind views of the qkv output is
+    # an autograd error otherwise, and the ops could not be differentiated anyway.
+    @torch.no_grad()
     def encode(
         self, pixel_values: Tensor, layout: GridLayout, return_hidden: bool = False
     ) -> Tensor | tuple[Tensor, Tensor]:

@@ -106,8 +106,9 @@ def unit_order_positions(grid: Grid, merge_size: int) -> Tensor:
 
 def rotary_inv_freq(config: VisionConfig) -> Tensor:
     """fp32 ``[head_dim/2]``: the head_dim/4 axial frequencies, for the row then the column."""
-    quarter = config.head_dim // 2
-    freq = 1.0 / config.rope_theta ** (torch.arange(0, quarter, 2, dtype=torch.float) / quarter)
+    # Each axis rotates half the head: a rotary of width head_dim/2 with head_dim/4 frequencies.
+    axis_dim = config.head_dim // 2
+    freq = 1.0 / config.rope_theta ** (torch.arange(0, axis_dim, 2, dtype=torch.float) / axis_dim)
     return torch.cat([freq, freq])
 
 
@@ -133,7 +134,7 @@ def build_layout(config: VisionConfig, grid: Grid, device: torch.device) -> Grid
     token_index = (units[:, None] * unit + torch.arange(unit)).reshape(-1)
     positions = unit_order_positions(grid, merge)[:, token_index]
     frames = [h * w for t, h, w in grid for _ in range(t)]
-    quarter = config.head_dim // 4
+    freqs_per_axis = config.head_dim // 4
     return GridLayout(
         grid=grid,
         num_tokens=num_tokens,
@@ -141,7 +142,7 @@ def build_layout(config: VisionConfig, grid: Grid, device: torch.device) -> Grid
         unit_index=torch.argsort(units).to(device),
         positions=positions.to(device=device, dtype=torch.int32),
         inv_freq=rotary_inv_freq(config).to(device),
-        rotary_section=[quarter, quarter],
+        rotary_section=[freqs_per_axis, freqs_per_axis],
         cu_window_seqlens=_cu_seqlens([n * unit for n in window_sizes], num_tokens, "window").to(
             device
         ),

@@ -107,20 +107,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", action="version", version=f"qwen-kernels {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("info", help="versions, GPUs, compiled archs and backends per op")
-    demo = commands.add_parser(
-        "demo",
-        help="encode a sample image with the best kernels and with the reference",
-        add_help=False,  # `qwen-kernels demo --help` is answered by the demo's own parser
+    # Listed here for --help; its arguments (and its own --help) belong to the demo's parser.
+    commands.add_parser(
+        "demo", help="encode a sample image with the best kernels and with the reference"
     )
-    demo.add_argument("demo_args", nargs=argparse.REMAINDER)
     add_bench_parser(commands)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["demo"]:
+        from .model import demo
+
+        return demo.main(argv[1:])
     args = parser.parse_args(argv)
     if args.command == "info":
         return _print_info()
-    if args.command == "demo":
-        from .model import demo as demo_module
-
-        return demo_module.main(args.demo_args)
     if args.command == "bench":
         return run_bench(args)
     parser.error(f"unknown command {args.command}")

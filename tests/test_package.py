@@ -129,3 +129,11 @@ def test_cuda_extension_holds_the_archs_it_reports():
 )
 def test_archs_run_on(device, archs, runs):
     assert archs_run_on(device, archs) is runs
+
+
+def test_demo_subcommand_hands_its_arguments_to_the_demo(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["demo", "--help"])
+    assert exit_info.value.code == 0
+    printed = capsys.readouterr().out
+    assert "qwen-kernels demo" in printed and "--image" in printed and "--backends" in printed

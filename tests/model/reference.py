@@ -1,5 +1,6 @@
 """Shared pieces of the encoder tests: configs, transformers' tower as the reference, random
-inputs, and the kernel configurations to run on this machine."""
+inputs, and the kernel backends to run on this machine (the configs for them come from
+``KernelConfig.best_effort``)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
 )
 
 from qwen_kernels.model import VisionConfig
+from qwen_kernels.model.config import GROUP_OPS
 from tests.helpers import backends_for
 
 # Real head_dim (80) and window size with few, narrow layers; blocks 1 and 3 attend over frames.
@@ -24,15 +26,6 @@ SMALL = VisionConfig(
     out_hidden_size=96,
     fullatt_block_indexes=(1, 3),
 )
-
-# The ops behind each op group of KernelConfig.
-GROUP_OPS = {
-    "attention": ("window_attn",),
-    "rotary": ("mrope_pos_",),
-    "norm": ("rms_norm", "add_rms_norm"),
-    "mlp": ("swiglu",),
-    "merge": ("patch_merge",),
-}
 
 DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
 
@@ -58,19 +51,6 @@ def random_pixels(gen: torch.Generator, grid: list[tuple[int, int, int]], patch_
     """Normalised-pixel-like patches for ``grid`` (CLIP-normalised values span about +-2)."""
     tokens = sum(t * h * w for t, h, w in grid)
     return torch.randn(tokens, patch_dim, generator=gen)
-
-
-def group_backends(backend: str, device: str, fused_mlp: bool = False) -> dict[str, str] | None:
-    """KernelConfig fields using ``backend`` for every group whose ops it covers on ``device``
-    ("torch" for the rest), or None when it covers no group."""
-    groups = dict(GROUP_OPS)
-    if fused_mlp:
-        groups["mlp"] = ("rms_norm_swiglu",)
-    fields = {
-        group: backend if all(backend in backends_for(op, device) for op in ops) else "torch"
-        for group, ops in groups.items()
-    }
-    return fields if backend in fields.values() else None
 
 
 def device_backends() -> list[tuple[str, str]]:

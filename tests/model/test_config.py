@@ -1,4 +1,5 @@
-"""VisionConfig presets and conversion from transformers configs; KernelConfig resolution."""
+"""VisionConfig presets and conversion from transformers configs; KernelConfig resolution, its
+validation against the kernels that exist, and best_effort."""
 
 import dataclasses
 
@@ -8,7 +9,9 @@ from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import (
     Qwen2_5_VLVisionConfig,
 )
 
+from qwen_kernels import _backends
 from qwen_kernels.model import KernelConfig, LayerKernels, VisionConfig, VisionEncoder
+from qwen_kernels.model.config import GROUP_OPS, OP_GROUPS, op_backends
 from tests.model.reference import SMALL
 
 # The vision_config block of a released checkpoint's config.json (older key names included).
@@ -120,8 +123,98 @@ def test_bad_kernel_config(spec, error, match):
 
 def test_set_kernels_on_live_model():
     model = VisionEncoder(SMALL, kernels="torch")
-    model.set_kernels({"attention": "triton", "layers": {1: {"attention": "torch"}}})
-    assert [b.kernels.attention for b in model.blocks] == ["triton", "torch", "triton", "triton"]
+    model.set_kernels({"norm": "cuda_emu", "layers": {1: {"norm": "torch"}}})
+    assert [b.kernels.norm for b in model.blocks] == ["cuda_emu", "torch", "cuda_emu", "cuda_emu"]
     assert model.kernels.merge == "auto"
     with pytest.raises(ValueError, match=r"layers \[4\] outside \[0, 4\)"):
         model.set_kernels({"layers": {4: {"norm": "torch"}}})
+
+
+def _not_run(*args: object) -> None:
+    raise AssertionError("the kernel config tests never run an op")
+
+
+# The kernels of the ops when these tests were written (the norms and swiglu in every backend,
+# the fused MLP front in Triton, attention, rotary and merge in the reference only).
+PINNED_BACKENDS = {
+    "window_attn": ["torch"],
+    "mrope_pos_": ["torch"],
+    "rms_norm": ["torch", "triton", "cuda", "cuda_emu"],
+    "add_rms_norm": ["torch", "triton", "cuda", "cuda_emu"],
+    "swiglu": ["torch", "triton", "cuda", "cuda_emu"],
+    "rms_norm_swiglu": ["torch", "triton"],
+    "patch_merge": ["torch"],
+}
+
+
+@pytest.fixture
+def pinned_registry(monkeypatch):
+    """The op registry as in PINNED_BACKENDS, whatever kernels have landed since (only the
+    backend names are read: the implementations are never called)."""
+    for op, backends in PINNED_BACKENDS.items():
+        table = dataclasses.replace(_backends.REGISTRY[op], impls=dict.fromkeys(backends, _not_run))
+        monkeypatch.setitem(_backends.REGISTRY, op, table)
+
+
+@pytest.mark.usefixtures("pinned_registry")
+@pytest.mark.parametrize(
+    "spec, problems",
+    [
+        (
+            {"attention": "cuda"},
+            [
+                r"layers 0-3: 'attention' runs qwen\.window_attn, which has no 'cuda' kernel "
+                r"\(it has: torch\)"
+            ],
+        ),
+        (
+            {"attention": "cuda", "layers": {1: {"attention": "torch"}}},
+            [r"layers 0, 2-3: 'attention' runs qwen\.window_attn, which has no 'cuda' kernel"],
+        ),
+        (
+            {"layers": {2: {"mlp": "cuda", "fuse_mlp_norm": True}}},
+            [
+                r"layer 2: 'mlp' runs qwen\.rms_norm_swiglu, which has no 'cuda' kernel "
+                r"\(it has: torch, triton\)"
+            ],
+        ),
+        ({"merge": "triton"}, [r"merger: 'merge' runs qwen\.patch_merge, which has no 'triton'"]),
+    ],
+)
+def test_kernels_without_code_are_refused_up_front(spec, problems):
+    model = VisionEncoder(SMALL, kernels="torch")
+    for match in problems:
+        with pytest.raises(ValueError, match=match):
+            model.set_kernels(spec)
+        with pytest.raises(ValueError, match=match):
+            VisionEncoder(SMALL, kernels=spec)
+    assert model.kernels == KernelConfig.uniform("torch")  # unchanged by the refused configs
+
+
+@pytest.mark.usefixtures("pinned_registry")
+def test_best_effort():
+    assert KernelConfig.best_effort("cuda") == KernelConfig(norm="cuda", mlp="cuda")
+    assert KernelConfig.best_effort("triton") == KernelConfig(norm="triton", mlp="triton")
+    assert KernelConfig.best_effort("cuda", fuse_mlp_norm=True).mlp == "auto"
+    assert KernelConfig.best_effort("triton", fuse_mlp_norm=True) == KernelConfig(
+        norm="triton", mlp="triton", fuse_mlp_norm=True
+    )
+    assert KernelConfig.best_effort("torch") == KernelConfig.uniform("torch")
+    assert KernelConfig.best_effort("auto") == KernelConfig()
+    with pytest.raises(ValueError, match="must be one of"):
+        KernelConfig.best_effort("tensorrt")
+
+
+@pytest.mark.parametrize("backend", _backends.BACKENDS)
+def test_plain_backend_names_are_all_or_nothing(backend):
+    """A plain name means that backend everywhere: it is accepted exactly when every op has it,
+    and its best_effort config always is."""
+    complete = all(backend in op_backends(op) for ops in GROUP_OPS.values() for op in ops)
+    model = VisionEncoder(SMALL, kernels="torch")
+    if complete:
+        model.set_kernels(backend)
+    else:
+        with pytest.raises(ValueError, match=f"no {backend!r} kernel"):
+            model.set_kernels(backend)
+    model.set_kernels(KernelConfig.best_effort(backend))
+    assert {getattr(model.kernels, g) for g in OP_GROUPS} <= {backend, "auto"}

@@ -4,11 +4,14 @@ import json
 import re
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from qwen_kernels.model import demo, preprocess_image, random_hf_state_dict
+from qwen_kernels import _backends
+from qwen_kernels.model import KernelConfig, demo, preprocess_image, random_hf_state_dict
+from qwen_kernels.model.config import OP_GROUPS
 from tests.model.reference import SMALL
 
 
@@ -41,17 +44,29 @@ def test_image_and_video_with_a_checkpoint(tmp_path, gen, capsys):
         "--device",
         "cpu",
         "--backends",
-        "auto,cuda",
+        "auto,cuda,cuda_emu",
     ]
     assert demo.main(argv) == 0
     out = capsys.readouterr().out
     # CPU tensors cannot run the cuda backend: reported, and the other backends still run.
     assert re.search(r"^cuda\s+unavailable: qwen\.\w+: backend 'cuda' is unavailable", out, re.M)
+    # Groups without a cuda_emu kernel run on "auto", and the line names them.
+    kernels = KernelConfig.best_effort("cuda_emu")
+    fallback = [g for g in OP_GROUPS if getattr(kernels, g) == "auto"]
+    note = f"  \\({', '.join(fallback)} on auto\\)" if fallback else ""
+    if _backends.runtime_missing("cuda_emu", "cpu") is None:
+        assert re.search(rf"^cuda_emu\s+\d+\.\d+\s+\d+{note}$", out, re.M), out
     assert f"checkpoint {tmp_path}" in out
     assert "image.png: 90x70 px -> 84x56 px" in out
     assert "9 frames at 4 fps -> 4 sampled" in out
     assert re.search(r"grid_thw \[\[1, 4, 6\], \[2, \d+, \d+\]\]", out)
     assert re.search(r"auto vs torch: max \|diff\| \S+, relative \S+", out)
+
+
+def test_unknown_backend_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        demo.main(["--backends", "auto,tensorrt"])
+    assert "unknown backends ['tensorrt']" in capsys.readouterr().err
 
 
 def test_random_7b_tower_on_a_tiny_image(tmp_path, gen, capsys):

@@ -2,6 +2,8 @@
 weights: batches of images and videos with odd grids, fp32 and bf16, every kernel backend of this
 machine, per-layer mixes, the real 7B tower, and torch.compile."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -18,7 +20,6 @@ from tests.model.reference import (
     DEVICES,
     SMALL,
     device_backends,
-    group_backends,
     hf_tower,
     random_pixels,
 )
@@ -79,7 +80,7 @@ def test_single_inputs_match_transformers(gen, small_weights, hf_small, grid):
 @pytest.mark.parametrize("device, backend", device_backends())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kernel_backends_match_transformers(gen, small_weights, device, backend, dtype):
-    kernels = group_backends(backend, device)
+    kernels = KernelConfig.best_effort(backend)
     pixels = random_pixels(gen, SMALL_BATCH).to(device)
     weights = {k: v.to(dtype).float() for k, v in small_weights.items()}
     expected, _ = _reference(hf_tower(SMALL, weights), pixels, SMALL_BATCH)
@@ -103,15 +104,14 @@ def _mixes(device: str) -> list[KernelConfig]:
     for dev, backend in [(device, "torch"), *device_backends()]:
         if dev != device:
             continue
-        fields = group_backends(backend, device) or {}
-        fused = group_backends(backend, device, fused_mlp=True) or {}
-        fused_mlp = {"fuse_mlp_norm": True, "mlp": fused.get("mlp", "torch")}
+        base = KernelConfig.best_effort(backend)
+        fused_mlp = {"fuse_mlp_norm": True, "mlp": KernelConfig.best_effort(backend, True).mlp}
         layers = {
             0: fused_mlp,
             1: dict.fromkeys(("attention", "rotary", "norm", "mlp"), "torch"),
-            3: {**fused_mlp, "attention": fields.get("attention", "torch")},
+            3: {**fused_mlp, "attention": base.attention},
         }
-        mixes.append(KernelConfig(**{**fields, "layers": layers}))
+        mixes.append(dataclasses.replace(base, layers=layers))
     return mixes
 
 
@@ -171,6 +171,22 @@ def test_7b_tower_on_a_small_image(tower_7b, device, dtype):
     assert out.shape == (6, 3584) and out.dtype == dtype
     tolerance = fp32_tol(device) if dtype == torch.float32 else 2e-2
     assert rel_err(out.cpu(), expected) < tolerance
+
+
+def test_forward_in_grad_mode_is_inference_only(gen, small_weights):
+    """Outside no_grad the forward still runs without autograd (the ops have no backward and the
+    rotary works in place) and gives the no_grad result."""
+    encoder = VisionEncoder.from_hf_state_dict(small_weights, SMALL, kernels="torch")
+    assert not any(p.requires_grad for p in encoder.parameters())
+    assert not any(p.requires_grad for p in VisionEncoder(SMALL).parameters())
+    pixels = random_pixels(gen, SMALL_BATCH).requires_grad_(True)
+    assert torch.is_grad_enabled()
+    out, hidden = encoder(pixels, SMALL_BATCH, return_hidden=True)
+    assert not out.requires_grad and not hidden.requires_grad
+    with torch.no_grad():
+        expected, expected_hidden = encoder(pixels, SMALL_BATCH, return_hidden=True)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    torch.testing.assert_close(hidden, expected_hidden, rtol=0, atol=0)
 
 
 def test_layout_is_cached_per_grid(small_weights):

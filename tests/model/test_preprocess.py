@@ -1,5 +1,11 @@
 """Preprocessing against transformers' Qwen2VLImageProcessorPil (images of odd sizes and modes),
-smart_resize over many sizes, and the video path: frame sampling and patch order."""
+transparency against Pillow, smart_resize over many sizes, and the video path: frame sampling and
+patch order.
+
+Transparent images reach transformers already composited onto white by Pillow: transformers
+versions differ there (some composite onto white, older ones drop the alpha channel), so its part
+of the comparison is the resize and normalisation, and our compositing is checked against Pillow.
+"""
 
 import math
 
@@ -20,11 +26,20 @@ from qwen_kernels.model import (
     sample_frame_indices,
     smart_resize,
 )
+from qwen_kernels.model.preprocess import to_rgb
 
 
 def random_image(gen: torch.Generator, height: int, width: int, channels: int = 3) -> np.ndarray:
     shape = (height, width, channels) if channels else (height, width)
     return torch.randint(0, 256, shape, generator=gen, dtype=torch.uint8).numpy()
+
+
+def on_white(image: Image.Image | np.ndarray) -> Image.Image:
+    """``image`` composited onto white by Pillow (a masked paste); opaque images just in RGB."""
+    rgba = (image if isinstance(image, Image.Image) else Image.fromarray(image)).convert("RGBA")
+    out = Image.new("RGB", rgba.size, (255, 255, 255))
+    out.paste(rgba, mask=rgba.getchannel("A"))
+    return out
 
 
 def hf_preprocess(images, min_pixels, max_pixels):
@@ -57,15 +72,19 @@ def test_smart_resize_matches_transformers(height, width, min_pixels, max_pixels
         (301, 177, 3, 28 * 28 * 1280),  # odd sides, rounded to multiples of 28
         (20, 1000, 3, 28 * 28 * 1280),  # aspect ratio 50
         (517, 389, 3, 28 * 28 * 64),  # downscaled to max_pixels
-        (90, 61, 4, 28 * 28 * 1280),  # RGBA: composited on white
+        (90, 61, 4, 28 * 28 * 1280),  # RGBA: transformers gets it composited on white
         (45, 99, 0, 28 * 28 * 1280),  # grayscale [H, W]
     ],
 )
 def test_image_matches_transformers(gen, height, width, channels, max_pixels):
     image = random_image(gen, height, width, channels)
     pixels, grid = preprocess_image(image, max_pixels=max_pixels)
-    # transformers takes a 2-D array for a batch of rows: give it grayscale as a PIL image.
-    hf_image = image if channels else Image.fromarray(image)
+    if channels == 4:
+        hf_image = np.asarray(on_white(image))
+    elif channels == 0:
+        hf_image = Image.fromarray(image)  # transformers reads a 2-D array as a batch of rows
+    else:
+        hf_image = image
     hf_pixels, hf_grid = hf_preprocess(hf_image, 56 * 56, max_pixels)
     assert grid.tolist() == hf_grid.tolist()
     assert pixels.dtype == torch.float32 and pixels.shape == hf_pixels.shape
@@ -79,9 +98,39 @@ def test_pil_images_batch_matches_transformers(gen):
         Image.fromarray(random_image(gen, 77, 77)).convert("P"),
     ]
     pixels, grid = preprocess_image(images)
-    hf_pixels, hf_grid = hf_preprocess(images, 56 * 56, 28 * 28 * 1280)
+    hf_pixels, hf_grid = hf_preprocess([on_white(im) for im in images], 56 * 56, 28 * 28 * 1280)
     assert grid.tolist() == hf_grid.tolist()
     torch.testing.assert_close(pixels, hf_pixels, rtol=0, atol=1e-6)
+
+
+def transparent_images(gen: torch.Generator) -> dict[str, Image.Image | np.ndarray]:
+    """Images with transparency in each form to_rgb takes; alpha 0 and 255 both occur."""
+    rgba = random_image(gen, 37, 45, 4)
+    rgba[:3, :, 3] = 0
+    rgba[3:6, :, 3] = 255
+    la = np.ascontiguousarray(rgba[..., [0, 3]])
+    palette = Image.fromarray(rgba[..., :3]).convert("P")
+    palette.info["transparency"] = int(np.asarray(palette)[0, 0])  # a palette index, see-through
+    return {
+        "rgba array": rgba,
+        "RGBA": Image.fromarray(rgba),
+        "LA": Image.fromarray(la),
+        "P with transparency": palette,
+    }
+
+
+@pytest.mark.parametrize("kind", ["rgba array", "RGBA", "LA", "P with transparency"])
+def test_transparency_is_composited_on_white(gen, kind):
+    image = transparent_images(gen)[kind]
+    ours = np.asarray(to_rgb(image))
+    np.testing.assert_array_equal(ours, np.asarray(on_white(image)))
+    # Independently of Pillow: colour * alpha + white * (1 - alpha), rounded.
+    rgba = np.asarray((Image.fromarray(image) if kind == "rgba array" else image).convert("RGBA"))
+    alpha = rgba[..., 3:] / 255
+    expected = rgba[..., :3] * alpha + 255 * (1 - alpha)
+    assert np.abs(ours - expected).max() <= 0.5 + 1e-9
+    assert (ours[rgba[..., 3] == 0] == 255).all()
+    assert (rgba[..., 3] == 0).any()
 
 
 @pytest.mark.parametrize(
