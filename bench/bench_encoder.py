@@ -57,14 +57,7 @@ Grid = tuple[int, int, int]
 Forward = Callable[[], torch.Tensor]
 
 # A copy of the tower small enough for a CPU dry run (real head_dim and windows).
-TINY = VisionConfig(
-    depth=4,
-    hidden_size=160,
-    num_heads=2,
-    intermediate_size=224,
-    out_hidden_size=96,
-    fullatt_block_indexes=(1, 3),
-)
+TINY = VisionConfig.tiny()
 # Eager attention materialises [heads, L, L] fp32 scores per frame; skip it beyond this many.
 EAGER_MAX_FRAME_TOKENS = 16384
 DRY_RUN_REL_ERR = 1e-4  # fp32 on the CPU

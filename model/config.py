@@ -119,6 +119,19 @@ class VisionConfig:
         return cls(out_hidden_size=_OUT_HIDDEN[key])
 
     @classmethod
+    def tiny(cls) -> VisionConfig:
+        """A 4-layer tower with the real head_dim (80), windows and merge, blocks 1 and 3 over
+        whole frames: small enough for CPU tests and dry runs, shaped like the real one."""
+        return cls(
+            depth=4,
+            hidden_size=160,
+            num_heads=2,
+            intermediate_size=224,
+            out_hidden_size=96,
+            fullatt_block_indexes=(1, 3),
+        )
+
+    @classmethod
     def from_hf(cls, config: Any) -> VisionConfig:
         """Build from a transformers vision config, its dict, or a whole Qwen2.5-VL config.
 

@@ -218,3 +218,10 @@ def test_plain_backend_names_are_all_or_nothing(backend):
             model.set_kernels(backend)
     model.set_kernels(KernelConfig.best_effort(backend))
     assert {getattr(model.kernels, g) for g in OP_GROUPS} <= {backend, "auto"}
+
+
+def test_tiny_preset_keeps_the_real_attention_shape():
+    tiny, real = VisionConfig.tiny(), VisionConfig.qwen2_5_vl("7b")
+    assert tiny.hidden_size // tiny.num_heads == real.hidden_size // real.num_heads == 80
+    assert tiny.window_size == real.window_size and tiny.spatial_merge_size == 2
+    assert tiny.depth == 4 and tuple(tiny.fullatt_block_indexes) == (1, 3)
