@@ -30,6 +30,7 @@ __all__ = ["EmuBuildError", "is_available", "load", "source_dir"]
 
 _NAME = "qwen_kernels_emu"
 _FLAGS = (
+    "-std=c++20",  # older torch would add -std=c++17; the emulation needs C++20
     "-O2",
     "-DQK_EMULATE",
     "-DQK_OPS_NAMESPACE=qwen_emu",

@@ -68,6 +68,7 @@ def _rms_norm_swiglu_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    K_TILES: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -82,7 +83,10 @@ def _rms_norm_swiglu_kernel(
     gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     square_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for k in range(0, n_in, BLOCK_K):
+    # A constexpr trip count (the hidden size is fixed per model): older Triton interpreters
+    # cannot loop over a runtime bound.
+    for tile in range(K_TILES):
+        k = tile * BLOCK_K
         k_mask = (k + ks) < n_in
         a = tl.load(x_ptrs + k, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         w_mask = k_mask[:, None] & col_mask[None, :]
@@ -146,6 +150,7 @@ def rms_norm_swiglu(
         BLOCK_M=_BLOCK_M,
         BLOCK_N=_BLOCK_N,
         BLOCK_K=_BLOCK_K,
+        K_TILES=triton.cdiv(n_in, _BLOCK_K),
         num_warps=4,
         num_stages=3,
     )
