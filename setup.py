@@ -15,7 +15,7 @@ from pathlib import Path
 
 from setuptools import setup
 
-ROOT = Path(__file__).parent
+ROOT = Path(__file__).resolve().parent  # absolute: builds may run from another folder
 DEFAULT_ARCHS = "8.0;8.6;8.9;9.0a"
 PACKAGE_DIR = {
     "qwen_kernels": "qwen_kernels",

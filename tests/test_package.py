@@ -111,7 +111,8 @@ def test_cuda_extension_holds_the_archs_it_reports():
     )
     listed = result.stdout + result.stderr
     for arch in archs:
-        assert f"sm_{arch.replace('.', '')}" in listed, (arch, listed)
+        # Older cuobjdump versions print an sm_90a cubin as sm_90.
+        assert f"sm_{arch.replace('.', '').rstrip('a')}" in listed, (arch, listed)
     if os.environ.get("QK_CUDA_ARCHS") is None:  # the default build covers Ampere and Hopper
         assert {"8.0", "9.0a"} <= set(archs), archs
 
