@@ -16,7 +16,7 @@
 #   PYTHON                      the interpreter with torch (default: python3)
 #   QK_GPU_CHECK_BUDGET         seconds for the whole check (default 570); each step has a cap
 #                               and leaves time for the steps after it, and the benchmarks run
-#   QK_GPU_CHECK_FULL_BENCH     with --quick when less than this many seconds (default 300)
+#   QK_GPU_CHECK_FULL_BENCH     with --quick when less than this many seconds (default 420)
 #                               remain (a benchmark run cut short still writes what it measured)
 #   QK_CUDA_ARCHS               archs to build (default: the visible GPU's only, for a short build)
 #   QK_GPU_CHECK_CPU_TESTS=1    run the test suite even without a GPU (it is skipped otherwise);
@@ -33,7 +33,7 @@ cd "$ROOT" || exit 2
 
 export PYTHON=${PYTHON:-python3}
 BUDGET=${QK_GPU_CHECK_BUDGET:-570}
-FULL_BENCH=${QK_GPU_CHECK_FULL_BENCH:-300}
+FULL_BENCH=${QK_GPU_CHECK_FULL_BENCH:-420}
 START=$(date +%s)
 DEADLINE=$((START + BUDGET))
 STEPS="$OUT/steps.tsv"
@@ -66,7 +66,8 @@ run_step() {
     echo "== $name (limit ${limit}s): $*"
     local begin rc status=pass
     begin=$(date +%s)
-    timeout --kill-after=15 "$limit" "$@" >"$OUT/logs/$name.log" 2>&1
+    # STEP_SIGNAL=INT lets pytest write its report and summary before it stops.
+    timeout -s "${STEP_SIGNAL:-TERM}" --kill-after=15 "$limit" "$@" >"$OUT/logs/$name.log" 2>&1
     rc=$?
     if ((rc == 124 || rc == 137)); then
         status=timeout
@@ -120,7 +121,10 @@ run_step build 300 240 "$PYTHON" -m pip install --no-build-isolation --no-deps -
 run_step info 60 240 "$PYTHON" -m qwen_kernels info
 
 if ((HAVE_GPU)) || [[ ${QK_GPU_CHECK_CPU_TESTS:-0} == 1 ]]; then
-    run_step tests 300 180 "$PYTHON" -m pytest -q -p no:cacheprovider --junitxml="$OUT/junit.xml"
+    PARALLEL=()  # pytest-xdist, where installed; loadfile keeps module fixtures on one worker
+    if "$PYTHON" -c "import xdist" 2>/dev/null; then PARALLEL=(-n 4 --dist loadfile); fi
+    CUBLAS_WORKSPACE_CONFIG=:4096:8 STEP_SIGNAL=INT run_step tests 300 180 "$PYTHON" -m pytest \
+        -q -p no:cacheprovider --durations=25 "${PARALLEL[@]}" --junitxml="$OUT/junit.xml"
 else
     skip_step tests "no CUDA GPU (set QK_GPU_CHECK_CPU_TESTS=1 to run the suite on the CPU)"
 fi

@@ -4,14 +4,17 @@
     python -m qwen_kernels.bench.sanitize_cases --list   # the ops with a CUDA kernel, one a line
 
 Each op runs the smallest case of each of its series (window_attn: edge windows and whole frames;
-mrope: the vision and the text form), built by the benchmark files at their tiny size. Ops with no
-CUDA kernel yet are listed as skipped. Exit status: 0, or 1 when a call raised.
+mrope: the vision and the text form), built by the benchmark files at their tiny size, plus the
+edge cases of ``EDGE_CASES`` that reach the paths tiny cases miss (several warps per row, odd and
+misaligned rows, fp32 weights). Ops with no usable CUDA kernel are listed as skipped. Exit status:
+0, or 1 when a call raised.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 
 import torch
 
@@ -24,8 +27,33 @@ from .suites import SUITES
 
 
 def cuda_ops() -> list[str]:
-    """Ops with a registered "cuda" kernel."""
-    return sorted(op for op, table in REGISTRY.items() if "cuda" in table.impls)
+    """Ops whose "cuda" kernel can run here (none without a GPU or a built extension)."""
+    return sorted(op for op, table in REGISTRY.items() if "cuda" in table.usable("cuda"))
+
+
+def _bf16(*shape: int) -> torch.Tensor:
+    return torch.randn(*shape, device="cuda").to(torch.bfloat16)
+
+
+# name -> a call on the "cuda" backend; each name starts with its op.
+EDGE_CASES: dict[str, Callable[[], object]] = {
+    "rms_norm 8x1280 (2 warps a row)": lambda: qwen_kernels.rms_norm(
+        _bf16(8, 1280), _bf16(1280), 1e-6, "cuda"
+    ),
+    "rms_norm 8x3420 fp32 weight (8 warps a row)": lambda: qwen_kernels.rms_norm(
+        _bf16(8, 3420), torch.randn(3420, device="cuda"), 1e-6, "cuda"
+    ),
+    "rms_norm 5x5121 rows off 16 bytes": lambda: qwen_kernels.rms_norm(
+        _bf16(5, 5122)[:, 1:], _bf16(5121), 1e-6, "cuda"
+    ),
+    "add_rms_norm 8x3420": lambda: qwen_kernels.add_rms_norm(
+        _bf16(8, 3420), _bf16(8, 3420), _bf16(3420), 1e-6, "cuda"
+    ),
+    "swiglu 8x6840": lambda: qwen_kernels.swiglu(_bf16(8, 2 * 3420), "cuda"),
+    "swiglu 5x2562 rows off 16 bytes": lambda: qwen_kernels.swiglu(
+        _bf16(5, 2 * 1281 + 1)[:, 1:], "cuda"
+    ),
+}
 
 
 def cases_for(op: str) -> list[Case]:
@@ -57,19 +85,24 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("no CUDA GPU is visible to torch", file=sys.stderr)
         return 1
-    failed = 0
+    calls: list[tuple[str, Callable[[], object]]] = []
     for op in sorted(REGISTRY):
         if op not in cuda_ops():
-            print(f"{op}: skipped (no cuda kernel yet)")
+            print(f"{op}: skipped (no usable cuda kernel)")
             continue
         for case in cases_for(op):
-            try:
-                run(op, case)
-            except Exception as exc:  # report every op, then fail
-                failed += 1
-                print(f"{op} {case.name}: FAILED {type(exc).__name__}: {exc}")
-            else:
-                print(f"{op} {case.name}: ok")
+            calls.append((f"{op} {case.name}", lambda op=op, case=case: run(op, case)))
+        calls += [(name, call) for name, call in EDGE_CASES.items() if name.split()[0] == op]
+    failed = 0
+    for name, call in calls:
+        try:
+            call()
+            torch.cuda.synchronize()
+        except Exception as exc:  # report every call, then fail
+            failed += 1
+            print(f"{name}: FAILED {type(exc).__name__}: {exc}")
+        else:
+            print(f"{name}: ok")
     return 1 if failed else 0
 
 

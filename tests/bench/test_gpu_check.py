@@ -85,3 +85,9 @@ def test_sanitizer_cases_cover_every_op():
         assert found, op
         assert all(case.op == op.rstrip("_") for case in found)
     assert set(sanitize_cases.cuda_ops()) <= set(REGISTRY)
+
+
+def test_sanitizer_edge_cases_name_ops_with_cuda_kernels():
+    for name in sanitize_cases.EDGE_CASES:
+        op = name.split()[0]
+        assert op in REGISTRY and "cuda" in REGISTRY[op].impls, name
