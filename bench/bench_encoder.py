@@ -11,11 +11,13 @@ torch.compile (on a GPU whose torch has ``torch.nn.attention.varlen``).
 Reported per case and implementation: median time (CUDA events, ``triton.testing.do_bench``),
 patches per second, peak memory above the weights, the share of GPU time outside GEMMs (one
 profiled forward), speedup over transformers/sdpa, and the relative error against our eager
-reference. An implementation that fails (a compile error, a missing flash-attn kernel) gets its
-error in its row and the others still run; the exit status is 1 when one failed or disagreed with
-the reference. Every implementation gets the grid's index tensors precomputed (transformers
-through its precomputed-kwargs hooks), so the timings are of the forward itself. Inside
-torch.compile our ops are opaque: Inductor fuses only the glue between them.
+reference. Each row is printed as soon as it is measured and ``--out`` is rewritten after every
+case (``"complete": false`` until the end); on SIGTERM (``timeout``) the rows measured so far are
+written and the exit status is 124. An implementation that fails (a compile error, a missing
+flash-attn kernel) gets its error in its row and the others still run; the exit status is 1 when
+one failed or disagreed with the reference. Every implementation gets the grid's index tensors
+precomputed (transformers through its precomputed-kwargs hooks), so the timings are of the
+forward itself. Inside torch.compile our ops are opaque: Inductor fuses only the glue between them.
 """
 
 from __future__ import annotations
@@ -24,11 +26,16 @@ import argparse
 import functools
 import importlib.util
 import json
+import os
 import platform
 import re
+import signal
+import sys
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import FrameType
 
 import torch
 from torch import Tensor, nn
@@ -265,7 +272,8 @@ def is_gemm_kernel(name: str) -> bool:
 def non_gemm_share(forward: Forward, device: torch.device) -> float | None:
     """Share of the GPU time of one profiled forward spent outside GEMM kernels (memory copies
     and sets count as outside); None when the profiler saw no GPU activity."""
-    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    # CUDA only: the CPU events are unused, and transformers' per-window loop makes ~100k of them.
+    activities = [torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=activities) as profile:
         forward()
         torch.cuda.synchronize(device)
@@ -292,10 +300,14 @@ def measure(
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device)
+    start = time.perf_counter()
     forward()
     torch.cuda.synchronize(device)
+    estimate_ms = (time.perf_counter() - start) * 1e3
     peak = (torch.cuda.max_memory_allocated(device) - before) / 2**20
-    median = triton.testing.do_bench(forward, warmup=warmup_ms, rep=rep_ms, return_mode="median")
+    # do_bench repeats for about `rep` ms: a slow forward still gets ~5 timed repetitions.
+    rep = max(rep_ms, 5 * estimate_ms)
+    median = triton.testing.do_bench(forward, warmup=warmup_ms, rep=rep, return_mode="median")
     return out, median, peak, non_gemm_share(forward, device)
 
 
@@ -308,7 +320,60 @@ def _error_note(error: Exception) -> str:
     return f"error: {type(error).__name__}: {message}"
 
 
-def run(args: argparse.Namespace) -> list[Row]:
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def print_header() -> None:
+    print(
+        f"{'case':<28} {'implementation':<32} {'patches':>7} {'ms':>9} {'patches/s':>10} "
+        f"{'peak MiB':>9} {'non-GEMM':>8} {'vs sdpa':>7} {'rel err':>8}  note",
+        flush=True,
+    )
+
+
+def print_row(r: Row) -> None:
+    # Flushed: under `timeout` stdout is a pipe, and a killed run must still show its rows.
+    print(
+        f"{r.case:<28} {r.impl:<32} {r.tokens:>7} {_fmt(r.median_ms, '.2f'):>9} "
+        f"{_fmt(r.patches_per_s, '.0f'):>10} {_fmt(r.peak_mib, '.0f'):>9} "
+        f"{_fmt(r.non_gemm_share, '.0%'):>8} {_fmt(r.speedup_vs_sdpa, '.2f'):>7} "
+        f"{_fmt(r.rel_err, '.1e'):>8}  {r.note}",
+        flush=True,
+    )
+
+
+class Report:
+    """The rows measured so far, each printed as it comes and all written to ``out`` (when
+    given) on request, so that a run cut short still leaves what it measured."""
+
+    def __init__(self, env: dict[str, str], out: Path | None) -> None:
+        self.env = env
+        self.out = out
+        self.rows: list[Row] = []
+
+    def add(self, row: Row) -> None:
+        self.rows.append(row)
+        print_row(row)
+
+    def write(self, complete: bool) -> None:
+        """Rewrite ``out`` with every row so far; ``complete`` says whether the run finished."""
+        if self.out is None:
+            return
+        payload = {
+            "environment": self.env,
+            "complete": complete,
+            "rows": [asdict(r) for r in self.rows],
+        }
+        # Write aside, then rename: a kill mid-write leaves the previous file whole.
+        partial = self.out.with_name(self.out.name + ".partial")
+        partial.write_text(json.dumps(payload, indent=2))
+        partial.replace(self.out)
+
+
+def run(args: argparse.Namespace, report: Report) -> None:
+    """Measure every selected implementation on every case, adding the rows to ``report`` as
+    they are measured and writing it after each case."""
     device = torch.device("cpu" if args.dry_run else "cuda")
     if not args.dry_run and not torch.cuda.is_available():
         raise SystemExit("timing needs a CUDA GPU; use --dry-run to check the script on the CPU")
@@ -317,74 +382,63 @@ def run(args: argparse.Namespace) -> list[Row]:
     compile_backend = args.compile_backend or ("aot_eager" if args.dry_run else "inductor")
     weights = random_hf_state_dict(config, seed=0)
     impls = implementations(config, weights, dtype, device, compile_backend)
-    selected = [name for name in impls if not args.only or any(s in name for s in args.only)]
+    # An implementation's full name selects only it ("qwen/auto", not "qwen/auto+compile").
+    selected = [
+        name
+        for name in impls
+        if not args.only or any(s == name if s in impls else s in name for s in args.only)
+    ]
+    # The reference first, then transformers/sdpa: each row's speedup is known when it prints.
+    others = sorted(
+        (n for n in selected if n != "qwen/torch"), key=lambda n: n != "transformers/sdpa"
+    )
+    order = ["qwen/torch", *others]
     limit = DRY_RUN_REL_ERR if args.dry_run else REL_ERR_LIMIT
 
-    rows = []
     generator = torch.Generator().manual_seed(0)
     for case in cases(args.dry_run, args.with_64k):
         pixels = torch.randn(case.tokens, config.patch_dim, generator=generator)
         pixels = pixels.to(device=device, dtype=dtype)
         expected_shape = (case.tokens // config.merge_unit, config.out_hidden_size)
-        reference = None
-        case_rows = []
-        for name in ["qwen/torch", *(n for n in selected if n != "qwen/torch")]:
+        reference = sdpa_ms = None
+        for name in order:
             row = Row(case.name, name, case.tokens)
+            out = None
             if name == "transformers/eager" and case.max_frame > EAGER_MAX_FRAME_TOKENS:
                 row.note = f"skipped: frames of {case.max_frame} tokens"
-                case_rows.append(row)
-                continue
-            try:
-                out, row.median_ms, row.peak_mib, row.non_gemm_share = measure(
-                    impls[name](pixels, case), device, args.warmup_ms, args.rep_ms
-                )
-            except torch.cuda.OutOfMemoryError:
-                row.note = "out of memory"
-            except Exception as error:  # one broken implementation must not end the run
-                row.note = _error_note(error)
             else:
-                if tuple(out.shape) != expected_shape:
-                    row.note = f"error: shape {tuple(out.shape)}, expected {expected_shape}"
-            if row.note:
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-                case_rows.append(row)
-                continue
-            if name == "qwen/torch":
-                reference = out
-            if reference is not None:  # None: the reference itself failed (its row says why)
-                row.rel_err = rel_err(out, reference)
-                if row.rel_err > limit:
-                    row.note = f"rel_err above {limit:g}"
-            if row.median_ms is not None:
-                row.patches_per_s = case.tokens / (row.median_ms / 1e3)
-            case_rows.append(row)
-        sdpa = next((r.median_ms for r in case_rows if r.impl == "transformers/sdpa"), None)
-        for row in case_rows:
-            if sdpa and row.median_ms:
-                row.speedup_vs_sdpa = sdpa / row.median_ms
-        # The reference runs even when not selected: its failure is reported all the same.
-        rows += [r for r in case_rows if r.impl in selected or r.note.startswith("error")]
-    return rows
-
-
-def _fmt(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
-def print_rows(rows: list[Row]) -> None:
-    header = (
-        f"{'case':<28} {'implementation':<32} {'patches':>7} {'ms':>9} {'patches/s':>10} "
-        f"{'peak MiB':>9} {'non-GEMM':>8} {'vs sdpa':>7} {'rel err':>8}  note"
-    )
-    print(header)
-    for r in rows:
-        print(
-            f"{r.case:<28} {r.impl:<32} {r.tokens:>7} {_fmt(r.median_ms, '.2f'):>9} "
-            f"{_fmt(r.patches_per_s, '.0f'):>10} {_fmt(r.peak_mib, '.0f'):>9} "
-            f"{_fmt(r.non_gemm_share, '.0%'):>8} {_fmt(r.speedup_vs_sdpa, '.2f'):>7} "
-            f"{_fmt(r.rel_err, '.1e'):>8}  {r.note}"
-        )
+                try:
+                    out, row.median_ms, row.peak_mib, row.non_gemm_share = measure(
+                        impls[name](pixels, case), device, args.warmup_ms, args.rep_ms
+                    )
+                except torch.cuda.OutOfMemoryError:
+                    row.note = "out of memory"
+                except Exception as error:  # one broken implementation must not end the run
+                    row.note = _error_note(error)
+                else:
+                    if tuple(out.shape) != expected_shape:
+                        row.note = f"error: shape {tuple(out.shape)}, expected {expected_shape}"
+                if row.note:
+                    out = None
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+            if out is not None:
+                if name == "qwen/torch":
+                    reference = out
+                if reference is not None:  # None: the reference failed (its row says why)
+                    row.rel_err = rel_err(out, reference)
+                    if row.rel_err > limit:
+                        row.note = f"rel_err above {limit:g}"
+                if row.median_ms is not None:
+                    row.patches_per_s = case.tokens / (row.median_ms / 1e3)
+            if name == "transformers/sdpa":
+                sdpa_ms = row.median_ms
+            if sdpa_ms and row.median_ms:
+                row.speedup_vs_sdpa = sdpa_ms / row.median_ms
+            # The reference runs even when not selected: its failure is reported all the same.
+            if name in selected or row.note.startswith("error"):
+                report.add(row)
+        report.write(complete=False)
 
 
 def environment() -> dict[str, str]:
@@ -414,8 +468,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--only",
         nargs="*",
-        help="run implementations whose name contains one "
-        "of these (qwen/torch always runs: it is the reference)",
+        help="run these implementations: an implementation's name selects it alone, any other "
+        "string every name containing it (qwen/torch always runs: it is the reference)",
     )
     parser.add_argument("--with-64k", action="store_true", help="add the 64k-patch image")
     parser.add_argument(
@@ -430,16 +484,25 @@ def main(argv: list[str] | None = None) -> int:
 
     env = environment()
     print(", ".join(f"{k} {v}" for k, v in env.items()))
-    with torch.no_grad():
-        rows = run(args)
-    print_rows(rows)
+    report = Report(env, args.out)
+
+    def on_sigterm(signum: int, frame: FrameType | None) -> None:
+        report.write(complete=False)
+        sys.stdout.flush()
+        # os._exit: exit now, before `timeout` escalates, without waiting on compile workers.
+        os._exit(124)
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        print_header()
+        with torch.no_grad():
+            run(args, report)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     if args.dry_run:
         print("dry run: shapes and outputs checked, no timings")
-    if args.out:
-        args.out.write_text(
-            json.dumps({"environment": env, "rows": [asdict(r) for r in rows]}, indent=2)
-        )
-    return 1 if any(r.note.startswith(("rel_err", "error")) for r in rows) else 0
+    report.write(complete=True)
+    return 1 if any(r.note.startswith(("rel_err", "error")) for r in report.rows) else 0
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The end-to-end benchmark's dry run: every implementation runs once on tiny shapes on the CPU
 and its output is checked against our eager reference; a failing implementation is reported in
-its row; the PyTorch-only attention swap and the GEMM kernel classifier."""
+its row; implementation selection, the JSON rewritten after every case; the PyTorch-only
+attention swap and the GEMM kernel classifier."""
 
 import json
 
@@ -24,6 +25,31 @@ def test_dry_run(tmp_path, capsys):
     for row in rows:
         assert row["median_ms"] is None and row["non_gemm_share"] is None, row
         assert row["rel_err"] < bench_encoder.DRY_RUN_REL_ERR, row
+
+
+def test_only_an_implementation_name_selects_it_alone(tmp_path):
+    out_file = tmp_path / "encoder.json"
+    assert bench_encoder.main(["--dry-run", "--only", "qwen/auto", "--out", str(out_file)]) == 0
+    rows = json.loads(out_file.read_text())["rows"]
+    assert {row["impl"] for row in rows} == {"qwen/auto"}  # not qwen/auto+compile
+
+
+def test_json_is_rewritten_after_every_case(tmp_path, monkeypatch):
+    """A run killed part-way leaves the rows of the cases it finished, marked incomplete."""
+    written = []
+    write = bench_encoder.Report.write
+
+    def record(report: bench_encoder.Report, complete: bool) -> None:
+        write(report, complete)
+        written.append(json.loads(report.out.read_text()))
+
+    monkeypatch.setattr(bench_encoder.Report, "write", record)
+    out_file = tmp_path / "encoder.json"
+    assert bench_encoder.main(["--dry-run", "--only", "qwen/auto", "--out", str(out_file)]) == 0
+    # The dry run has one case: written once after it, then once more at the end.
+    assert [w["complete"] for w in written] == [False, True]
+    assert written[0]["rows"] == written[1]["rows"] and written[0]["rows"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["encoder.json"]
 
 
 def test_failing_implementation_is_reported_in_its_row(tmp_path, monkeypatch, capsys):
