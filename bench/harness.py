@@ -225,6 +225,10 @@ def impls_for(case: Case, suite: Suite, device_type: str) -> list[Impl]:
     return ours + [peer for peer in suite.peers(case.op) if peer.applies_to(case)]
 
 
+# Peers whose first call compiles (seconds to minutes): the runner times them after the rest.
+COMPILES_ON_FIRST_USE = frozenset({"torch.compile", "flex_attention"})
+
+
 def compile_peer(reference: Callable, args: tuple[str, ...]) -> Impl:
     """``torch.compile`` of an eager reference, compiled once per process (on the first call,
     outside the timing) and shared by every case, as a user would."""

@@ -11,7 +11,7 @@ import pytest
 from qwen_kernels import cli
 from qwen_kernels._backends import REGISTRY
 from qwen_kernels.bench import harness, runner, suites
-from qwen_kernels.bench.shapes import FULL
+from qwen_kernels.bench.shapes import FULL, TINY
 
 TOP_KEYS = {
     "mode",
@@ -143,3 +143,19 @@ def test_cli_dry_run_of_one_op(tmp_path, capsys):
 def test_cli_rejects_an_unknown_op(tmp_path, capsys):
     assert cli.main(["bench", "--dry-run", "--op", "no_such_op", "--out", str(tmp_path)]) == 2
     assert "no_such_op" in capsys.readouterr().err
+
+
+def test_peers_that_compile_run_after_everything_else(monkeypatch):
+    calls = []
+
+    def record(case, impls, ceilings, progress, device, stream):
+        calls.extend(impl.name for impl in impls)
+        return []
+
+    monkeypatch.setattr(runner, "_run_or_report", record)
+    work = runner._cases(suites.select(None), TINY)
+    report = runner._new_report("dry-run", TINY, "test", None)
+    runner._run_all(report, work, "cuda", None, io.StringIO())
+    compiling = [name in harness.COMPILES_ON_FIRST_USE for name in calls]
+    assert any(compiling) and not all(compiling)
+    assert compiling == sorted(compiling), "a compiling peer ran before an uncompiled row"
