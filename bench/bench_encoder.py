@@ -153,13 +153,9 @@ class VarlenAttention(nn.Module):
         max_seqlen: int,
         kernels: LayerKernels,
     ) -> Tensor:
-        attn, tokens = self.attn, x.shape[0]
-        q, k, v = attn.qkv(x).view(tokens, 3, attn.num_heads, attn.head_dim).unbind(1)
-        qwen_kernels.mrope_pos_(
-            q, k, layout.positions, layout.inv_freq, layout.rotary_section, backend=kernels.rotary
-        )
+        q, k, v = self.attn.rotated_qkv(x, layout, kernels)
         out = varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen)
-        return attn.proj(out.reshape(tokens, -1))
+        return self.attn.proj(out.reshape(x.shape[0], -1))
 
 
 def implementations(

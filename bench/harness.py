@@ -171,6 +171,23 @@ class Row:
     rel_err: float | None = None
     speedup: dict[str, float] = field(default_factory=dict)
 
+    @classmethod
+    def of(cls, case: Case, impl: Impl, **result: Any) -> Row:
+        """The row of ``impl`` on ``case``, with the ``result`` fields given."""
+        return cls(
+            case.op,
+            case.name,
+            case.series,
+            case.x,
+            case.tokens,
+            case.shape,
+            impl.name,
+            impl.kind,
+            case.bytes,
+            case.flops,
+            **result,
+        )
+
 
 @dataclass
 class CaseCheck:
@@ -393,18 +410,7 @@ def _run_impl(
     reference: Any,
     ceilings: Ceilings | None,
 ) -> Row:
-    row = Row(
-        case.op,
-        case.name,
-        case.series,
-        case.x,
-        case.tokens,
-        case.shape,
-        impl.name,
-        impl.kind,
-        case.bytes,
-        case.flops,
-    )
+    row = Row.of(case, impl)
     if impl.missing:
         row.detail = impl.missing
         return row

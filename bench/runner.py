@@ -146,23 +146,8 @@ def _run_or_report(
         return run_case(case, impls, ceilings, progress, device)
     except Exception as exc:  # building the inputs or the reference failed: report, go on
         print(f"case failed: {type(exc).__name__}: {exc}", file=stream)
-        return [
-            Row(
-                case.op,
-                case.name,
-                case.series,
-                case.x,
-                case.tokens,
-                case.shape,
-                impl.name,
-                impl.kind,
-                case.bytes,
-                case.flops,
-                status="error",
-                detail=f"case setup failed: {type(exc).__name__}: {exc}",
-            )
-            for impl in impls
-        ]
+        detail = f"case setup failed: {type(exc).__name__}: {exc}"
+        return [Row.of(case, impl, status="error", detail=detail) for impl in impls]
 
 
 def timed_report(

@@ -58,6 +58,16 @@ class VisionAttention(nn.Module):
         self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)
         self.proj = nn.Linear(config.hidden_size, config.hidden_size)
 
+    def rotated_qkv(
+        self, x: Tensor, layout: GridLayout, kernels: LayerKernels
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """q, k, v ``[T, H, D]`` as views of one packed projection, q and k rotated in place."""
+        q, k, v = self.qkv(x).view(x.shape[0], 3, self.num_heads, self.head_dim).unbind(1)
+        qk.mrope_pos_(
+            q, k, layout.positions, layout.inv_freq, layout.rotary_section, backend=kernels.rotary
+        )
+        return q, k, v
+
     def forward(
         self,
         x: Tensor,
@@ -66,13 +76,9 @@ class VisionAttention(nn.Module):
         max_seqlen: int,
         kernels: LayerKernels,
     ) -> Tensor:
-        tokens = x.shape[0]
-        q, k, v = self.qkv(x).view(tokens, 3, self.num_heads, self.head_dim).unbind(1)
-        qk.mrope_pos_(
-            q, k, layout.positions, layout.inv_freq, layout.rotary_section, backend=kernels.rotary
-        )
+        q, k, v = self.rotated_qkv(x, layout, kernels)
         out = qk.window_attn(q, k, v, cu_seqlens, max_seqlen, backend=kernels.attention)
-        return self.proj(out.view(tokens, -1))
+        return self.proj(out.view(x.shape[0], -1))
 
 
 class VisionMLP(nn.Module):

@@ -176,14 +176,10 @@ def test_auto_runs_float64_on_the_reference(gen):
 
 
 @pytest.mark.parametrize(
-    "backend",
-    [
-        b
-        for b in ("cuda", "cuda_emu")
-        if b in backends_for("rms_norm", "cuda" if b == "cuda" else "cpu")
-    ],
+    ("backend", "device"),
+    [t for t in targets("rms_norm") if t.values[0] in ("cuda", "cuda_emu")],
 )
-def test_native_op_checks_its_arguments(gen, backend):
+def test_native_op_checks_its_arguments(gen, backend, device):
     """The C++ ops check their input themselves when called directly (torch.ops.qwen_emu...)."""
     import importlib
 
@@ -192,7 +188,7 @@ def test_native_op_checks_its_arguments(gen, backend):
         if backend == "cuda_emu"
         else torch.ops.qwen_cuda
     )
-    x = randn(gen, 3, 16).to("cuda" if backend == "cuda" else "cpu")
+    x = randn(gen, 3, 16).to(device)
     weight = randn(gen, 16).to(x.device)
     with pytest.raises(ValueError, match="argument 'weight'"):
         library.rms_norm(x, weight[:15], EPS)
