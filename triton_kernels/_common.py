@@ -3,16 +3,31 @@ and 2-D row views of inputs."""
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
 
+# The interpreter's fp32 -> bf16 cast truncates (even with fp_downcast_rounding="rtne"), so kernels
+# round on the fp32 bits there; compiled kernels keep the native conversion.
+INTERPRETING = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+
+
 @triton.jit
 def round_to(x, dtype: tl.constexpr):
-    """Round fp32 ``x`` to ``dtype`` to nearest even (the interpreter truncates a plain ``.to``)."""
+    """Round fp32 ``x`` to ``dtype`` to nearest even, on the GPU and under the interpreter."""
     if dtype == tl.float32:
         return x
+    elif INTERPRETING and dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        # Add half an ulp of bf16 (minus one when the kept lsb is even: ties go to even) and keep
+        # the high 16 bits, which are the bf16 value (subnormals included). NaN keeps its sign and
+        # becomes a quiet NaN.
+        rounded = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16
+        rounded = tl.where(x == x, rounded, (bits >> 16) | 0x40)
+        return rounded.to(tl.uint16).to(dtype, bitcast=True)
     else:
         return x.to(dtype, fp_downcast_rounding="rtne")
 
