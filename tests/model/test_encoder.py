@@ -203,8 +203,14 @@ def test_wrong_pixel_values_shape(gen, small_weights):
         encoder(pixels[:-4], SMALL_BATCH)
 
 
-def test_compiles_to_one_graph(gen, small_weights):
-    encoder = VisionEncoder.from_hf_state_dict(small_weights, SMALL, kernels="torch")
+# Triton is left out on the CPU: the interpreter makes a compiled tower cost a minute.
+@pytest.mark.parametrize("backend", ["torch", "cuda_emu"])
+def test_compiles_to_one_graph(gen, small_weights, backend):
+    missing = qwen_kernels._backends.runtime_missing(backend, "cpu")
+    if missing:
+        pytest.skip(f"{backend} cannot run here: {missing}")
+    kernels = KernelConfig.best_effort(backend)
+    encoder = VisionEncoder.from_hf_state_dict(small_weights, SMALL, kernels=kernels)
     pixels = random_pixels(gen, SMALL_BATCH)
     layout = encoder.layout(SMALL_BATCH)
     compiled = torch.compile(encoder.encode, fullgraph=True, backend="aot_eager")

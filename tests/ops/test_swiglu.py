@@ -115,7 +115,9 @@ def test_rms_norm_swiglu_backend_matches_reference(gen, backend, device, dtype, 
     eager = qwen_kernels.rms_norm_swiglu(x, norm_weight, weight, bias, EPS, "torch")
     args = [t.to(device) if t is not None else None for t in (x, norm_weight, weight, bias)]
     got = qwen_kernels.rms_norm_swiglu(*args, EPS, backend)
-    assert_close_to_reference(got.cpu(), ref64, eager)
+    # The GEMM cancels: an output near zero carries the rounding of its row's largest values.
+    row_scale = ref64.abs().amax(-1, keepdim=True)
+    assert_close_to_reference(got.cpu(), ref64, eager, magnitude=row_scale)
 
 
 @pytest.mark.parametrize(("backend", "device"), targets("rms_norm_swiglu"))
@@ -168,8 +170,9 @@ def test_row_strided_and_misaligned_views(gen, backend, device, dtype):
     """Rows of a wider buffer (a view, no copy) starting one element past a 16-byte boundary."""
     base = randn(gen, 6, 1 + 2 * 1280 + 7, dtype=dtype).to(device)
     gate_up = base[:, 1 : 1 + 2 * 1280]
-    expected = qwen_kernels.swiglu(gate_up.cpu(), "torch")
-    torch.testing.assert_close(qwen_kernels.swiglu(gate_up, backend).cpu(), expected)
+    # Same kernel math on an aligned copy: a narrower vector width changes no bit.
+    expected = qwen_kernels.swiglu(gate_up.contiguous(), backend)
+    assert torch.equal(qwen_kernels.swiglu(gate_up, backend), expected)
 
 
 @pytest.mark.parametrize(("backend", "device"), targets("swiglu"))
@@ -178,12 +181,12 @@ def test_empty_inputs(gen, backend, device):
     assert qwen_kernels.swiglu(randn(gen, 3, 0).to(device), backend).shape == (3, 0)
 
 
-@pytest.mark.parametrize(("backend", "device"), targets("swiglu", kernels_only=True))
+@pytest.mark.parametrize(("backend", "device"), targets("swiglu"))
 def test_opcheck_kernels(gen, backend, device):
     torch.library.opcheck(torch.ops.qwen.swiglu, (randn(gen, 3, 10).to(device), backend))
 
 
-@pytest.mark.parametrize(("backend", "device"), targets("rms_norm_swiglu", kernels_only=True))
+@pytest.mark.parametrize(("backend", "device"), targets("rms_norm_swiglu"))
 def test_rms_norm_swiglu_opcheck_and_strided_bias(gen, backend, device):
     x, norm_weight = randn(gen, 3, 8).to(device), randn(gen, 8).to(device)
     weight = randn(gen, 12, 8).to(device)

@@ -1,0 +1,87 @@
+"""The numerics rule rejects plausible wrong kernels: a small Triton RMSNorm, written right and
+then broken the ways real kernels break (output scaled by 1%, truncation instead of rounding to
+nearest, a term dropped from the sum, the last row never written), runs through
+``assert_close_to_reference`` like every backend test. The right one must pass and each broken
+one must fail, in every dtype where the defect exists."""
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+import qwen_kernels
+from qwen_kernels._backends import runtime_missing
+from qwen_kernels.triton_kernels._common import round_to
+from tests.helpers import DTYPES, assert_close_to_reference, randn
+
+pytestmark = pytest.mark.skipif(
+    runtime_missing("triton", "cpu") is not None, reason=str(runtime_missing("triton", "cpu"))
+)
+
+EPS = 1e-6
+RIGHT, SCALED, TRUNCATED, DROPPED_TERM, UNWRITTEN_ROW = range(5)
+DEFECTS = {
+    "scaled by 1.01": SCALED,
+    "truncated": TRUNCATED,
+    "dropped term": DROPPED_TERM,
+    "unwritten row": UNWRITTEN_ROW,
+}
+
+
+@triton.jit
+def _round_toward_zero(x, dtype: tl.constexpr):
+    """Truncation: the nearest value, stepped back one ulp where it rounded away from zero."""
+    rounded = round_to(x, dtype)
+    bits = rounded.to(tl.int16, bitcast=True)
+    stepped = (bits - 1).to(dtype, bitcast=True)
+    return tl.where(tl.abs(rounded.to(tl.float32)) > tl.abs(x), stepped, rounded)
+
+
+@triton.jit
+def _rms_norm_kernel(
+    x_ptr, w_ptr, out_ptr, n_rows, n_cols, eps, MODE: tl.constexpr, BLOCK: tl.constexpr
+):
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    x = tl.load(x_ptr + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+    summed = x if MODE != DROPPED_TERM else tl.where(cols < n_cols - 1, x, 0.0)
+    rstd = tl.rsqrt(tl.sum(summed * summed, axis=0) / n_cols + eps)
+    dtype: tl.constexpr = out_ptr.dtype.element_ty
+    normed = round_to(x * rstd, dtype).to(tl.float32)
+    out = normed * tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    if MODE == SCALED:
+        out = out * 1.01
+    stored = _round_toward_zero(out, dtype) if MODE == TRUNCATED else round_to(out, dtype)
+    if MODE != UNWRITTEN_ROW or row < n_rows - 1:
+        tl.store(out_ptr + row * n_cols + cols, stored, mask=mask)
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, mode: int) -> torch.Tensor:
+    out = torch.empty_like(x)  # NaN-filled by the suite's poisoning fixture
+    rows, cols = x.shape
+    _rms_norm_kernel[(rows,)](
+        x, weight, out, rows, cols, EPS, MODE=mode, BLOCK=triton.next_power_of_2(cols)
+    )
+    return out
+
+
+def _check(gen, dtype: torch.dtype, mode: int) -> None:
+    x, weight = randn(gen, 40, 100, dtype=dtype, scale=2.0), randn(gen, 100, dtype=dtype)
+    ref64 = qwen_kernels.rms_norm(x.double(), weight.double(), EPS, "torch")
+    eager = qwen_kernels.rms_norm(x, weight, EPS, "torch")
+    assert_close_to_reference(_rms_norm(x, weight, mode), ref64, eager)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_right_kernel_passes(gen, dtype):
+    _check(gen, dtype, RIGHT)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("defect", DEFECTS)
+def test_broken_kernel_is_rejected(gen, dtype, defect):
+    if defect == "truncated" and dtype == torch.float32:
+        pytest.skip("fp32 outputs are not rounded to a narrower type")
+    with pytest.raises(AssertionError):
+        _check(gen, dtype, DEFECTS[defect])
