@@ -70,6 +70,7 @@ def _case(name: str, series: str, x: int, lengths: list[int], heads: int, head_d
         flops=4 * sum(n * n for n in lengths) * heads * head_dim,
         args=ARGS,
         build=functools.partial(_build, tuple(lengths), heads, head_dim),
+        lengths=tuple(lengths),
     )
 
 

@@ -88,6 +88,7 @@ class Case:
         flops: matrix-multiply FLOPs (a multiply-add counts 2); 0 for elementwise ops.
         args: the op's positional arguments, as keys of the input set.
         build: makes one input set (the op's arguments by name, plus metadata peers may use).
+        lengths: attention only: the segment lengths (for the useful share of mma tiles).
     """
 
     op: str
@@ -100,6 +101,7 @@ class Case:
     flops: int
     args: tuple[str, ...]
     build: Callable[[Maker], Inputs]
+    lengths: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)

@@ -58,3 +58,43 @@ def _flags(args: argparse.Namespace) -> list[str]:
     flags = [f"--op={name}" for name in args.op or ()]
     flags += ["--quick"] * args.quick + ["--dry-run"] * args.dry_run
     return flags + ([f"--out={args.out}"] if args.out else [])
+
+
+def add_inspect_parser(commands: argparse._SubParsersAction) -> None:
+    """Add the ``inspect`` subcommand to the ``qwen-kernels`` parser."""
+    parser = commands.add_parser(
+        "inspect",
+        help="static report of every kernel's machine code (no GPU needed)",
+        description="Compile every Triton kernel variant the benchmark cases launch, and read "
+        "the CUDA kernels of qwen_kernels._C, for each arch: registers, spills, shared memory, "
+        "occupancy, tensor-core and 16-byte memory instructions.",
+    )
+    parser.add_argument(
+        "--arch",
+        default="8.0,9.0a",
+        help="comma-separated compute capabilities (default: 8.0,9.0a)",
+    )
+    parser.add_argument(
+        "--op", action="append", metavar="NAME", help="only this op (repeatable); default: all"
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="the benchmark's quick sizes instead of the full set"
+    )
+    parser.add_argument(
+        "--out", type=Path, metavar="DIR", help="also write DIR/inspect.json and DIR/inspect.md"
+    )
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    """Run ``qwen-kernels inspect`` with parsed ``args``; returns the exit status."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        print("qwen-kernels inspect: unset TRITON_INTERPRET (it compiles real kernels)")
+        return 2
+    from .bench import inspect_kernels
+
+    archs = [a.strip() for a in args.arch.split(",") if a.strip()]
+    flags = [f"--arch={args.arch}", *[f"--op={op}" for op in args.op or ()]]
+    flags += ["--quick"] * args.quick + ([f"--out={args.out}"] if args.out else [])
+    command = shlex.join(["qwen-kernels", "inspect", *flags])
+    scale = "quick" if args.quick else "full"
+    return inspect_kernels.main(archs, args.out, scale, args.op, command)

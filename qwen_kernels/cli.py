@@ -14,7 +14,7 @@ import torch
 
 from . import __version__
 from ._backends import BACKENDS, REGISTRY, cuda_extension_error, runtime_missing
-from .bench_cli import add_bench_parser, run_bench
+from .bench_cli import add_bench_parser, add_inspect_parser, run_bench, run_inspect
 
 
 def _triton_version() -> str:
@@ -112,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         "demo", help="encode a sample image with the best kernels and with the reference"
     )
     add_bench_parser(commands)
+    add_inspect_parser(commands)
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["demo"]:
         from .model import demo
@@ -122,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         return _print_info()
     if args.command == "bench":
         return run_bench(args)
+    if args.command == "inspect":
+        return run_inspect(args)
     parser.error(f"unknown command {args.command}")
     return 2
 

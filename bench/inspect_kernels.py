@@ -1,0 +1,529 @@
+"""The static report of our kernels' machine code, made without a GPU (``qwen-kernels inspect``).
+
+Triton kernels: every launch that the "triton" backend of each op makes for the benchmark cases
+is captured (the launchers run on shape-only tensors; nothing executes), specialised exactly as
+the JIT would (Triton's own argument binder: dtypes, divisibility by 16, integer constants) and
+compiled offline for each target arch. CUDA kernels: the cubins inside ``qwen_kernels._C``.
+Both are read with the cuobjdump that ships with Triton (or the CUDA toolkit's): registers,
+local memory (spills), shared memory, and counts of the instructions that decide speed:
+
+    HMMA = mma.sync, HGMMA = wgmma (tensor cores), LDSM = ldmatrix, LDGSTS = cp.async,
+    LDG/STG .128 = 16-byte global loads/stores, LDL/STL = local memory (spills).
+
+Theoretical occupancy (warps per SM) follows the A100 and H100 limits. For attention kernels the
+share of tensor-core work that is useful (not padding) comes from the case's segment lengths and
+the kernel's tiles.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qwen_kernels._backends import REGISTRY
+
+from .harness import Case, Maker
+from .shapes import SCALES, Scale
+from .suites import SUITES
+
+DEFAULT_ARCHS = ("8.0", "9.0a")
+RESERVED_SHARED = 1024  # bytes of shared memory the driver keeps per block
+# What each op's kernels must show: tensor-core math, or 16-byte global accesses.
+KIND = {"rms_norm_swiglu": "gemm", "window_attn": "attention", "window_attn_rope": "attention"}
+INSTRUCTIONS = {
+    "hmma": r"\bHMMA\.",
+    "hgmma": r"\bHGMMA\.",
+    "ldsm": r"\bLDSM\.",
+    "ldgsts": r"\bLDGSTS\.",
+    "ldg128": r"\bLDG\.E(\.[A-Z0-9_]+)*\.128\b",
+    "stg128": r"\bSTG\.E(\.[A-Z0-9_]+)*\.128\b",
+    "ldl": r"\bLDL\b",
+    "stl": r"\bSTL\b",
+}
+
+
+@dataclass(frozen=True)
+class GpuLimits:
+    """Per-SM limits that bound how many blocks of a kernel run at once."""
+
+    name: str
+    registers: int = 65536
+    max_warps: int = 64
+    max_blocks: int = 32
+    shared_bytes: int = 167936  # usable shared memory per SM
+    reserved_shared_per_block: int = RESERVED_SHARED
+
+    def warps_per_sm(self, warps: int, registers: int, shared_bytes: int) -> int:
+        """Theoretical occupancy of a block of ``warps`` warps using ``registers`` per thread and
+        ``shared_bytes`` of shared memory (registers are allocated per warp in units of 256)."""
+        per_warp = math.ceil(max(registers, 1) * 32 / 256) * 256
+        by_registers = self.registers // (per_warp * warps)
+        by_shared = self.shared_bytes // (shared_bytes + self.reserved_shared_per_block)
+        blocks = min(by_registers, by_shared, self.max_warps // warps, self.max_blocks)
+        return blocks * warps
+
+
+GPUS = (GpuLimits("A100"), GpuLimits("H100", shared_bytes=233472))
+
+
+@dataclass
+class Row:
+    """One compiled kernel variant on one arch."""
+
+    op: str
+    backend: str
+    kernel: str
+    variant: str
+    arch: str
+    warps: int | None
+    registers: int
+    local_bytes: int
+    shared_bytes: int
+    counts: dict[str, int]
+    occupancy: dict[str, int | None]
+    cases: list[str] = field(default_factory=list)
+    useful_mma: float | None = None
+
+    @property
+    def spills(self) -> bool:
+        """Local memory in use: spilled registers or a stack array."""
+        return self.local_bytes > 0 or self.counts["ldl"] > 0 or self.counts["stl"] > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Tools
+
+
+def _tool(name: str) -> str:
+    """cuobjdump / nvdisasm: Triton's bundled copy first (present wherever Triton is), then
+    the CUDA toolkit's."""
+    with contextlib.suppress(ImportError):
+        import triton
+
+        bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
+        if bundled.is_file():
+            return str(bundled)
+    home = os.environ.get("CUDA_HOME") or "/usr/local/cuda"
+    for candidate in (Path(home, "bin", name), shutil.which(name)):
+        if candidate and Path(candidate).is_file():
+            return str(candidate)
+    raise RuntimeError(f"inspect needs {name} (from the triton package or a CUDA toolkit)")
+
+
+def _run(*command: str) -> str:
+    return subprocess.run(command, capture_output=True, text=True, check=True).stdout
+
+
+def _demangle(names: Sequence[str]) -> dict[str, str]:
+    if not names or shutil.which("c++filt") is None:
+        return {n: n for n in names}
+    out = subprocess.run(
+        ["c++filt"], input="\n".join(names), capture_output=True, text=True, check=True
+    ).stdout
+    return dict(zip(names, out.splitlines(), strict=True))
+
+
+@dataclass
+class _Function:
+    registers: int = 0
+    local_bytes: int = 0
+    shared_bytes: int = 0
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(INSTRUCTIONS, 0))
+
+
+def read_binary(path: Path, arch: str = "sm_80") -> dict[tuple[str, str], _Function]:
+    """Per (arch, mangled function name) of a cubin (compiled for ``arch``) or of a library with
+    embedded cubins (which name their archs): resource usage and instruction counts."""
+    cuobjdump = _tool("cuobjdump")
+    functions: dict[tuple[str, str], _Function] = {}
+    default_arch = arch
+    current = None
+    for line in _run(cuobjdump, "-res-usage", str(path)).splitlines():
+        if m := re.match(r"\s*arch = (sm_\w+)", line):
+            arch = m.group(1)
+        elif m := re.match(r"\s*Function (\S+):", line):
+            current = functions.setdefault((arch, m.group(1)), _Function())
+        elif current is not None and (
+            m := re.search(r"REG:(\d+) STACK:\d+ SHARED:(\d+) LOCAL:(\d+)", line)
+        ):
+            current.registers, shared, current.local_bytes = map(int, m.groups())
+            # From sm_90 on the count includes the 1 KiB the driver reserves per block; the
+            # occupancy model adds that reservation on every arch itself.
+            if int(arch[3:5]) >= 90 and shared >= RESERVED_SHARED:
+                shared -= RESERVED_SHARED
+            current.shared_bytes = shared
+    patterns = {key: re.compile(p) for key, p in INSTRUCTIONS.items()}
+    arch, current = default_arch, None
+    for line in _run(cuobjdump, "-sass", str(path)).splitlines():
+        if m := re.match(r"\s*arch = (sm_\w+)", line):
+            arch = m.group(1)
+        elif m := re.match(r"\s*Function : (\S+)", line):
+            current = functions.setdefault((arch, m.group(1)), _Function())
+        elif current is not None and "/*" in line:
+            for key, pattern in patterns.items():
+                if pattern.search(line):
+                    current.counts[key] += 1
+    return functions
+
+
+def _occupancy(warps: int | None, registers: int, shared_bytes: int) -> dict[str, int | None]:
+    return {
+        gpu.name: gpu.warps_per_sm(warps, registers, shared_bytes) if warps else None
+        for gpu in GPUS
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton
+
+
+@dataclass
+class Launch:
+    """One captured Triton launch: the kernel and its arguments as the launcher passed them."""
+
+    kernel: Any  # triton.runtime.jit.JITFunction
+    args: tuple
+    kwargs: dict
+
+
+@contextlib.contextmanager
+def captured_launches() -> Iterator[list[Launch]]:
+    """Inside the block, Triton kernel launches are recorded instead of run."""
+    from triton.runtime.jit import JITFunction
+
+    launches: list[Launch] = []
+    original = JITFunction.run
+
+    def record(self, *args, grid, warmup, **kwargs):
+        launches.append(Launch(self, args, dict(kwargs)))
+
+    JITFunction.run = record
+    try:
+        yield launches
+    finally:
+        JITFunction.run = original
+
+
+def _target(arch: str):
+    from triton.backends.compiler import GPUTarget
+
+    return GPUTarget("cuda", round(float(arch.rstrip("a")) * 10), 32)
+
+
+def compile_launch(launch: Launch, arch: str) -> tuple[Any, str]:
+    """Compile ``launch`` for ``arch`` with the specialisation the JIT would give it; returns the
+    compiled kernel and a short description of the variant (constexprs, 16-divisible args)."""
+    import triton
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    target = _target(arch)
+    backend = make_backend(target)
+    fn = launch.kernel
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound, specialization, options = binder(*launch.args, **launch.kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(
+        backend, launch.kwargs, bound, specialization, options
+    )
+    compiled = triton.compile(
+        ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__
+    )
+    names = [p.name for p in fn.params]
+    shown = [f"{names[path[0]]}={value}" for path, value in constexprs.items() if len(path) == 1]
+    aligned = [names[path[0]] for path, attr in attrs.items() if len(path) == 1 and attr]
+    variant = ", ".join(
+        [*shown, f"num_warps={options.num_warps}", f"num_stages={options.num_stages}"]
+    )
+    if aligned:
+        variant += f"; 16-divisible: {', '.join(aligned)}"
+    return compiled, variant
+
+
+def launches_of(op: str, args: Sequence[Any]) -> list[Launch]:
+    """The Triton launches the "triton" backend of ``op`` makes for ``args`` (not run)."""
+    impl = REGISTRY[op]._load("triton")
+    with captured_launches() as launches:
+        impl(*args)
+    return launches
+
+
+def _case_launches(case: Case) -> list[Launch]:
+    """The launches for a benchmark case: inputs built shape-only ("meta") where the launcher
+    needs no values, as CPU tensors otherwise."""
+    for device in ("meta", "cpu"):
+        inputs = case.build(Maker(device, seed=0))
+        try:
+            return launches_of(case.op, [inputs[name] for name in case.args])
+        except (NotImplementedError, RuntimeError):
+            if device == "cpu":
+                raise
+    return []
+
+
+@dataclass
+class Call:
+    """Launches of one op for one input set (a benchmark case, or inputs a test chose)."""
+
+    op: str
+    name: str
+    launches: list[Launch]
+    lengths: Sequence[int] | None = None  # attention: the segment lengths, for the mma share
+
+
+def triton_rows(
+    calls: Sequence[Call], archs: Sequence[str], progress: Callable[[str], None]
+) -> list[Row]:
+    """Compile every distinct Triton launch of ``calls`` for ``archs`` and read its cubin."""
+    rows: dict[tuple, Row] = {}
+    compiled_variants: dict[tuple, tuple[Any, str]] = {}
+    for call in calls:
+        for launch in call.launches:
+            for arch in archs:
+                key = (launch.kernel, arch, _launch_key(launch))
+                if key not in compiled_variants:
+                    progress(f"compiling {call.op} {launch.kernel.__name__} for {arch}")
+                    compiled_variants[key] = compile_launch(launch, arch)
+                compiled, variant = compiled_variants[key]
+                row_key = (call.op, launch.kernel.__name__, variant, arch)
+                if row_key not in rows:
+                    rows[row_key] = _triton_row(call.op, launch, compiled, variant, arch)
+                rows[row_key].cases.append(call.name)
+                _note_useful_share(rows[row_key], call, launch)
+    return list(rows.values())
+
+
+def _launch_key(launch: Launch) -> str:
+    """What decides the compiled code: argument types, 16-divisibility, constants, options."""
+    parts = []
+    for value in (*launch.args, *sorted(launch.kwargs.items())):
+        if isinstance(value, torch.Tensor):
+            aligned = (value.storage_offset() * value.element_size()) % 16 == 0
+            parts.append(f"{value.dtype}:{aligned}")
+        elif isinstance(value, int) and not isinstance(value, bool):
+            parts.append(f"int:{value % 16 == 0}:{value == 1}:{abs(value) >= 2**31}")
+        else:
+            parts.append(repr(value))
+    return "|".join(parts)
+
+
+def _triton_row(op: str, launch: Launch, compiled: Any, variant: str, arch: str) -> Row:
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp, "kernel.cubin")
+        cubin.write_bytes(compiled.asm["cubin"])
+        functions = read_binary(cubin, f"sm_{arch.replace('.', '')}")
+    function = next(iter(functions.values()))
+    warps = compiled.metadata.num_warps
+    # Triton allocates its shared memory dynamically: the metadata holds the total.
+    shared = max(function.shared_bytes, compiled.metadata.shared)
+    return Row(
+        op=op,
+        backend="triton",
+        kernel=launch.kernel.__name__,
+        variant=variant,
+        arch=f"sm_{arch.replace('.', '')}",
+        warps=warps,
+        registers=function.registers,
+        local_bytes=function.local_bytes,
+        shared_bytes=shared,
+        counts=function.counts,
+        occupancy=_occupancy(warps, function.registers, shared),
+    )
+
+
+def _note_useful_share(row: Row, call: Call, launch: Launch) -> None:
+    """For attention kernels whose module declares ``useful_mma_share(kwargs, lengths)`` (the
+    share of tensor-core work spent on real tokens and head dims for those segment lengths)."""
+    if KIND.get(call.op) != "attention" or call.lengths is None:
+        return
+    module = importlib.import_module(launch.kernel.fn.__module__)
+    share_of = getattr(module, "useful_mma_share", None)
+    share = share_of(launch.kwargs, call.lengths) if share_of else None
+    if share is not None:
+        row.useful_mma = share if row.useful_mma is None else min(row.useful_mma, share)
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA
+
+# Kernel name prefix (demangled, without namespaces) -> the op it serves; the rms_norm kernel
+# serves add_rms_norm too (its last template argument says whether it adds a residual).
+_CUDA_KERNEL_OPS = {
+    "swiglu_kernel": "swiglu",
+    "patch_merge": "patch_merge",
+    "mrope": "mrope",
+    "window_attn": "window_attn",
+}
+
+
+def _cuda_op(kernel: str) -> str:
+    if kernel.startswith("rms_norm_kernel"):
+        return "add_rms_norm" if kernel.rstrip(">").endswith("true") else "rms_norm"
+    for prefix, op in _CUDA_KERNEL_OPS.items():
+        if kernel.startswith(prefix):
+            return op
+    return kernel.split("<")[0]
+
+
+def cuda_library() -> Path | None:
+    """The built ``qwen_kernels._C`` shared library, or None when it is not built."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("qwen_kernels._C")
+    return Path(spec.origin) if spec and spec.origin else None
+
+
+def _declared_warps(library: Path) -> dict[str, int]:
+    """Warps per block of the kernels that declare it (``__launch_bounds__`` -> ``.maxntid`` in
+    the embedded PTX); the others choose their block size at launch."""
+    warps, entry = {}, None
+    for line in _run(_tool("cuobjdump"), "-ptx", str(library)).splitlines():
+        if m := re.match(r"\s*\.(?:visible )?\.entry (\S+)\(", line):
+            entry = m.group(1)
+        elif entry and (m := re.match(r"\s*\.maxntid (\d+), (\d+), (\d+)", line)):
+            warps[entry] = math.prod(map(int, m.groups())) // 32
+        elif line.strip() == "{":
+            entry = None
+    return warps
+
+
+def cuda_rows(archs: Sequence[str]) -> list[Row]:
+    """Every kernel in ``qwen_kernels._C`` for ``archs`` (the cubins the build holds)."""
+    library = cuda_library()
+    if library is None:
+        return []
+    wanted = {f"sm_{a.replace('.', '')}" for a in archs}
+    functions = {key: f for key, f in read_binary(library).items() if key[0] in wanted}
+    readable = _demangle(sorted({name for _, name in functions}))
+    declared = _declared_warps(library)
+    rows = []
+    for (arch, name), function in sorted(functions.items()):
+        full = readable[name]
+        kernel = re.sub(r"^void ", "", full)
+        kernel = re.sub(r"\([^()]*\)$", "", kernel)  # drop the parameter list
+        kernel = re.sub(r"(\w+::|\(anonymous namespace\)::)", "", kernel)
+        base = kernel.split("<")[0]
+        variant = kernel[len(base) :] or "-"
+        rows.append(
+            Row(
+                op=_cuda_op(kernel),
+                backend="cuda",
+                kernel=base,
+                variant=variant,
+                arch=arch,
+                warps=declared.get(name),
+                registers=function.registers,
+                local_bytes=function.local_bytes,
+                shared_bytes=function.shared_bytes,
+                counts=function.counts,
+                occupancy=_occupancy(declared.get(name), function.registers, function.shared_bytes),
+            )
+        )
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+
+
+def inspect(
+    archs: Sequence[str] = DEFAULT_ARCHS,
+    scale: Scale | str = "full",
+    ops: Sequence[str] | None = None,
+    progress: Callable[[str], None] = lambda message: None,
+) -> list[Row]:
+    """Rows for every Triton launch of the benchmark cases at ``scale`` and every CUDA kernel of
+    ``qwen_kernels._C``, compiled or read for each of ``archs`` (e.g. "8.0", "9.0a")."""
+    scale = SCALES[scale] if isinstance(scale, str) else scale
+    calls = [
+        Call(case.op, case.name, _case_launches(case), case.lengths)
+        for suite in SUITES
+        for case in suite.cases(scale)
+        if (not ops or case.op in ops) and "triton" in REGISTRY[case.op].impls
+    ]
+    rows = triton_rows(calls, archs, progress)
+    rows += [row for row in cuda_rows(archs) if not ops or row.op in ops]
+    return rows
+
+
+def summary(rows: Sequence[Row]) -> list[str]:
+    """One line per op: variants, worst registers, spills, tensor-core and vector instructions."""
+    lines = []
+    for op in sorted({row.op for row in rows}):
+        mine = [row for row in rows if row.op == op]
+        spilled = sum(row.spills for row in mine)
+        mma = sum(row.counts["hmma"] + row.counts["hgmma"] > 0 for row in mine)
+        wide = sum(row.counts["ldg128"] > 0 for row in mine)
+        useful = [row.useful_mma for row in mine if row.useful_mma is not None]
+        text = (
+            f"{op}: {len(mine)} variant rows, registers <= {max(r.registers for r in mine)}, "
+            f"{spilled} spilling, {mma} with tensor-core mma, {wide} with 16-byte loads"
+        )
+        if useful:
+            text += f", useful mma share >= {min(useful):.0%}"
+        lines.append(text)
+    return lines
+
+
+def markdown(rows: Sequence[Row], command: str) -> str:
+    """The report as Markdown: the command, the summary, then one table row per variant."""
+    header = (
+        "| op | backend | kernel | arch | variant | warps | regs | local B | smem B | "
+        "warps/SM A100 | warps/SM H100 | HMMA | HGMMA | LDSM | LDGSTS | LDG.128 | STG.128 | "
+        "LDL/STL | useful mma |"
+    )
+    lines = [
+        "# Static kernel report",
+        "",
+        f"Regenerate with `{command}` (no GPU needed).",
+        "",
+        *[f"- {line}" for line in summary(rows)],
+        "",
+        header,
+        "|" + " --- |" * (header.count("|") - 1),
+    ]
+    for r in rows:
+        c = r.counts
+        useful = f"{r.useful_mma:.0%}" if r.useful_mma is not None else ""
+        lines.append(
+            f"| {r.op} | {r.backend} | `{r.kernel}` | {r.arch} | {r.variant} | {r.warps or ''} | "
+            f"{r.registers} | {r.local_bytes} | {r.shared_bytes} | {r.occupancy['A100'] or ''} | "
+            f"{r.occupancy['H100'] or ''} | {c['hmma']} | {c['hgmma']} | {c['ldsm']} | "
+            f"{c['ldgsts']} | {c['ldg128']} | {c['stg128']} | {c['ldl'] + c['stl']} | {useful} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def to_json(rows: Sequence[Row]) -> list[dict[str, Any]]:
+    """Rows as plain dicts, with the spill verdict."""
+    return [{**dataclasses.asdict(row), "spills": row.spills} for row in rows]
+
+
+def main(
+    archs: Sequence[str], out: Path | None, scale: str, ops: Sequence[str] | None, command: str
+) -> int:
+    """Print the report (and write ``inspect.json`` + ``inspect.md`` into ``out``)."""
+    rows = inspect(
+        archs, scale, ops, progress=lambda message: print(f"inspect: {message}", flush=True)
+    )
+    text = markdown(rows, command)
+    print(text)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "inspect.json").write_text(json.dumps(to_json(rows), indent=1) + "\n")
+        (out / "inspect.md").write_text(text)
+        print(f"inspect: wrote {out / 'inspect.json'} and {out / 'inspect.md'}")
+    return 0
