@@ -77,6 +77,21 @@ def test_fp32_weight_with_low_precision_input(gen, backend, device):
     assert_close_to_reference(out.cpu(), ref64, eager)
 
 
+@pytest.mark.parametrize(("backend", "device"), targets("add_rms_norm"))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_add_rms_norm_fp32_weight_with_low_precision_input(gen, backend, device, dtype):
+    x, residual = randn(gen, 7, 1280, dtype=dtype), randn(gen, 7, 1280, dtype=dtype)
+    weight = randn(gen, 1280)
+    out, summed = qwen_kernels.add_rms_norm(
+        x.to(device), residual.to(device), weight.to(device), EPS, backend
+    )
+    assert out.dtype == summed.dtype == dtype
+    assert torch.equal(summed.cpu(), x + residual)
+    ref64 = qwen_kernels.rms_norm(summed.cpu().double(), weight.double(), EPS, "torch")
+    eager = qwen_kernels.rms_norm(summed.cpu(), weight, EPS, "torch")
+    assert_close_to_reference(out.cpu(), ref64, eager)
+
+
 @pytest.mark.parametrize(("backend", "device"), targets("rms_norm"))
 def test_strided_input(gen, backend, device):
     base = randn(gen, 6, 2 * 1280).to(device)

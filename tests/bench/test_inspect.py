@@ -1,0 +1,125 @@
+"""The static kernel report (``qwen-kernels inspect``), as CI runs it: every Triton kernel variant
+the benchmark cases launch compiles for sm_80 and sm_90a, and every kernel (Triton and the CUDA
+build) keeps its registers out of local memory, uses tensor cores where it multiplies matrices
+and 16-byte global loads where it streams aligned memory.
+
+Compiling needs real Triton kernels, not the interpreter the rest of the suite runs, so the
+report is made in a subprocess without ``TRITON_INTERPRET``."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from qwen_kernels._backends import REGISTRY
+from qwen_kernels.bench.inspect_kernels import KIND, cuda_library
+
+ARCHS = ("sm_80", "sm_90a")
+# Inputs whose rows start on 16-byte boundaries, per memory-bound op with a Triton kernel
+# (meta tensors: the launchers run, nothing executes). A new op must add its own here.
+ALIGNED_INPUTS = {
+    "rms_norm": "x = t(64, 1280); args = (x, t(1280), 1e-6)",
+    "add_rms_norm": "x = t(64, 1280); args = (x, t(64, 1280), t(1280), 1e-6)",
+    "swiglu": "args = (t(64, 2 * 1280),)",
+    "patch_merge": "args = (t(256, 1280), t(1280), 1e-6, None)",
+    "mrope": "args = (t(256, 16, 80), t(256, 16, 80), t(256, 80), t(256, 80), None)",
+    "mrope_": "args = (t(256, 16, 80), t(256, 16, 80), t(256, 80), t(256, 80), None)",
+    "mrope_pos": "args = (t(256, 16, 80), t(256, 16, 80), i(2, 256), f(20), [10, 10])",
+    "mrope_pos_": "args = (t(256, 16, 80), t(256, 16, 80), i(2, 256), f(20), [10, 10])",
+}
+
+
+def _python(code: str, *argv: str) -> str:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code), *argv],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result.stdout
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("inspect")
+    _python(
+        "import sys; from qwen_kernels import cli; sys.exit(cli.main(sys.argv[1:]))",
+        "inspect",
+        "--quick",
+        "--arch=8.0,9.0a",
+        f"--out={out}",
+    )
+    markdown = (out / "inspect.md").read_text()
+    return json.loads((out / "inspect.json").read_text()), markdown
+
+
+def triton_ops() -> list[str]:
+    return sorted(op for op, table in REGISTRY.items() if "triton" in table.impls)
+
+
+def test_every_triton_op_compiles_for_both_archs(report):
+    rows, _ = report
+    for op in triton_ops():
+        if op in ("mrope_", "mrope_pos_"):  # benchmarked through their out-of-place forms
+            continue
+        archs = {row["arch"] for row in rows if row["op"] == op and row["backend"] == "triton"}
+        assert archs == set(ARCHS), (op, archs)
+
+
+def test_the_report_reads_the_cuda_build(report):
+    rows, markdown = report
+    if cuda_library() is None:
+        pytest.skip("qwen_kernels._C is not built here")
+    cuda_ops = {row["op"] for row in rows if row["backend"] == "cuda"}
+    assert {"rms_norm", "add_rms_norm", "swiglu"} <= cuda_ops
+    assert not any("selftest" in row["kernel"] or row["kernel"] == "mma_kernel" for row in rows)
+    assert "Regenerate with `qwen-kernels inspect" in markdown
+
+
+def test_no_kernel_spills(report):
+    rows, _ = report
+    spilling = [(r["op"], r["kernel"], r["variant"], r["arch"]) for r in rows if r["spills"]]
+    assert not spilling
+
+
+def test_matrix_kernels_use_tensor_cores(report):
+    rows, _ = report
+    for row in rows:
+        if KIND.get(row["op"]) in ("gemm", "attention"):
+            counts = row["counts"]
+            assert counts["hmma"] + counts["hgmma"] > 0, (row["op"], row["kernel"], row["arch"])
+
+
+def test_cuda_memory_kernels_have_a_16_byte_variant(report):
+    rows, _ = report
+    for op in {row["op"] for row in rows if row["backend"] == "cuda"} - set(KIND):
+        assert any(r["counts"]["ldg128"] for r in rows if r["op"] == op), op
+
+
+@pytest.mark.parametrize("op", [op for op in triton_ops() if op not in KIND])
+def test_triton_memory_kernels_use_16_byte_loads_on_aligned_rows(op):
+    assert op in ALIGNED_INPUTS, f"add aligned inputs for {op} to ALIGNED_INPUTS"
+    code = """
+        import json, sys, tempfile, torch
+        from pathlib import Path
+        from qwen_kernels.bench import inspect_kernels as ik
+
+        t = lambda *shape: torch.empty(shape, dtype=torch.bfloat16, device="meta")
+        i = lambda *shape: torch.zeros(shape, dtype=torch.int64)
+        f = lambda *shape: torch.ones(shape)
+        op = sys.argv[1]
+        exec(sys.argv[2])
+        calls = [ik.Call(op, "aligned", ik.launches_of(op, args))]
+        rows = ik.triton_rows(calls, ["8.0", "9.0a"], lambda message: None)
+        print(json.dumps([[row.kernel, row.arch, row.counts["ldg128"]] for row in rows]))
+    """
+    rows = json.loads(_python(code, op, ALIGNED_INPUTS[op]).splitlines()[-1])
+    assert rows, f"{op} launched no Triton kernel"
+    for kernel, arch, wide_loads in rows:
+        assert wide_loads > 0, (op, kernel, arch)
