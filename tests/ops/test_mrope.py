@@ -482,3 +482,59 @@ def test_bad_input(gen):
     for call, match in cases:
         with pytest.raises(ValueError, match=match):
             call()
+
+
+@pytest.mark.parametrize(("backend", "device"), targets("mrope", kernels_only=True))
+def test_opcheck_kernel_backends(gen, backend, device):
+    q, k, positions, inv_freq = (t.to(device) for t in vision_inputs(gen, 5, heads=2, head_dim=16))
+    cos, sin = (t[0].to(device) for t in rope_tables_vision(positions.cpu(), inv_freq.cpu(), 16))
+    section = [4, 4]
+    torch.library.opcheck(torch.ops.qwen.mrope, (q, k, cos, sin, None, backend))
+    torch.library.opcheck(torch.ops.qwen.mrope_, (q.clone(), k.clone(), cos, sin, None, backend))
+    args = (positions, inv_freq, section, backend)
+    torch.library.opcheck(torch.ops.qwen.mrope_pos, (q, k, *args))
+    torch.library.opcheck(torch.ops.qwen.mrope_pos_, (q.clone(), k.clone(), *args))
+
+
+@pytest.mark.parametrize(("backend", "device"), targets("mrope_pos", kernels_only=True))
+def test_kernels_refuse_more_than_four_axes(gen, backend, device):
+    q, k = randn(gen, 3, 2, 20).to(device), randn(gen, 3, 1, 20).to(device)
+    positions = torch.randint(0, 9, (5, 3), generator=gen).to(device)
+    inv_freq = text_inv_freq(20).to(device)
+    with pytest.raises(ValueError, match="mrope_section"):
+        qwen_kernels.mrope_pos(q, k, positions, inv_freq, [2] * 5, backend)
+
+
+@pytest.mark.skipif("cuda_emu" not in backends_for("mrope"), reason="no CUDA emulation here")
+def test_native_ops_check_their_arguments(gen):
+    """The C++ ops check what they index by, when called directly (without the Python checks)."""
+    from qwen_kernels import _emu
+
+    ops = _emu.load()
+    q, k, positions, inv_freq = vision_inputs(gen, 5, heads=2, head_dim=16)
+    cos = torch.rand(5, 16, generator=gen)
+    cases = [
+        (lambda: ops.mrope_pos(q, k, positions, inv_freq, [4, 5]), "summing to head_dim / 2"),
+        (lambda: ops.mrope_pos(q, k, positions[:, :4], inv_freq, [4, 4]), "'positions'"),
+        (lambda: ops.mrope_pos(q, k, positions, inv_freq[:7], [4, 4]), "'inv_freq'"),
+        (lambda: ops.mrope_pos(q, k, positions.float(), inv_freq, [4, 4]), "'positions'"),
+        (lambda: ops.mrope(q, k[:4], cos, cos, None), "'k'"),
+        (lambda: ops.mrope(q, k, cos[:, :8], cos[:, :8], None), "'cos'"),
+        (lambda: ops.mrope(q, k, cos, cos[:4], None), "'sin'"),
+        (lambda: ops.mrope(q, k.half(), cos, cos, None), "'k'"),
+        (lambda: ops.mrope(q, k, cos[None], cos[None], [4, 4]), "one positive size per position"),
+    ]
+    for call, match in cases:
+        with pytest.raises(ValueError, match=match):
+            call()
+
+
+@pytest.mark.parametrize(("backend", "device"), targets("mrope_pos", kernels_only=True))
+def test_empty_sequence(backend, device):
+    q, k = torch.empty(0, 2, 16, device=device), torch.empty(0, 1, 16, device=device)
+    positions = torch.empty(2, 0, dtype=torch.long, device=device)
+    q_out, k_out = qwen_kernels.mrope_pos(
+        q, k, positions, text_inv_freq(16).to(device), [4, 4], backend
+    )
+    assert q_out.shape == q.shape and k_out.shape == k.shape
+    qwen_kernels.mrope_pos_(q, k, positions, text_inv_freq(16).to(device), [4, 4], backend)
