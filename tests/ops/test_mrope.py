@@ -400,6 +400,11 @@ def test_kernel_backends_match_transformers(gen, backend, device):
     got = qwen_kernels.mrope_pos(*on, TEXT_SECTION, backend)
     for out, ref, theirs in zip(got, ref64, hf, strict=True):
         assert_close_to_reference(out.cpu(), ref, theirs.transpose(1, 2), factor=1.0)
+    # Its composed bf16 tables [B, S, D] (broadcast over the heads), through our mrope.
+    eager = qwen_kernels.mrope(q, k, cos, sin, backend="torch")
+    got = qwen_kernels.mrope(*[t.to(device) for t in (q, k, cos, sin)], backend=backend)
+    for out, same, x in zip(got, eager, (q, k), strict=True):
+        assert_matches_fp32_reference(out.cpu(), same, x, exact=True)
 
 
 def test_in_place_under_compile(gen):
