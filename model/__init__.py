@@ -20,6 +20,7 @@ from .preprocess import (
     sample_frame_indices,
     smart_resize,
 )
+from .rope_index import get_rope_index, vision_positions
 from .weights import convert_hf_state_dict, load_checkpoint, random_hf_state_dict
 
 __all__ = [
@@ -30,10 +31,12 @@ __all__ = [
     "VisionConfig",
     "VisionEncoder",
     "convert_hf_state_dict",
+    "get_rope_index",
     "load_checkpoint",
     "preprocess_image",
     "preprocess_video",
     "random_hf_state_dict",
     "sample_frame_indices",
     "smart_resize",
+    "vision_positions",
 ]

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from .config import VisionConfig
+from .rope_index import vision_positions
 
 Grid = tuple[tuple[int, int, int], ...]
 
@@ -93,15 +94,7 @@ def window_index(grid: Grid, merge_size: int, window_units: int) -> tuple[Tensor
 
 def unit_order_positions(grid: Grid, merge_size: int) -> Tensor:
     """int64 ``[2, T]``: (row, column) in its frame of each patch, in unit order."""
-    out = []
-    for t, h, w in grid:
-        rows = torch.arange(h).view(h, 1).expand(h, w)
-        cols = torch.arange(w).view(1, w).expand(h, w)
-        per_frame = torch.stack([rows, cols]).reshape(
-            2, h // merge_size, merge_size, w // merge_size, merge_size
-        )
-        out.append(per_frame.permute(0, 1, 3, 2, 4).reshape(2, h * w).repeat(1, t))
-    return torch.cat(out, dim=1)
+    return vision_positions(grid, merge_size)
 
 
 def rotary_inv_freq(config: VisionConfig) -> Tensor:

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .._backends import op_backends
+from .._backends import op_backends, register_native
 from .._checks import (
     check_device,
     check_float,
@@ -157,6 +157,11 @@ MROPE = op_backends("mrope", mrope_reference)
 MROPE_INPLACE = op_backends("mrope_", _in_place(mrope_reference))
 MROPE_POS = op_backends("mrope_pos", mrope_pos_reference)
 MROPE_POS_INPLACE = op_backends("mrope_pos_", _in_place(mrope_pos_reference))
+# Each kernel serves the in-place and the out-of-place form (an output pointer), so all four tables
+# name the same kernels.
+for _table in (MROPE, MROPE_INPLACE, MROPE_POS, MROPE_POS_INPLACE):
+    _table.register("triton", f"qwen_kernels.triton_kernels.mrope:{_table.op}")
+    register_native(_table)
 
 
 @torch.library.custom_op(

@@ -1,0 +1,398 @@
+"""Triton M-RoPE: rotate-half rotary of q and k from cos/sin tables (``mrope``) or from integer
+positions with the angles formed in registers (``mrope_pos``), in place or into new tensors.
+
+One kernel per kind of angle source; each serves both forms through its output pointers (equal to
+the input pointers in place) and rotates q and k in one launch. A program takes ``block_tokens``
+tokens, forms their cos/sin once and walks all heads of q, then all heads of k (k may have fewer
+heads: GQA), ``block_heads`` at a time, so cos/sin are formed once per token and shared by every
+head. Every tensor is addressed through its own strides: q and k may be views into a packed qkv
+buffer, in the vision layout ``[T, H, D]`` or the text layouts ``[B, S, H, D]`` and (transposed
+views of) ``[B, H, S, D]``.
+
+head_dim 80: each half (40 values) sits in a masked block of 64 lanes rather than a 32 + 8 split.
+The half is a compile-time constant, so the mask is constant over runs of 8 lanes and the loads
+and stores of each half stay 16-byte vectors (40 = 5 x 8 bf16); the idle lanes cost registers,
+not memory traffic, and one code path serves every head_dim.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import num_warps_for, round_to
+
+# Values per half-tile one program aims to hold (x1 and x2 each): 4-16 per thread.
+_ELEMENTS_PER_TILE = 2048
+# At most this many axes in mrope_section (vision 2, text 3): three band boundaries.
+MAX_AXES = 4
+
+
+@dataclass(frozen=True)
+class MropeConfig:
+    """Launch configuration: tokens per program, heads per tile, lanes per half, warps."""
+
+    block_tokens: int
+    block_heads: int
+    block_half: int
+    num_warps: int
+
+
+def mrope_config(head_dim: int, q_heads: int, k_heads: int) -> MropeConfig:
+    """Heuristic: a head tile that divides the smaller head count where it is a power of two
+    (16 for the vision tower, 4 for GQA's k), and enough tokens to fill about 2048 lanes."""
+    block_half = triton.next_power_of_2(head_dim // 2)
+    block_heads = min(triton.next_power_of_2(max(1, min(q_heads, k_heads))), 16)
+    block_tokens = max(1, min(32, _ELEMENTS_PER_TILE // (block_heads * block_half)))
+    elements = 2 * block_tokens * block_heads * block_half
+    return MropeConfig(block_tokens, block_heads, block_half, num_warps_for(elements))
+
+
+@triton.jit
+def _rotate_heads(
+    x_ptr,
+    out_ptr,
+    n_heads,
+    rows_x,
+    rows_out,
+    token_mask,
+    stride_h,
+    stride_d,
+    out_stride_h,
+    out_stride_d,
+    cos1,
+    sin1,
+    cos2,
+    sin2,
+    HALF: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+    BLOCK_HEADS: tl.constexpr,
+):
+    """Rotate every head of the given tokens: ``rows_*`` are the token offsets [T], cos/sin
+    [T, BLOCK_HALF] for the first (1) and second (2) half of the head."""
+    cols = tl.arange(0, BLOCK_HALF)
+    col_mask = cols < HALF
+    dtype: tl.constexpr = out_ptr.dtype.element_ty
+    for h0 in range(0, n_heads, BLOCK_HEADS):
+        heads = h0 + tl.arange(0, BLOCK_HEADS)
+        mask = (
+            token_mask[:, None, None] & (heads < n_heads)[None, :, None] & col_mask[None, None, :]
+        )
+        x_offsets = (
+            rows_x[:, None, None]
+            + heads.to(tl.int64)[None, :, None] * stride_h
+            + cols[None, None, :] * stride_d
+        )
+        out_offsets = (
+            rows_out[:, None, None]
+            + heads.to(tl.int64)[None, :, None] * out_stride_h
+            + cols[None, None, :] * out_stride_d
+        )
+        x1 = tl.load(x_ptr + x_offsets, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(x_ptr + x_offsets + HALF * stride_d, mask=mask, other=0.0).to(tl.float32)
+        # x * cos + rotate_half(x) * sin with rotate_half([a, b]) = [-b, a]; products rounded
+        # separately, as the reference does (the launch turns off FMA contraction).
+        out1 = x1 * cos1[:, None, :] - x2 * sin1[:, None, :]
+        out2 = x2 * cos2[:, None, :] + x1 * sin2[:, None, :]
+        tl.store(out_ptr + out_offsets, round_to(out1, dtype), mask=mask)
+        tl.store(out_ptr + out_offsets + HALF * out_stride_d, round_to(out2, dtype), mask=mask)
+
+
+@triton.jit
+def _axis_of(cols, bound1, bound2, bound3):
+    """The position axis driving each frequency: the band of mrope_section holding it."""
+    return (cols >= bound1).to(tl.int64) + (cols >= bound2) + (cols >= bound3)
+
+
+@triton.jit
+def _mrope_kernel(
+    q_ptr,
+    k_ptr,
+    q_out_ptr,
+    k_out_ptr,
+    cos_ptr,
+    sin_ptr,
+    n_tokens,
+    seq,
+    q_heads,
+    k_heads,
+    sq_b,
+    sq_s,
+    sq_h,
+    sq_d,
+    sk_b,
+    sk_s,
+    sk_h,
+    sk_d,
+    sqo_b,
+    sqo_s,
+    sqo_h,
+    sqo_d,
+    sko_b,
+    sko_s,
+    sko_h,
+    sko_d,
+    sc_a,
+    sc_b,
+    sc_s,
+    sc_d,
+    ss_a,
+    ss_b,
+    ss_s,
+    ss_d,
+    bound1,
+    bound2,
+    bound3,
+    HALF: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+    BLOCK_TOKENS: tl.constexpr,
+    BLOCK_HEADS: tl.constexpr,
+):
+    tokens = tl.program_id(0).to(tl.int64) * BLOCK_TOKENS + tl.arange(0, BLOCK_TOKENS)
+    token_mask = tokens < n_tokens
+    b, s = tokens // seq, tokens % seq
+    cols = tl.arange(0, BLOCK_HALF)
+    mask = token_mask[:, None] & (cols < HALF)[None, :]
+    axis = _axis_of(cols, bound1, bound2, bound3)[None, :]
+    c_rows = (b * sc_b + s * sc_s)[:, None] + axis * sc_a + cols[None, :] * sc_d
+    s_rows = (b * ss_b + s * ss_s)[:, None] + axis * ss_a + cols[None, :] * ss_d
+    cos1 = tl.load(cos_ptr + c_rows, mask=mask, other=0.0).to(tl.float32)
+    cos2 = tl.load(cos_ptr + c_rows + HALF * sc_d, mask=mask, other=0.0).to(tl.float32)
+    sin1 = tl.load(sin_ptr + s_rows, mask=mask, other=0.0).to(tl.float32)
+    sin2 = tl.load(sin_ptr + s_rows + HALF * ss_d, mask=mask, other=0.0).to(tl.float32)
+    # fmt: off
+    _rotate_heads(q_ptr, q_out_ptr, q_heads, b * sq_b + s * sq_s, b * sqo_b + s * sqo_s,
+                  token_mask, sq_h, sq_d, sqo_h, sqo_d, cos1, sin1, cos2, sin2,
+                  HALF, BLOCK_HALF, BLOCK_HEADS)
+    _rotate_heads(k_ptr, k_out_ptr, k_heads, b * sk_b + s * sk_s, b * sko_b + s * sko_s,
+                  token_mask, sk_h, sk_d, sko_h, sko_d, cos1, sin1, cos2, sin2,
+                  HALF, BLOCK_HALF, BLOCK_HEADS)
+    # fmt: on
+
+
+@triton.jit
+def _mrope_pos_kernel(
+    q_ptr,
+    k_ptr,
+    q_out_ptr,
+    k_out_ptr,
+    positions_ptr,
+    inv_freq_ptr,
+    n_tokens,
+    seq,
+    q_heads,
+    k_heads,
+    sq_b,
+    sq_s,
+    sq_h,
+    sq_d,
+    sk_b,
+    sk_s,
+    sk_h,
+    sk_d,
+    sqo_b,
+    sqo_s,
+    sqo_h,
+    sqo_d,
+    sko_b,
+    sko_s,
+    sko_h,
+    sko_d,
+    sp_a,
+    sp_b,
+    sp_s,
+    bound1,
+    bound2,
+    bound3,
+    HALF: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+    BLOCK_TOKENS: tl.constexpr,
+    BLOCK_HEADS: tl.constexpr,
+):
+    tokens = tl.program_id(0).to(tl.int64) * BLOCK_TOKENS + tl.arange(0, BLOCK_TOKENS)
+    token_mask = tokens < n_tokens
+    b, s = tokens // seq, tokens % seq
+    cols = tl.arange(0, BLOCK_HALF)
+    col_mask = cols < HALF
+    mask = token_mask[:, None] & col_mask[None, :]
+    axis = _axis_of(cols, bound1, bound2, bound3)[None, :]
+    position = tl.load(positions_ptr + (b * sp_b + s * sp_s)[:, None] + axis * sp_a, mask=mask)
+    inv_freq = tl.load(inv_freq_ptr + cols, mask=col_mask, other=0.0)
+    # As the reference: the position rounded to fp32, times the fp32 frequency, then cos/sin
+    # (precise, with full range reduction: positions reach 10^6).
+    angle = position.to(tl.float32) * inv_freq[None, :]
+    cos, sin = tl.cos(angle), tl.sin(angle)
+    # fmt: off
+    _rotate_heads(q_ptr, q_out_ptr, q_heads, b * sq_b + s * sq_s, b * sqo_b + s * sqo_s,
+                  token_mask, sq_h, sq_d, sqo_h, sqo_d, cos, sin, cos, sin,
+                  HALF, BLOCK_HALF, BLOCK_HEADS)
+    _rotate_heads(k_ptr, k_out_ptr, k_heads, b * sk_b + s * sk_s, b * sko_b + s * sko_s,
+                  token_mask, sk_h, sk_d, sko_h, sko_d, cos, sin, cos, sin,
+                  HALF, BLOCK_HALF, BLOCK_HEADS)
+    # fmt: on
+
+
+def _bounds(mrope_section: Sequence[int] | None, half: int) -> list[int]:
+    """The first frequency of axes 1, 2, 3 (``half`` where there is no such axis)."""
+    sections = list(mrope_section or [half])
+    if len(sections) > MAX_AXES:
+        raise ValueError(
+            f"qwen.mrope: `mrope_section` must have at most {MAX_AXES} parts on the triton "
+            f"backend, got {sections}"
+        )
+    bounds, total = [], 0
+    for size in sections[:-1]:
+        total += size
+        bounds.append(total)
+    return bounds + [half] * (MAX_AXES - 1 - len(bounds))
+
+
+def _launch(
+    kernel,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    q_out: torch.Tensor,
+    k_out: torch.Tensor,
+    angle_args: list,
+    angle_strides: list[int],
+    bounds: list[int],
+) -> None:
+    """One launch over ``[B, S, H, D]`` q/k (any strides) and their outputs."""
+    batch, seq, q_heads, head_dim = q.shape
+    n_tokens = batch * seq
+    if n_tokens == 0:
+        return
+    config = mrope_config(head_dim, q_heads, k.shape[2])
+    grid = (triton.cdiv(n_tokens, config.block_tokens),)
+    kernel[grid](
+        q,
+        k,
+        q_out,
+        k_out,
+        *angle_args,
+        n_tokens,
+        seq,
+        q_heads,
+        k.shape[2],
+        *q.stride(),
+        *k.stride(),
+        *q_out.stride(),
+        *k_out.stride(),
+        *angle_strides,
+        *bounds,
+        HALF=head_dim // 2,
+        BLOCK_HALF=config.block_half,
+        BLOCK_TOKENS=config.block_tokens,
+        BLOCK_HEADS=config.block_heads,
+        num_warps=config.num_warps,
+        # Products and sums rounded one by one, as the eager reference computes them.
+        enable_fp_fusion=False,
+    )
+
+
+def _per_batch(run, q, k, q_out, k_out, angles: list[torch.Tensor]) -> None:
+    """Run ``run`` on 4-D ``[B, S, H, D]`` views: a 3-D input gains B = 1, more leading dims are
+    walked one index at a time (``angles`` carry an axis dim first, then q's batch dims)."""
+    if q.dim() == 3:
+        run(*(t.unsqueeze(0) for t in (q, k, q_out, k_out)), [a.unsqueeze(1) for a in angles])
+    elif q.dim() == 4:
+        run(q, k, q_out, k_out, angles)
+    else:
+        for i in range(q.shape[0]):
+            _per_batch(run, q[i], k[i], q_out[i], k_out[i], [a[:, i] for a in angles])
+
+
+def _expand(table: torch.Tensor, batch: tuple[int, ...], trailing: int) -> torch.Tensor:
+    """``[A, ..., *trailing dims]`` broadcast (stride 0) to ``[A, *batch, *trailing dims]``."""
+    tail = tuple(table.shape[table.dim() - trailing :])
+    lead = table.shape[1 : table.dim() - trailing]
+    shaped = table.reshape(table.shape[0], *([1] * (len(batch) - len(lead))), *lead, *tail)
+    return shaped.expand(table.shape[0], *batch, *tail)
+
+
+def _outputs(q: torch.Tensor, k: torch.Tensor, in_place: bool):
+    if in_place:
+        return q, k
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device), torch.empty(
+        k.shape, dtype=k.dtype, device=k.device
+    )
+
+
+def _rotate_tables(q, k, cos, sin, mrope_section, in_place):
+    half = q.shape[-1] // 2
+    bounds = _bounds(mrope_section, half)
+    if mrope_section is None:
+        cos, sin = cos.unsqueeze(0), sin.unsqueeze(0)
+    batch = tuple(q.shape[:-3])
+    cos, sin = _expand(cos, batch, 2), _expand(sin, batch, 2)
+    q_out, k_out = _outputs(q, k, in_place)
+
+    def run(q4, k4, q4_out, k4_out, angles):
+        c, s = angles
+        _launch(_mrope_kernel, q4, k4, q4_out, k4_out, [c, s], [*c.stride(), *s.stride()], bounds)
+
+    _per_batch(run, q, k, q_out, k_out, [cos, sin])
+    return q_out, k_out
+
+
+def _rotate_positions(q, k, positions, inv_freq, mrope_section, in_place):
+    half = q.shape[-1] // 2
+    bounds = _bounds(mrope_section, half)
+    positions = _expand(positions, tuple(q.shape[:-3]), 1)
+    inv_freq = inv_freq.to(torch.float32).contiguous()
+    q_out, k_out = _outputs(q, k, in_place)
+
+    def run(q4, k4, q4_out, k4_out, angles):
+        (p,) = angles
+        _launch(_mrope_pos_kernel, q4, k4, q4_out, k4_out, [p, inv_freq], list(p.stride()), bounds)
+
+    _per_batch(run, q, k, q_out, k_out, [positions])
+    return q_out, k_out
+
+
+def mrope(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    mrope_section: Sequence[int] | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate q and k (validated by the op) by cos/sin tables into new tensors."""
+    return _rotate_tables(q, k, cos, sin, mrope_section, in_place=False)
+
+
+def mrope_(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    mrope_section: Sequence[int] | None,
+) -> None:
+    """Rotate q and k by cos/sin tables where they lie."""
+    _rotate_tables(q, k, cos, sin, mrope_section, in_place=True)
+
+
+def mrope_pos(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    positions: torch.Tensor,
+    inv_freq: torch.Tensor,
+    mrope_section: Sequence[int],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate q and k by angles formed from integer positions, into new tensors."""
+    return _rotate_positions(q, k, positions, inv_freq, mrope_section, in_place=False)
+
+
+def mrope_pos_(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    positions: torch.Tensor,
+    inv_freq: torch.Tensor,
+    mrope_section: Sequence[int],
+) -> None:
+    """Rotate q and k by angles formed from integer positions, where they lie."""
+    _rotate_positions(q, k, positions, inv_freq, mrope_section, in_place=True)
