@@ -58,6 +58,7 @@ def _out_shape(x: Tensor, unit_index: Tensor | None) -> tuple[int, int]:
 
 
 PATCH_MERGE = op_backends(OP, patch_merge_reference)
+PATCH_MERGE.register("triton", "qwen_kernels.triton_kernels.patch_merge:patch_merge")
 
 
 @torch.library.custom_op("qwen::patch_merge", mutates_args=())
