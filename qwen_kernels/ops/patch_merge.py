@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._backends import op_backends
+from .._backends import op_backends, register_native
 from .._checks import check_device, check_ndim, fail, value_checks_enabled
 from .rms_norm import check_rms_norm_args, rms_norm_reference
 
@@ -59,6 +59,7 @@ def _out_shape(x: Tensor, unit_index: Tensor | None) -> tuple[int, int]:
 
 PATCH_MERGE = op_backends(OP, patch_merge_reference)
 PATCH_MERGE.register("triton", "qwen_kernels.triton_kernels.patch_merge:patch_merge")
+register_native(PATCH_MERGE)
 
 
 @torch.library.custom_op("qwen::patch_merge", mutates_args=())
