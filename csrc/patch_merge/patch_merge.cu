@@ -1,9 +1,10 @@
 // The 2x2 patch merge: RMSNorm of each token, the 4 tokens of a merge unit written as one [4C]
 // row, units gathered in unit_index order. Viewed as [M * 4, C], the output is a row-gathered
 // RMSNorm: token row r is x row 4 * unit_index[r / 4] + r % 4. A block of 8 warps normalises
-// 8 / warps_per_row token rows (two merge units per block at C = 1280, one warp per token), each
-// thread moving a few 16-byte vectors; two passes over the token, the second re-reading what the
-// same thread read (an L1/L2 hit), so HBM sees x read once and the output written once.
+// 8 / warps_per_row token rows (at C = 1280 in bf16: 160 vectors a token, 2 warps a token, one
+// merge unit a block), each thread moving a few 16-byte vectors. Two passes over the token, the
+// second re-reading what the same thread read (an L1/L2 hit), so HBM sees x read once and the
+// output written once.
 #include <ATen/ops/empty.h>
 
 #include <cstdint>
