@@ -90,7 +90,9 @@ def patch_merge(
         weight: ``[C]`` RMSNorm weight.
         eps: RMSNorm epsilon.
         unit_index: optional int32/int64 ``[M]``, values in ``[0, T/4)``: row i of the output is
-            merge unit ``unit_index[i]``. None keeps the input order.
+            merge unit ``unit_index[i]``. None keeps the input order. The values are checked (one
+            host sync) except inside ``skip_value_checks()``, where the kernels write the row of
+            an index out of range as NaN rather than read outside x.
         backend: "auto", "torch", "triton", "cuda" or "cuda_emu".
 
     Returns:
