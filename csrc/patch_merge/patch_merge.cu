@@ -35,7 +35,32 @@ struct PatchMergeParams {
   int cols;             // C
   float eps;
   int warps_per_row;
+  bool weight_packed;  // weight aligned for Pack<W, weight_vec<W, VEC>()> loads
 };
+
+// Weights per vector load: VEC, or as many as 16 bytes hold (fp32 weights of 8 bf16 values).
+template <class W, int VEC>
+constexpr int weight_vec() {
+  return VEC * sizeof(W) <= 16 ? VEC : static_cast<int>(16 / sizeof(W));
+}
+
+// weight[0, VEC) as floats: vector loads when the weight is aligned for them (the weight stays in
+// L1, but scalar loads would cost VEC instructions per 16-byte vector of x).
+template <class W, int VEC>
+QK_DEVICE void load_weight(const W* weight, bool packed, float (&w)[VEC]) {
+  constexpr int kWVec = weight_vec<W, VEC>();
+  if (packed) {
+#pragma unroll
+    for (int k = 0; k < VEC; k += kWVec) {
+      const Pack<W, kWVec> pack = load_pack<W, kWVec>(weight + k);
+#pragma unroll
+      for (int j = 0; j < kWVec; ++j) w[k + j] = to_float(pack.v[j]);
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) w[j] = to_float(weight[j]);
+  }
+}
 
 template <class T, class W, class I, int VEC>
 __global__ void patch_merge_kernel(const PatchMergeParams<T, W, I> p) {
@@ -80,11 +105,13 @@ __global__ void patch_merge_kernel(const PatchMergeParams<T, W, I> p) {
 #pragma unroll
       for (int j = 0; j < VEC; ++j) a.v[j] = from_float<T>(0.0f);
     }
+    float w[VEC];
+    load_weight<W, VEC>(p.weight + i, p.weight_packed, w);
     Pack<T, VEC> y;
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
       const float normed = to_float(from_float<T>(to_float(a.v[j]) * rstd));
-      y.v[j] = from_float<T>(normed * to_float(p.weight[i + j]));
+      y.v[j] = from_float<T>(normed * w[j]);
     }
     store_pack<T, VEC>(out_row + i, y);
   }
@@ -130,12 +157,15 @@ void launch(const at::Tensor& x_rows, const W* weight, const I* unit_index, doub
                               x_rows.size(0) / kUnit,
                               static_cast<int>(x_rows.size(1)),
                               static_cast<float>(eps),
-                              1};
+                              1,
+                              false};
   const int vec = vector_width(sizeof(T), p.cols, {p.x, p.out}, {p.x_stride});
   p.warps_per_row = warps_per_row(p.cols / vec);
   const int64_t rows_per_block = kWarpsPerBlock / p.warps_per_row;
   const dim3 grid(static_cast<unsigned>((p.out_rows + rows_per_block - 1) / rows_per_block));
   QK_DISPATCH_VEC(vec, VEC, [&] {
+    constexpr std::uintptr_t kWeightBytes = sizeof(Pack<W, weight_vec<W, VEC>()>);
+    p.weight_packed = reinterpret_cast<std::uintptr_t>(weight) % kWeightBytes == 0;
     QK_LAUNCH((patch_merge_kernel<T, W, I, VEC>), grid, dim3(32 * kWarpsPerBlock), 0,
               current_stream(x_rows), p);
   });

@@ -176,8 +176,12 @@ def test_backend_matches_reference(gen, backend, device, dtype, index_dtype, cha
 
 @pytest.mark.parametrize(("backend", "device"), targets("patch_merge"))
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_fp32_weight_with_low_precision_input(gen, backend, device, dtype):
-    x, weight = randn(gen, 4 * 3, 1280, dtype=dtype), randn(gen, 1280)
+@pytest.mark.parametrize("weight_offset", [0, 1], ids=["aligned-weight", "weight-off-16-bytes"])
+def test_fp32_weight_with_low_precision_input(gen, backend, device, dtype, weight_offset):
+    """An fp32 weight, 16-byte aligned (vector loads) or a contiguous view one element past it
+    (scalar loads, not a misaligned vector access)."""
+    x = randn(gen, 4 * 3, 1280, dtype=dtype)
+    weight = randn(gen, 1280 + weight_offset)[weight_offset:]
     unit_index = torch.tensor([2, 0, 1, 2])
     out = run(backend, device, x, weight, unit_index)
     assert out.dtype == dtype
@@ -191,7 +195,8 @@ def test_fp32_weight_with_low_precision_input(gen, backend, device, dtype):
 def test_strided_inputs(gen, backend, device, dtype, layout):
     """x as views: rows of a wider buffer (aligned for 16-byte vectors, and one element past a
     16-byte boundary: a narrower vector, not a misaligned access), a column stride of 2, a
-    transposed buffer; and a strided weight and unit_index."""
+    transposed buffer; a strided weight (a contiguous one off 16 bytes with the misaligned rows)
+    and a strided unit_index."""
     tokens, channels = 4 * 3, 1280
     if layout == "wide-rows":
         x = randn(gen, tokens, channels + 64, dtype=dtype)[:, 32 : 32 + channels]
@@ -202,6 +207,8 @@ def test_strided_inputs(gen, backend, device, dtype, layout):
     else:
         x = randn(gen, channels, tokens, dtype=dtype).T
     weight = randn(gen, 2 * channels, dtype=dtype)[::2]
+    if layout == "misaligned-rows":  # and a contiguous weight off 16 bytes
+        weight = randn(gen, channels + 1, dtype=dtype)[1:]
     unit_index = torch.tensor([2, 1, 0, 0, 2, 1], dtype=torch.int32)[::2]
     out = run(backend, device, x, weight, unit_index)
     expected = qwen_kernels.patch_merge(x.contiguous(), weight.contiguous(), EPS, unit_index)
