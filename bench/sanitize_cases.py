@@ -53,6 +53,18 @@ EDGE_CASES: dict[str, Callable[[], object]] = {
     "swiglu 5x2562 rows off 16 bytes": lambda: qwen_kernels.swiglu(
         _bf16(5, 2 * 1281 + 1)[:, 1:], "cuda"
     ),
+    "patch_merge 16x1280 int32 unit_index": lambda: qwen_kernels.patch_merge(
+        _bf16(16, 1280),
+        _bf16(1280),
+        1e-6,
+        torch.tensor([3, 0, 2, 0, 1], dtype=torch.int32, device="cuda"),
+        "cuda",
+    ),
+    "patch_merge 8x5121 rows off 16 bytes, fp32 weight (8 warps a row)": lambda: (
+        qwen_kernels.patch_merge(
+            _bf16(8, 5122)[:, 1:], torch.randn(5121, device="cuda"), 1e-6, None, "cuda"
+        )
+    ),
 }
 
 

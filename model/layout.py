@@ -68,12 +68,15 @@ def normalize_grid(grid_thw: Tensor | Iterable[Sequence[int]]) -> Grid:
     return grid
 
 
-def window_index(grid: Grid, merge_size: int, window_units: int) -> tuple[Tensor, list[int]]:
+def window_index(grid: Grid, merge_size: int, window_units: int) -> tuple[Tensor, Tensor]:
     """Window order of the merge units, and the window sizes in merge units.
+
+    Tensor ops per input, none per window or per unit, so the cost grows with the grid only
+    through the size of the tensors.
 
     Returns:
         ``(index, sizes)``: ``index[i]`` is the unit-order position of the i-th merge unit in
-        window order (int64); ``sizes`` the number of merge units of each non-empty window.
+        window order (int64); ``sizes`` (int64) the number of merge units of each non-empty window.
     """
     indices, sizes, offset = [], [], 0
     for t, h, w in grid:
@@ -87,9 +90,9 @@ def window_index(grid: Grid, merge_size: int, window_units: int) -> tuple[Tensor
         windows = windows.reshape(t * nh * nw, window_units * window_units)
         real = windows >= 0
         indices.append(windows[real] + offset)
-        sizes.extend(real.sum(1).tolist())
+        sizes.append(real.sum(1))
         offset += t * uh * uw
-    return torch.cat(indices), sizes
+    return torch.cat(indices), torch.cat(sizes)
 
 
 def unit_order_positions(grid: Grid, merge_size: int) -> Tensor:
@@ -105,11 +108,18 @@ def rotary_inv_freq(config: VisionConfig) -> Tensor:
     return torch.cat([freq, freq])
 
 
-def _cu_seqlens(lengths: Sequence[int], total: int, what: str) -> Tensor:
+def _inverse(permutation: Tensor) -> Tensor:
+    """The inverse of an int64 permutation of ``0..n-1`` (one scatter, not a sort)."""
+    inverse = torch.empty_like(permutation)
+    inverse[permutation] = torch.arange(permutation.numel())
+    return inverse
+
+
+def _cu_seqlens(lengths: Tensor, total: int, what: str) -> Tensor:
     """int32 cumulative lengths, checked once here so the layers can skip their value checks."""
-    cu = torch.tensor([0, *lengths], dtype=torch.int64).cumsum(0)
-    if any(n <= 0 for n in lengths) or int(cu[-1]) != total:
-        raise AssertionError(f"bad {what} segments {list(lengths)} for {total} tokens")
+    cu = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
+    if bool((lengths <= 0).any()) or int(cu[-1]) != total:
+        raise AssertionError(f"bad {what} segments {lengths.tolist()} for {total} tokens")
     return cu.to(torch.int32)
 
 
@@ -126,20 +136,20 @@ def build_layout(config: VisionConfig, grid: Grid, device: torch.device) -> Grid
     units, window_sizes = window_index(grid, merge, config.window_units)
     token_index = (units[:, None] * unit + torch.arange(unit)).reshape(-1)
     positions = unit_order_positions(grid, merge)[:, token_index]
-    frames = [h * w for t, h, w in grid for _ in range(t)]
+    frames = torch.tensor([h * w for _, h, w in grid]).repeat_interleave(
+        torch.tensor([t for t, _, _ in grid])
+    )
     freqs_per_axis = config.head_dim // 4
     return GridLayout(
         grid=grid,
         num_tokens=num_tokens,
         token_index=token_index.to(device),
-        unit_index=torch.argsort(units).to(device),
+        unit_index=_inverse(units).to(device),
         positions=positions.to(device=device, dtype=torch.int32),
         inv_freq=rotary_inv_freq(config).to(device),
         rotary_section=[freqs_per_axis, freqs_per_axis],
-        cu_window_seqlens=_cu_seqlens([n * unit for n in window_sizes], num_tokens, "window").to(
-            device
-        ),
-        max_window_seqlen=max(window_sizes) * unit,
+        cu_window_seqlens=_cu_seqlens(window_sizes * unit, num_tokens, "window").to(device),
+        max_window_seqlen=int(window_sizes.max()) * unit,
         cu_frame_seqlens=_cu_seqlens(frames, num_tokens, "frame").to(device),
-        max_frame_seqlen=max(frames),
+        max_frame_seqlen=int(frames.max()),
     )

@@ -9,7 +9,6 @@ import torch
 import triton
 import triton.language as tl
 
-
 # The interpreter's fp32 -> bf16 cast truncates (even with fp_downcast_rounding="rtne"), so kernels
 # round on the fp32 bits there; compiled kernels keep the native conversion.
 INTERPRETING = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")

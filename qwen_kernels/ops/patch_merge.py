@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._backends import op_backends
+from .._backends import op_backends, register_native
 from .._checks import check_device, check_ndim, fail, value_checks_enabled
 from .rms_norm import check_rms_norm_args, rms_norm_reference
 
@@ -58,6 +58,8 @@ def _out_shape(x: Tensor, unit_index: Tensor | None) -> tuple[int, int]:
 
 
 PATCH_MERGE = op_backends(OP, patch_merge_reference)
+PATCH_MERGE.register("triton", "qwen_kernels.triton_kernels.patch_merge:patch_merge")
+register_native(PATCH_MERGE)
 
 
 @torch.library.custom_op("qwen::patch_merge", mutates_args=())
@@ -88,7 +90,9 @@ def patch_merge(
         weight: ``[C]`` RMSNorm weight.
         eps: RMSNorm epsilon.
         unit_index: optional int32/int64 ``[M]``, values in ``[0, T/4)``: row i of the output is
-            merge unit ``unit_index[i]``. None keeps the input order.
+            merge unit ``unit_index[i]``. None keeps the input order. The values are checked (one
+            host sync) except inside ``skip_value_checks()``, where the kernels write the row of
+            an index out of range as NaN rather than read outside x.
         backend: "auto", "torch", "triton", "cuda" or "cuda_emu".
 
     Returns:

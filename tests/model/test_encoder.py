@@ -15,6 +15,7 @@ from qwen_kernels.model import (
     preprocess_image,
     random_hf_state_dict,
 )
+from qwen_kernels.model.config import op_backends
 from tests.helpers import rel_err
 from tests.model.reference import (
     DEVICES,
@@ -229,3 +230,27 @@ def test_forward_does_not_sync_with_the_host(gen, small_weights):
             encoder(pixels, BATCH)
         finally:
             torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize(
+    "device, backend",
+    [pair for pair in device_backends() if pair[1] in op_backends("patch_merge")],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_merge_backends_match_the_reference_merge(gen, small_weights, device, backend, dtype):
+    """The merger on each kernel backend of patch_merge (everything else on the reference) gives
+    the tokens of the reference merger: the merge rows differ at most by the fp32 statistic's
+    summation order, which the MLP carries through at the size of one rounding."""
+    pixels = random_pixels(gen, SMALL_BATCH).to(device)
+    reference = KernelConfig.uniform("torch")
+    kernels = dataclasses.replace(reference, merge=backend)
+    encoder = VisionEncoder.from_hf_state_dict(
+        small_weights, SMALL, kernels, dtype=dtype, device=device
+    )
+    assert encoder.kernels.merge == backend
+    with torch.no_grad():
+        out = encoder(pixels, SMALL_BATCH)
+        encoder.set_kernels(reference)
+        expected = encoder(pixels, SMALL_BATCH)
+    assert out.dtype == dtype and out.shape == expected.shape
+    assert rel_err(out.cpu(), expected.cpu()) < (1e-6 if dtype == torch.float32 else 1e-3)

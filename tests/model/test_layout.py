@@ -21,6 +21,10 @@ GRIDS = [
     [(3, 12, 20)],  # video: 3 temporal patches
     [(1, 6, 10), (2, 14, 22), (1, 4, 4), (1, 30, 2)],  # a batch of images and a video
 ]
+# Sides (in patches) around the window side of 8: below it, equal, just past it, 1x and 2x plus
+# an edge of each width; frames 1 (image), 2 and 5 (videos).
+SIDES = (2, 4, 6, 8, 10, 14, 16, 18, 22, 34)
+SWEEP = [(t, h, w) for t in (1, 2, 5) for h in SIDES for w in SIDES]
 
 
 @pytest.mark.parametrize("grid", GRIDS, ids=str)
@@ -45,6 +49,31 @@ def test_layout_matches_transformers(grid):
     # transformers permutes its (unit-order) positions with the same window index.
     positions = get_vision_position_ids(grid_thw, 2)[expected_tokens].T
     torch.testing.assert_close(layout.positions, positions.to(torch.int32), rtol=0, atol=0)
+
+
+def test_layout_matches_transformers_on_a_sweep_of_grids():
+    """Every grid of SWEEP alone (videos, edge windows of every width, the smallest 2x2 grid),
+    then all of them as one batch (offsets of units and windows across inputs)."""
+    for grid in [[g] for g in SWEEP] + [SWEEP]:
+        grid_thw = torch.tensor(grid)
+        layout = build_layout(CONFIG, normalize_grid(grid_thw), torch.device("cpu"))
+        window_index, cu_window = get_vision_window_index(grid_thw, 2, 112, 14)
+        expected_tokens = (window_index[:, None] * 4 + torch.arange(4)).reshape(-1)
+        assert torch.equal(layout.token_index, expected_tokens), grid
+        assert torch.equal(layout.unit_index[window_index], torch.arange(window_index.numel()))
+        assert torch.equal(layout.cu_window_seqlens, cu_window), grid
+        assert layout.max_window_seqlen == int(cu_window.diff().max()), grid
+        assert torch.equal(layout.cu_frame_seqlens, get_vision_cu_seqlens(grid_thw)), grid
+
+
+def test_unit_index_returns_window_order_to_raster_order(gen):
+    """Rows permuted into window order (as the encoder does with token_index) come back in input
+    order through unit_index, for every merge unit."""
+    grid = ((2, 10, 14), (1, 6, 18))
+    layout = build_layout(CONFIG, grid, torch.device("cpu"))
+    units = torch.randn(layout.num_tokens // 4, 3, generator=gen)
+    window_ordered = units[layout.token_index[::4] // 4]
+    assert torch.equal(window_ordered[layout.unit_index], units)
 
 
 def test_rotary_frequencies_match_transformers():

@@ -15,6 +15,7 @@ def cases(gen):
     bf16 = torch.bfloat16
     x = randn(gen, 6, 1 + 1280, dtype=bf16)[:, 1:]  # rows off a 16-byte boundary
     weight = randn(gen, 2 * 1280, dtype=bf16)[::2]  # strided
+    x8 = randn(gen, 8, 1 + 1280, dtype=bf16)[:, 1:]  # two merge units of such rows
     gate_up_weight = randn(gen, 2 * 100, 1280, dtype=bf16, scale=0.03)
     return {
         "rms_norm fp32 weight": (qwen_kernels.rms_norm, (x, randn(gen, 1280), EPS)),
@@ -23,6 +24,15 @@ def cases(gen):
         "add_rms_norm strided": (qwen_kernels.add_rms_norm, (x, x, weight, EPS)),
         "swiglu odd": (qwen_kernels.swiglu, (randn(gen, 3, 2 * 1281, dtype=bf16),)),
         "swiglu empty": (qwen_kernels.swiglu, (randn(gen, 3, 0, dtype=bf16),)),
+        "patch_merge strided int32 index": (
+            qwen_kernels.patch_merge,
+            (x8, weight, EPS, torch.tensor([1, 0, 1], dtype=torch.int32)),
+        ),
+        "patch_merge fp32 weight": (qwen_kernels.patch_merge, (x8, randn(gen, 1280), EPS)),
+        "patch_merge empty index": (
+            qwen_kernels.patch_merge,
+            (x8, weight, EPS, torch.empty(0, dtype=torch.int64)),
+        ),
         "rms_norm_swiglu": (
             qwen_kernels.rms_norm_swiglu,
             (x, weight, gate_up_weight, randn(gen, 200, dtype=bf16), EPS),

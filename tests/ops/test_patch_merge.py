@@ -1,14 +1,104 @@
 """patch_merge: reference vs fp64 math and transformers' Qwen2_5_VLPatchMerger with the reverse
-window index, every backend vs the reference, opcheck, and bad input."""
+window index, every backend vs the reference (bit-exact up to the fp32 statistic), strided and
+gathered inputs, opcheck, and bad input.
+
+Exactness. Each token's output is ``round(round(x * r) * w)`` with one fp32 ``r`` (the reciprocal
+RMS) per token. Backends sum the squares in different orders (and a GPU's rsqrt is approximate),
+so ``r`` may differ by a few fp32 ulps between them; everything after ``r`` is fixed by the cast
+order. ``assert_exact_up_to_rstd`` therefore requires every token row to equal, bit for bit, the
+model's cast order evaluated with some fp32 ``r`` within ``RSTD_ULPS`` ulps of the exact one. A
+kernel that scales, truncates instead of rounding, skips a rounding or swaps tokens fails it
+(``test_exactness_check_rejects_broken_kernels``).
+"""
+
+import importlib
 
 import pytest
 import torch
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLPatchMerger
+from transformers.vision_utils import get_vision_window_index
 
 import qwen_kernels
-from tests.helpers import DTYPES, assert_close_to_reference, randn, rel_err, targets, tolerance
+from qwen_kernels._checks import skip_value_checks
+from tests.helpers import (
+    DTYPES,
+    assert_close_to_reference,
+    backends_for,
+    randn,
+    rel_err,
+    targets,
+    tolerance,
+)
 
 EPS = 1e-6
+UNIT = 4
+RSTD_ULPS = 8  # fp32 summation order and a GPU's approximate rsqrt, with margin
+CHANNELS = [1280, 1000, 72, 3]
+GRIDS = [
+    [(1, 2, 2)],  # one merge unit
+    [(1, 6, 10)],  # edge windows on both sides
+    [(1, 10, 18)],
+    [(3, 6, 4)],  # video: 3 temporal patches
+    [(1, 6, 10), (2, 10, 6), (1, 2, 2)],  # a batch of images and a video
+]
+
+
+def model_cast_order(x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
+    """``round(round(x * rstd) * weight)`` in fp32 with x's dtype as the rounding target."""
+    normed = (x.float() * rstd[..., None]).to(x.dtype).float()
+    return (normed * weight.float()).to(x.dtype)
+
+
+def merged_candidates(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, unit_index: torch.Tensor | None
+) -> torch.Tensor:
+    """``[2 * RSTD_ULPS + 1, M * 4, C]``: the model's cast order on the gathered tokens with the
+    exact reciprocal RMS rounded to fp32, then stepped 1..RSTD_ULPS fp32 ulps down and up."""
+    tokens = x.reshape(-1, UNIT, x.shape[1])
+    if unit_index is not None:
+        tokens = tokens[unit_index.long()]
+    tokens = tokens.reshape(-1, x.shape[1])
+    x64 = tokens.double()
+    exact = torch.rsqrt(x64.square().mean(-1) + eps).float()
+    steps = [exact]
+    for direction in (0.0, float("inf")):
+        step = exact
+        for _ in range(RSTD_ULPS):
+            step = torch.nextafter(step, torch.full_like(step, direction))
+            steps.append(step)
+    return torch.stack([model_cast_order(tokens, weight, r) for r in steps])
+
+
+def assert_exact_up_to_rstd(
+    out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, unit_index: torch.Tensor | None
+) -> None:
+    """Every token row of ``out`` is bit-equal to the model's cast order with one fp32 rstd
+    within RSTD_ULPS ulps of the exact one (see the module docstring)."""
+    candidates = merged_candidates(x, weight, EPS, unit_index)
+    rows = out.reshape(-1, x.shape[1])
+    assert rows.shape == candidates.shape[1:], (rows.shape, candidates.shape)
+    equal = (rows[None] == candidates).all(-1)  # NaN (an unwritten element) is never equal
+    bad = (~equal.any(0)).nonzero().flatten()
+    assert bad.numel() == 0, f"{bad.numel()} of {rows.shape[0]} token rows off, first {bad[:8]}"
+
+
+def assert_matches_eager(out: torch.Tensor, eager: torch.Tensor) -> None:
+    """16-bit outputs: the fp32 rstd changes a 16-bit result only when x * rstd lies within a few
+    fp32 ulps of a rounding tie, so at least 99% of elements are bit-equal to the eager op."""
+    if out.dtype != torch.float32:
+        share = float((out == eager).double().mean()) if out.numel() else 1.0
+        assert share >= 0.99, share
+
+
+def run(backend, device, x, weight, unit_index=None, eps=EPS):
+    index = unit_index.to(device) if unit_index is not None else None
+    out = qwen_kernels.patch_merge(x.to(device), weight.to(device), eps, index, backend)
+    assert out.device.type == device and out.is_contiguous()
+    return out.cpu()
+
+
+def emulated_library():
+    return importlib.import_module("qwen_kernels._emu").load()
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -23,6 +113,7 @@ def test_reference_matches_direct_math(gen, dtype, channels):
     expected = normed.reshape(tokens // 4, 4 * channels)[unit_index]
     assert out.shape == (tokens // 4, 4 * channels) and out.dtype == dtype
     assert rel_err(out, expected) < 2 * tolerance(dtype)
+    assert_exact_up_to_rstd(out, x, weight, unit_index)
 
 
 def test_matches_transformers_merger_with_reverse_window_index(gen):
@@ -41,22 +132,151 @@ def test_matches_transformers_merger_with_reverse_window_index(gen):
 
 
 @pytest.mark.parametrize(("backend", "device"), targets("patch_merge"))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("grid", GRIDS, ids=str)
+def test_matches_transformers_ln_q_and_reverse_window_index(gen, backend, device, dtype, grid):
+    """transformers' merger front (ln_q, the view as merge units) then its reverse window index,
+    on tokens in window order: our merge with the inverse window index straight to raster order."""
+    channels = 40
+    merger = Qwen2_5_VLPatchMerger(dim=24, context_dim=channels)
+    with torch.no_grad():
+        merger.ln_q.weight.copy_(randn(gen, channels))
+    merger.to(dtype)
+    window_index, _ = get_vision_window_index(torch.tensor(grid), 2, 112, 14)
+    reverse = torch.argsort(window_index)
+    x = randn(gen, UNIT * window_index.numel(), channels, dtype=dtype, scale=2.0)
+    with torch.no_grad():
+        expected = merger.ln_q(x).view(-1, merger.hidden_size)[reverse]
+    out = run(backend, device, x, merger.ln_q.weight, reverse)
+    assert out.dtype == dtype and out.shape == expected.shape
+    assert rel_err(out, expected) < 2 * tolerance(dtype)
+    assert_exact_up_to_rstd(out, x, merger.ln_q.weight.detach(), reverse)
+    assert_matches_eager(out, expected)
+
+
+@pytest.mark.parametrize(("backend", "device"), targets("patch_merge"))
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("index_dtype", [None, torch.int32, torch.int64])
-def test_backend_matches_reference(gen, backend, device, dtype, index_dtype):
-    tokens, channels = 4 * 9, 1280
-    x, weight = randn(gen, tokens, channels, dtype=dtype), randn(gen, channels, dtype=dtype)
+@pytest.mark.parametrize("channels", CHANNELS)
+def test_backend_matches_reference(gen, backend, device, dtype, index_dtype, channels):
+    tokens = 4 * 7
+    x = randn(gen, tokens, channels, dtype=dtype)
+    weight = randn(gen, channels, dtype=dtype)
     unit_index = None
     if index_dtype is not None:  # a gather that repeats and skips units, not just a permutation
-        unit_index = torch.randint(0, tokens // 4, (11,), generator=gen).to(index_dtype)
+        unit_index = torch.randint(0, tokens // 4, (9,), generator=gen).to(index_dtype)
     ref64 = qwen_kernels.patch_merge(x.double(), weight.double(), EPS, unit_index, "torch")
     eager = qwen_kernels.patch_merge(x, weight, EPS, unit_index, "torch")
-    index = unit_index.to(device) if unit_index is not None else None
-    assert_close_to_reference(
-        qwen_kernels.patch_merge(x.to(device), weight.to(device), EPS, index, backend).cpu(),
-        ref64,
-        eager,
-    )
+    out = run(backend, device, x, weight, unit_index)
+    assert out.dtype == dtype
+    assert_close_to_reference(out, ref64, eager)
+    assert_exact_up_to_rstd(out, x, weight, unit_index)
+    assert_matches_eager(out, eager)
+
+
+@pytest.mark.parametrize(("backend", "device"), targets("patch_merge"))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("weight_offset", [0, 1], ids=["aligned-weight", "weight-off-16-bytes"])
+def test_fp32_weight_with_low_precision_input(gen, backend, device, dtype, weight_offset):
+    """An fp32 weight, 16-byte aligned (vector loads) or a contiguous view one element past it
+    (scalar loads, not a misaligned vector access)."""
+    x = randn(gen, 4 * 3, 1280, dtype=dtype)
+    weight = randn(gen, 1280 + weight_offset)[weight_offset:]
+    unit_index = torch.tensor([2, 0, 1, 2])
+    out = run(backend, device, x, weight, unit_index)
+    assert out.dtype == dtype
+    assert_exact_up_to_rstd(out, x, weight, unit_index)
+    assert_matches_eager(out, qwen_kernels.patch_merge(x, weight, EPS, unit_index, "torch"))
+
+
+@pytest.mark.parametrize(("backend", "device"), targets("patch_merge"))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["wide-rows", "misaligned-rows", "column-stride", "transposed"])
+def test_strided_inputs(gen, backend, device, dtype, layout):
+    """x as views: rows of a wider buffer (aligned for 16-byte vectors, and one element past a
+    16-byte boundary: a narrower vector, not a misaligned access), a column stride of 2, a
+    transposed buffer; a strided weight (a contiguous one off 16 bytes with the misaligned rows)
+    and a strided unit_index."""
+    tokens, channels = 4 * 3, 1280
+    if layout == "wide-rows":
+        x = randn(gen, tokens, channels + 64, dtype=dtype)[:, 32 : 32 + channels]
+    elif layout == "misaligned-rows":
+        x = randn(gen, tokens, channels + 1, dtype=dtype)[:, 1:]
+    elif layout == "column-stride":
+        x = randn(gen, tokens, 2 * channels, dtype=dtype)[:, ::2]
+    else:
+        x = randn(gen, channels, tokens, dtype=dtype).T
+    weight = randn(gen, 2 * channels, dtype=dtype)[::2]
+    if layout == "misaligned-rows":  # and a contiguous weight off 16 bytes
+        weight = randn(gen, channels + 1, dtype=dtype)[1:]
+    unit_index = torch.tensor([2, 1, 0, 0, 2, 1], dtype=torch.int32)[::2]
+    out = run(backend, device, x, weight, unit_index)
+    expected = qwen_kernels.patch_merge(x.contiguous(), weight.contiguous(), EPS, unit_index)
+    assert_exact_up_to_rstd(out, x, weight, unit_index)
+    assert_matches_eager(out, expected)
+
+
+@pytest.mark.parametrize(("backend", "device"), targets("patch_merge"))
+def test_large_fp16_activations_stay_finite(gen, backend, device):
+    x = randn(gen, 8, 1280, dtype=torch.float16, scale=1e4)
+    weight = randn(gen, 1280, dtype=torch.float16)
+    out = run(backend, device, x, weight)
+    assert torch.isfinite(out).all()
+    assert_exact_up_to_rstd(out, x, weight, None)
+
+
+@pytest.mark.parametrize(("backend", "device"), targets("patch_merge"))
+def test_empty(gen, backend, device):
+    weight = randn(gen, 16)
+    assert run(backend, device, randn(gen, 0, 16), weight).shape == (0, 64)
+    x = randn(gen, 8, 16)
+    assert run(backend, device, x, weight, torch.empty(0, dtype=torch.int64)).shape == (0, 64)
+
+
+@pytest.mark.parametrize(("backend", "device"), targets("patch_merge"))
+def test_unchecked_out_of_range_index_gives_nan_rows(gen, backend, device):
+    """With the value checks skipped, an index out of range must not read out of bounds: kernels
+    write that row as NaN and every other row as usual."""
+    x, weight = randn(gen, 8, 64), randn(gen, 64)
+    unit_index = torch.tensor([1, 2, -1, 0])
+    with skip_value_checks():
+        out = run(backend, device, x, weight, unit_index)
+    assert torch.isnan(out[1:3]).all()
+    good = torch.tensor([0, 3])
+    assert_exact_up_to_rstd(out[good], x, weight, unit_index[good])
+
+
+def test_exactness_check_rejects_broken_kernels(gen):
+    """The checks above fail a kernel that scales its output by 1.01, truncates instead of
+    rounding (either step), skips the intermediate rounding, or swaps two tokens of a unit."""
+    x, weight = randn(gen, 4 * 5, 1280, dtype=torch.bfloat16), randn(gen, 1280)
+    unit_index = torch.tensor([3, 1, 4, 1])
+    good = qwen_kernels.patch_merge(x, weight, EPS, unit_index, "torch")
+    assert_exact_up_to_rstd(good, x, weight, unit_index)
+
+    def truncate(t: torch.Tensor) -> torch.Tensor:
+        return (t.float().view(torch.int32) & -65536).view(torch.float32).to(torch.bfloat16)
+
+    tokens = x.reshape(-1, UNIT, 1280)[unit_index].reshape(-1, 1280).float()
+    rstd = torch.rsqrt(tokens.square().mean(-1, keepdim=True) + EPS)
+    broken = {
+        "scaled by 1.01": (good.float() * 1.01).to(torch.bfloat16),
+        "truncated product": truncate((tokens * rstd).to(torch.bfloat16).float() * weight).reshape(
+            good.shape
+        ),
+        "truncated normalised value": (truncate(tokens * rstd).float() * weight)
+        .to(torch.bfloat16)
+        .reshape(good.shape),
+        "one rounding": (tokens * rstd * weight).to(torch.bfloat16).reshape(good.shape),
+        "tokens of a unit swapped": good.reshape(-1, UNIT, 1280)[:, [1, 0, 2, 3]].reshape(
+            good.shape
+        ),
+    }
+    for name, out in broken.items():
+        with pytest.raises(AssertionError):
+            assert_exact_up_to_rstd(out, x, weight, unit_index)
+            assert_matches_eager(out, good)
+            pytest.fail(f"a kernel whose output is {name} passed the checks")
 
 
 def test_opcheck(gen):
@@ -66,14 +286,42 @@ def test_opcheck(gen):
     torch.library.opcheck(torch.ops.qwen.patch_merge, (x, weight, EPS, index, "torch"))
 
 
+@pytest.mark.parametrize(("backend", "device"), targets("patch_merge"))
+def test_opcheck_kernels(gen, backend, device):
+    x, weight = randn(gen, 12, 40).to(device), randn(gen, 40).to(device)
+    index = torch.tensor([2, 0, 1], dtype=torch.int32, device=device)
+    torch.library.opcheck(torch.ops.qwen.patch_merge, (x, weight, EPS, index, backend))
+    torch.library.opcheck(torch.ops.qwen.patch_merge, (x, weight, EPS, None, backend))
+
+
+def test_compiles_fullgraph(gen):
+    x, weight, index = randn(gen, 12, 40), randn(gen, 40), torch.tensor([2, 0, 1])
+    compiled = torch.compile(lambda a, w, i: qwen_kernels.patch_merge(a, w, EPS, i), fullgraph=True)
+    torch.testing.assert_close(
+        compiled(x, weight, index), qwen_kernels.patch_merge(x, weight, EPS, index)
+    )
+
+
 def test_bad_input(gen):
     x, weight = randn(gen, 12, 8), randn(gen, 8)
     cases = [
         (lambda: qwen_kernels.patch_merge(x[:10], weight, EPS), "T a multiple of 4"),
         (lambda: qwen_kernels.patch_merge(x[None], weight, EPS), "`x` must be 2-D"),
+        (lambda: qwen_kernels.patch_merge(x.long(), weight, EPS), "`x` must be of dtype"),
         (lambda: qwen_kernels.patch_merge(x, weight[:7], EPS), "`weight` must be 1-D of size"),
         (
+            lambda: qwen_kernels.patch_merge(x.bfloat16(), weight.half(), EPS),
+            "`weight` must be of dtype bfloat16, float32",
+        ),
+        (lambda: qwen_kernels.patch_merge(x, weight, -1.0), "`eps` must be a non-negative"),
+        (
             lambda: qwen_kernels.patch_merge(x, weight, EPS, torch.tensor([0.0, 1.0])),
+            "`unit_index` must be int32 or int64",
+        ),
+        (
+            lambda: qwen_kernels.patch_merge(
+                x, weight, EPS, torch.tensor([0, 1], dtype=torch.int16)
+            ),
             "`unit_index` must be int32 or int64",
         ),
         (
@@ -81,14 +329,64 @@ def test_bad_input(gen):
             "`unit_index` must be 1-D",
         ),
         (
-            lambda: qwen_kernels.patch_merge(x, weight, EPS, torch.tensor([0, 3])),
-            r"indices of merge units in \[0, 3\)",
-        ),
-        (
-            lambda: qwen_kernels.patch_merge(x, weight, EPS, torch.tensor([-1, 0])),
-            r"indices of merge units in \[0, 3\)",
+            lambda: qwen_kernels.patch_merge(
+                x, weight, EPS, torch.zeros(2, dtype=torch.long, device="meta")
+            ),
+            "`unit_index` must be on cpu",
         ),
     ]
     for call, match in cases:
         with pytest.raises(ValueError, match=match):
             call()
+
+
+@pytest.mark.parametrize(("backend", "device"), targets("patch_merge"))
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+def test_index_out_of_range(gen, backend, device, index_dtype):
+    x, weight = randn(gen, 12, 8).to(device), randn(gen, 8).to(device)
+    for values in ([0, 3], [-1, 0], [2, 7, 1]):
+        index = torch.tensor(values, dtype=index_dtype, device=device)
+        with pytest.raises(
+            ValueError, match=r"`unit_index` must be indices of merge units in \[0, 3\)"
+        ):
+            qwen_kernels.patch_merge(x, weight, EPS, index, backend)
+
+
+def test_unknown_and_unavailable_backend(gen):
+    x, weight = randn(gen, 4, 8), randn(gen, 8)
+    with pytest.raises(ValueError, match="`backend` must be one of"):
+        qwen_kernels.patch_merge(x, weight, EPS, backend="fast")
+    missing = [b for b in ("triton", "cuda", "cuda_emu") if b not in backends_for("patch_merge")]
+    for backend in missing:
+        with pytest.raises(RuntimeError, match=backend):
+            qwen_kernels.patch_merge(x, weight, EPS, backend=backend)
+
+
+@pytest.mark.parametrize(("backend", "device"), targets("patch_merge"))
+def test_kernel_backends_reject_float64(gen, backend, device):
+    x = randn(gen, 4, 8, dtype=torch.float64).to(device)
+    weight = randn(gen, 8, dtype=torch.float64).to(device)
+    with pytest.raises(ValueError, match="only the 'torch' reference runs in float64"):
+        qwen_kernels.patch_merge(x, weight, EPS, None, backend)
+
+
+@pytest.mark.parametrize(
+    ("backend", "device"),
+    [t for t in targets("patch_merge") if t.values[0] in ("cuda", "cuda_emu")],
+)
+def test_native_op_checks_its_arguments(gen, backend, device):
+    """The C++ op checks its input itself when called directly (torch.ops.qwen_emu...)."""
+    library = emulated_library() if backend == "cuda_emu" else torch.ops.qwen_cuda
+    x = randn(gen, 8, 16).to(device)
+    weight = randn(gen, 16).to(device)
+    index = torch.tensor([1, 0], device=device)
+    with pytest.raises(ValueError, match="argument 'x'"):
+        library.patch_merge(x[:6], weight, EPS, index)
+    with pytest.raises(ValueError, match="argument 'x'"):
+        library.patch_merge(x.double(), weight, EPS, index)
+    with pytest.raises(ValueError, match="argument 'weight'"):
+        library.patch_merge(x, weight[:15], EPS, index)
+    with pytest.raises(ValueError, match="argument 'unit_index'"):
+        library.patch_merge(x, weight, EPS, index.short())
+    with pytest.raises(ValueError, match="argument 'unit_index'"):
+        library.patch_merge(x, weight, EPS, index[None])

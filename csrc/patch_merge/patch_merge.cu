@@ -1,0 +1,208 @@
+// The 2x2 patch merge: RMSNorm of each token, the 4 tokens of a merge unit written as one [4C]
+// row, units gathered in unit_index order. Viewed as [M * 4, C], the output is a row-gathered
+// RMSNorm: token row r is x row 4 * unit_index[r / 4] + r % 4. A block of 8 warps normalises
+// 8 / warps_per_row token rows (at C = 1280 in bf16: 160 vectors a token, 2 warps a token, one
+// merge unit a block), each thread moving a few 16-byte vectors. Two passes over the token, the
+// second re-reading what the same thread read (an L1/L2 hit), so HBM sees x read once and the
+// output written once.
+#include <ATen/ops/empty.h>
+
+#include <cstdint>
+
+#include "common/dispatch.h"
+#include "common/kernel.h"
+#include "common/numeric.h"
+#include "common/torch_utils.h"
+#include "patch_merge/patch_merge.h"
+
+namespace qk {
+namespace {
+
+constexpr int kUnit = 4;  // tokens per 2x2 merge unit
+constexpr int kWarpsPerBlock = 8;
+// Vectors per thread a token row aims for before it takes more warps.
+constexpr int kVectorsPerThread = 4;
+
+template <class T, class W, class I>
+struct PatchMergeParams {
+  const T* x;
+  int64_t x_stride;     // elements between consecutive tokens of x
+  const W* weight;      // [C]
+  const I* unit_index;  // [M], or nullptr: output unit i is unit i
+  T* out;               // [M * 4, C]
+  int64_t out_rows;     // M * 4
+  int64_t units;        // T / 4: valid values of unit_index
+  int cols;             // C
+  float eps;
+  int warps_per_row;
+  bool weight_packed;  // weight aligned for Pack<W, weight_vec<W, VEC>()> loads
+};
+
+// Weights per vector load: VEC, or as many as 16 bytes hold (fp32 weights of 8 bf16 values).
+template <class W, int VEC>
+constexpr int weight_vec() {
+  return VEC * sizeof(W) <= 16 ? VEC : static_cast<int>(16 / sizeof(W));
+}
+
+// weight[0, VEC) as floats: vector loads when the weight is aligned for them (the weight stays in
+// L1, but scalar loads would cost VEC instructions per 16-byte vector of x).
+template <class W, int VEC>
+QK_DEVICE void load_weight(const W* weight, bool packed, float (&w)[VEC]) {
+  constexpr int kWVec = weight_vec<W, VEC>();
+  if (packed) {
+#pragma unroll
+    for (int k = 0; k < VEC; k += kWVec) {
+      const Pack<W, kWVec> pack = load_pack<W, kWVec>(weight + k);
+#pragma unroll
+      for (int j = 0; j < kWVec; ++j) w[k + j] = to_float(pack.v[j]);
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) w[j] = to_float(weight[j]);
+  }
+}
+
+template <class T, class W, class I, int VEC>
+__global__ void patch_merge_kernel(const PatchMergeParams<T, W, I> p) {
+  __shared__ float warp_sums[kWarpsPerBlock];
+  const int warp = threadIdx.x / 32;
+  const int group = warp / p.warps_per_row;  // this thread's token row within the block
+  const int rank = threadIdx.x % (32 * p.warps_per_row);
+  const int step = 32 * p.warps_per_row * VEC;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * (kWarpsPerBlock / p.warps_per_row) + group;
+  const bool active = row < p.out_rows;  // tail rows still reach the barrier below
+  const int64_t unit = !active        ? 0
+                       : p.unit_index ? static_cast<int64_t>(p.unit_index[row / kUnit])
+                                      : row / kUnit;
+  // A unit out of range (possible only when the caller skipped the op's value checks) reads
+  // nothing: its row comes out NaN rather than from out-of-bounds memory.
+  const bool valid = unit >= 0 && unit < p.units;
+  const T* x_row = p.x + (unit * kUnit + row % kUnit) * p.x_stride;
+  T* out_row = p.out + row * p.cols;
+
+  float square_sum = 0.0f;
+  for (int i = rank * VEC; active && valid && i < p.cols; i += step) {
+    const Pack<T, VEC> a = load_pack<T, VEC>(x_row + i);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) square_sum += to_float(a.v[j]) * to_float(a.v[j]);
+  }
+  square_sum = warp_sum(square_sum);
+  if (threadIdx.x % 32 == 0) warp_sums[warp] = square_sum;
+  __syncthreads();
+  if (!active) return;
+  float total = 0.0f;
+  for (int w = group * p.warps_per_row; w < (group + 1) * p.warps_per_row; ++w) {
+    total += warp_sums[w];
+  }
+  const float rstd =
+      valid ? rsqrtf(total / static_cast<float>(p.cols) + p.eps) : __int_as_float(0x7fc00000);
+
+  for (int i = rank * VEC; i < p.cols; i += step) {
+    Pack<T, VEC> a;
+    if (valid) {
+      a = load_pack<T, VEC>(x_row + i);
+    } else {
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) a.v[j] = from_float<T>(0.0f);
+    }
+    float w[VEC];
+    load_weight<W, VEC>(p.weight + i, p.weight_packed, w);
+    Pack<T, VEC> y;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      const float normed = to_float(from_float<T>(to_float(a.v[j]) * rstd));
+      y.v[j] = from_float<T>(normed * w[j]);
+    }
+    store_pack<T, VEC>(out_row + i, y);
+  }
+}
+
+// Warps per token row: enough that each thread moves about kVectorsPerThread vectors, a power of
+// two dividing the block.
+int warps_per_row(int64_t vectors) {
+  int warps = 1;
+  while (warps < kWarpsPerBlock && vectors > int64_t{32} * warps * kVectorsPerThread) warps *= 2;
+  return warps;
+}
+
+void check_args(const at::Tensor& x, const at::Tensor& weight, double eps,
+                const std::optional<at::Tensor>& unit_index) {
+  check_device(x, "x");
+  check_dtype(x, "x", {at::kFloat, at::kHalf, at::kBFloat16});
+  check_dim(x, "x", 2);
+  QK_CHECK_ARG(x.size(1) > 0 && x.size(0) % kUnit == 0, "x",
+               "[T, C] with C > 0 and T a multiple of 4 (got shape ", x.sizes(), ")");
+  QK_CHECK_ARG(x.size(1) <= INT32_MAX, "x", "rows shorter than 2^31 (got ", x.size(1), ")");
+  check_same_device(weight, "weight", x, "x");
+  check_dtype(weight, "weight", {x.scalar_type(), at::kFloat});
+  QK_CHECK_ARG(weight.dim() == 1 && weight.size(0) == x.size(1), "weight", "shape [x.shape[1]] = [",
+               x.size(1), "] (got ", weight.sizes(), ")");
+  QK_CHECK_ARG(eps >= 0.0, "eps", "a non-negative value (got ", eps, ")");
+  if (unit_index) {
+    check_same_device(*unit_index, "unit_index", x, "x");
+    check_dtype(*unit_index, "unit_index", {at::kInt, at::kLong});
+    check_dim(*unit_index, "unit_index", 1);
+  }
+}
+
+template <class T, class W, class I>
+void launch(const at::Tensor& x_rows, const W* weight, const I* unit_index, double eps,
+            at::Tensor& out) {
+  PatchMergeParams<T, W, I> p{static_cast<const T*>(x_rows.data_ptr()),
+                              x_rows.stride(0),
+                              weight,
+                              unit_index,
+                              static_cast<T*>(out.data_ptr()),
+                              out.size(0) * kUnit,
+                              x_rows.size(0) / kUnit,
+                              static_cast<int>(x_rows.size(1)),
+                              static_cast<float>(eps),
+                              1,
+                              false};
+  const int vec = vector_width(sizeof(T), p.cols, {p.x, p.out}, {p.x_stride});
+  p.warps_per_row = warps_per_row(p.cols / vec);
+  const int64_t rows_per_block = kWarpsPerBlock / p.warps_per_row;
+  const dim3 grid(static_cast<unsigned>((p.out_rows + rows_per_block - 1) / rows_per_block));
+  QK_DISPATCH_VEC(vec, VEC, [&] {
+    constexpr std::uintptr_t kWeightBytes = sizeof(Pack<W, weight_vec<W, VEC>()>);
+    p.weight_packed = reinterpret_cast<std::uintptr_t>(weight) % kWeightBytes == 0;
+    QK_LAUNCH((patch_merge_kernel<T, W, I, VEC>), grid, dim3(32 * kWarpsPerBlock), 0,
+              current_stream(x_rows), p);
+  });
+}
+
+}  // namespace
+
+at::Tensor patch_merge(const at::Tensor& x, const at::Tensor& weight, double eps,
+                       const std::optional<at::Tensor>& unit_index) {
+  check_args(x, weight, eps, unit_index);
+  const int64_t out_units = unit_index ? unit_index->size(0) : x.size(0) / kUnit;
+  at::Tensor out = at::empty({out_units, kUnit * x.size(1)}, x.options());
+  if (out.numel() == 0) return out;
+  // Rows of x are read with unit column stride; anything else is copied once.
+  const at::Tensor x_rows = x.stride(1) == 1 ? x : x.contiguous();
+  const at::Tensor w = weight.contiguous();
+  const at::Tensor index = unit_index ? unit_index->contiguous() : at::Tensor();
+
+  DeviceGuard guard(x);
+  QK_DISPATCH_FLOAT(x.scalar_type(), T, [&] {
+    auto with_weight = [&](const auto* w_ptr) {
+      using W = std::remove_const_t<std::remove_pointer_t<decltype(w_ptr)>>;
+      if (!index.defined()) {
+        launch<T, W, int64_t>(x_rows, w_ptr, nullptr, eps, out);
+      } else if (index.scalar_type() == at::kInt) {
+        launch<T, W, int32_t>(x_rows, w_ptr, index.data_ptr<int32_t>(), eps, out);
+      } else {
+        launch<T, W, int64_t>(x_rows, w_ptr, index.data_ptr<int64_t>(), eps, out);
+      }
+    };
+    if (w.scalar_type() == at::kFloat) {
+      with_weight(static_cast<const float*>(w.data_ptr()));
+    } else {
+      with_weight(static_cast<const T*>(w.data_ptr()));
+    }
+  });
+  return out;
+}
+
+}  // namespace qk
