@@ -91,7 +91,8 @@ class Row:
     arch: str
     warps: int | None
     registers: int
-    local_bytes: int
+    stack_bytes: int
+    spill_bytes: int
     shared_bytes: int
     counts: dict[str, int]
     occupancy: dict[str, int | None]
@@ -100,25 +101,27 @@ class Row:
 
     @property
     def spills(self) -> bool:
-        """Local memory in use: spilled registers or a stack array."""
-        return self.local_bytes > 0 or self.counts["ldl"] > 0 or self.counts["stl"] > 0
+        """Registers spilled to local memory (as ptxas counts them). A stack frame without
+        spills is an array the code indexes at run time (e.g. sincosf's slow path)."""
+        return self.spill_bytes > 0
 
 
 # ---------------------------------------------------------------------------------------------
 # Tools
 
 
-def _tool(name: str) -> str:
-    """cuobjdump / nvdisasm: Triton's bundled copy first (present wherever Triton is), then
-    the CUDA toolkit's."""
+def _tool(name: str, toolkit_first: bool = False) -> str:
+    """cuobjdump / ptxas: Triton's bundled copy (present wherever Triton is, and of the PTX
+    version Triton writes) or the CUDA toolkit's (which built qwen_kernels._C)."""
+    bundled = None
     with contextlib.suppress(ImportError):
         import triton
 
         bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
-        if bundled.is_file():
-            return str(bundled)
     home = os.environ.get("CUDA_HOME") or "/usr/local/cuda"
-    for candidate in (Path(home, "bin", name), shutil.which(name)):
+    toolkit = [Path(home, "bin", name), shutil.which(name)]
+    order = [*toolkit, bundled] if toolkit_first else [bundled, *toolkit]
+    for candidate in order:
         if candidate and Path(candidate).is_file():
             return str(candidate)
     raise RuntimeError(f"inspect needs {name} (from the triton package or a CUDA toolkit)")
@@ -140,7 +143,7 @@ def _demangle(names: Sequence[str]) -> dict[str, str]:
 @dataclass
 class _Function:
     registers: int = 0
-    local_bytes: int = 0
+    stack_bytes: int = 0
     shared_bytes: int = 0
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(INSTRUCTIONS, 0))
 
@@ -157,10 +160,8 @@ def read_binary(path: Path, arch: str = "sm_80") -> dict[tuple[str, str], _Funct
             arch = m.group(1)
         elif m := re.match(r"\s*Function (\S+):", line):
             current = functions.setdefault((arch, m.group(1)), _Function())
-        elif current is not None and (
-            m := re.search(r"REG:(\d+) STACK:\d+ SHARED:(\d+) LOCAL:(\d+)", line)
-        ):
-            current.registers, shared, current.local_bytes = map(int, m.groups())
+        elif current is not None and (m := re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+)", line)):
+            current.registers, current.stack_bytes, shared = map(int, m.groups())
             # From sm_90 on the count includes the 1 KiB the driver reserves per block; the
             # occupancy model adds that reservation on every arch itself.
             if int(arch[3:5]) >= 90 and shared >= RESERVED_SHARED:
@@ -178,6 +179,35 @@ def read_binary(path: Path, arch: str = "sm_80") -> dict[tuple[str, str], _Funct
                 if pattern.search(line):
                     current.counts[key] += 1
     return functions
+
+
+def ptxas_spills(ptx: str, arch: str, toolkit_first: bool = False) -> dict[str, int]:
+    """Spill bytes (stores + loads) per kernel entry when ptxas compiles ``ptx`` for ``arch``
+    (e.g. "sm_90a"): the count that tells spilled registers from a stack array."""
+    with tempfile.TemporaryDirectory() as tmp:
+        source = Path(tmp, "kernels.ptx")
+        source.write_text(ptx)
+        result = subprocess.run(
+            [
+                _tool("ptxas", toolkit_first),
+                "-v",
+                f"-arch={arch}",
+                "-o",
+                str(Path(tmp, "out.cubin")),
+                str(source),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    spills, entry = {}, None
+    for line in result.stderr.splitlines():
+        if m := re.search(r"Function properties for (\S+)", line):
+            entry = m.group(1)
+        elif entry and (m := re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)):
+            spills[entry] = int(m.group(1)) + int(m.group(2))
+            entry = None
+    return spills
 
 
 def _occupancy(warps: int | None, registers: int, shared_bytes: int) -> dict[str, int | None]:
@@ -326,6 +356,8 @@ def _triton_row(op: str, launch: Launch, compiled: Any, variant: str, arch: str)
         cubin.write_bytes(compiled.asm["cubin"])
         functions = read_binary(cubin, f"sm_{arch.replace('.', '')}")
     function = next(iter(functions.values()))
+    sm = f"sm_{arch.replace('.', '')}"
+    spills = ptxas_spills(compiled.asm["ptx"], sm)
     warps = compiled.metadata.num_warps
     # Triton allocates its shared memory dynamically: the metadata holds the total.
     shared = max(function.shared_bytes, compiled.metadata.shared)
@@ -337,7 +369,8 @@ def _triton_row(op: str, launch: Launch, compiled: Any, variant: str, arch: str)
         arch=f"sm_{arch.replace('.', '')}",
         warps=warps,
         registers=function.registers,
-        local_bytes=function.local_bytes,
+        stack_bytes=function.stack_bytes,
+        spill_bytes=sum(spills.values()),
         shared_bytes=shared,
         counts=function.counts,
         occupancy=_occupancy(warps, function.registers, shared),
@@ -386,11 +419,23 @@ def cuda_library() -> Path | None:
     return Path(spec.origin) if spec and spec.origin else None
 
 
-def _declared_warps(library: Path) -> dict[str, int]:
+def _ptx_modules(library: Path) -> list[str]:
+    """The PTX modules embedded in ``library`` (one per source file of the build)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run(
+            [_tool("cuobjdump"), "-xptx", "all", str(library)],
+            cwd=tmp,
+            capture_output=True,
+            check=True,
+        )
+        return [p.read_text() for p in sorted(Path(tmp).glob("*.ptx"))]
+
+
+def _declared_warps(ptx: str) -> dict[str, int]:
     """Warps per block of the kernels that declare it (``__launch_bounds__`` -> ``.maxntid`` in
     the embedded PTX); the others choose their block size at launch."""
     warps, entry = {}, None
-    for line in _run(_tool("cuobjdump"), "-ptx", str(library)).splitlines():
+    for line in ptx.splitlines():
         if m := re.match(r"\s*\.(?:visible )?\.entry (\S+)\(", line):
             entry = m.group(1)
         elif entry and (m := re.match(r"\s*\.maxntid (\d+), (\d+), (\d+)", line)):
@@ -408,7 +453,15 @@ def cuda_rows(archs: Sequence[str]) -> list[Row]:
     wanted = {f"sm_{a.replace('.', '')}" for a in archs}
     functions = {key: f for key, f in read_binary(library).items() if key[0] in wanted}
     readable = _demangle(sorted({name for _, name in functions}))
-    declared = _declared_warps(library)
+    modules = _ptx_modules(library)
+    declared = _declared_warps("\n".join(modules))
+    # The build embeds the PTX of its oldest arch only: spills for the other archs are those of
+    # that PTX compiled for them (close to, not the same as, their own cubins).
+    spills: dict[str, dict[str, int]] = {}
+    for arch in sorted({a for a, _ in functions}):
+        spills[arch] = {}
+        for module in modules:
+            spills[arch].update(ptxas_spills(module, arch, toolkit_first=True))
     rows = []
     for (arch, name), function in sorted(functions.items()):
         full = readable[name]
@@ -426,7 +479,8 @@ def cuda_rows(archs: Sequence[str]) -> list[Row]:
                 arch=arch,
                 warps=declared.get(name),
                 registers=function.registers,
-                local_bytes=function.local_bytes,
+                stack_bytes=function.stack_bytes,
+                spill_bytes=spills[arch].get(name, 0),
                 shared_bytes=function.shared_bytes,
                 counts=function.counts,
                 occupancy=_occupancy(declared.get(name), function.registers, function.shared_bytes),
@@ -481,7 +535,7 @@ def summary(rows: Sequence[Row]) -> list[str]:
 def markdown(rows: Sequence[Row], command: str) -> str:
     """The report as Markdown: the command, the summary, then one table row per variant."""
     header = (
-        "| op | backend | kernel | arch | variant | warps | regs | local B | smem B | "
+        "| op | backend | kernel | arch | variant | warps | regs | spill B | stack B | smem B | "
         "warps/SM A100 | warps/SM H100 | HMMA | HGMMA | LDSM | LDGSTS | LDG.128 | STG.128 | "
         "LDL/STL | useful mma |"
     )
@@ -500,7 +554,8 @@ def markdown(rows: Sequence[Row], command: str) -> str:
         useful = f"{r.useful_mma:.0%}" if r.useful_mma is not None else ""
         lines.append(
             f"| {r.op} | {r.backend} | `{r.kernel}` | {r.arch} | {r.variant} | {r.warps or ''} | "
-            f"{r.registers} | {r.local_bytes} | {r.shared_bytes} | {r.occupancy['A100'] or ''} | "
+            f"{r.registers} | {r.spill_bytes} | {r.stack_bytes} | {r.shared_bytes} | "
+            f"{r.occupancy['A100'] or ''} | "
             f"{r.occupancy['H100'] or ''} | {c['hmma']} | {c['hgmma']} | {c['ldsm']} | "
             f"{c['ldgsts']} | {c['ldg128']} | {c['stg128']} | {c['ldl'] + c['stl']} | {useful} |"
         )
