@@ -1,0 +1,497 @@
+// Variable-length attention inside segments. One block takes 64 query rows of one (segment,
+// head) pair; the grid is (segments x heads, query blocks), heads of a segment adjacent so that
+// blocks reading the same token rows of a packed qkv run together.
+//
+// fp16/bf16 (window_attn_mma_kernel): Q, K and V tiles reach shared memory by 16-byte cp.async
+// (rows past the segment end zero-filled), fragments come from ldmatrix, and each warp runs
+// mma.m16n8k16 over its 16 query rows: S = QK^T in fp32 registers, keys past the segment end
+// masked before the row max, P = exp2(S - max) rounded to the input dtype for PV (as
+// FlashAttention does), the row sum kept in fp32. The window path (max_seqlen <= 64) holds all
+// keys in registers and needs no rescaling; the long path runs an online softmax over 64-key
+// tiles with the next K and V tiles in flight. Warps whose 16 rows lie past the segment end and
+// key tiles past it skip their mma. The output goes through shared memory to 16-byte stores.
+//
+// fp32 (window_attn_fma_kernel): see WindowAttnFmaTraits.
+#include <ATen/ops/empty.h>
+
+#include <cmath>
+#include <cstring>
+#include <type_traits>
+
+#include "common/dispatch.h"
+#include "common/kernel.h"
+#include "common/numeric.h"
+#include "common/torch_utils.h"
+#include "window_attn/kernel_traits.h"
+#include "window_attn/params.h"
+#include "window_attn/variants.h"
+#include "window_attn/window_attn.h"
+
+namespace qk {
+namespace {
+
+constexpr unsigned kFullMask = 0xFFFFFFFFu;
+constexpr double kLog2e = 1.4426950408889634;
+
+// The segment and head of this block and the segment's bounds, clamped to [0, T] and to
+// max_seqlen.
+struct Segment {
+  int head;
+  int start;
+  int len;
+};
+
+QK_DEVICE Segment segment_of(const WindowAttnParams& p) {
+  const int pair = static_cast<int>(blockIdx.x);
+  const int segment = pair / p.heads;
+  const int start = min(max(p.cu_seqlens[segment], 0), p.tokens);
+  const int end = min(max(p.cu_seqlens[segment + 1], start), p.tokens);
+  return {pair % p.heads, start, min(end - start, p.max_seqlen)};
+}
+
+// Issues the cp.async copies of `rows` valid rows (of kBlockM) into a padded shared tile; the
+// other rows are zero-filled, so masked keys meet zeros in V rather than stale NaN.
+template <class Traits, class T>
+QK_DEVICE void load_tile(T* tile, const T* src, int64_t token_stride, int rows) {
+  constexpr int kChunks = Traits::kBlockM * Traits::kChunksPerRow;
+  static_assert(kChunks % Traits::kThreads == 0, "every thread copies the same count");
+  constexpr int kChunkElems = 16 / sizeof(T);
+#pragma unroll
+  for (int c = static_cast<int>(threadIdx.x); c < kChunks; c += Traits::kThreads) {
+    const int row = c / Traits::kChunksPerRow, col = c % Traits::kChunksPerRow * kChunkElems;
+    const bool valid = row < rows;
+    const T* from = valid ? src + row * token_stride + col : src;
+    cp_async_16_zfill(tile + row * Traits::kRowStride + col, from, valid);
+  }
+}
+
+// Two fp32 values as one register of two 16-bit values, rounded to nearest, the first low.
+template <class T>
+QK_DEVICE std::uint32_t pack_pair(float lo, float hi) {
+  std::uint32_t bits;
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    std::memcpy(&bits, &v, sizeof(bits));
+  } else {
+    const __half2 v = __floats2half2_rn(lo, hi);
+    std::memcpy(&bits, &v, sizeof(bits));
+  }
+  return bits;
+}
+
+template <class T>
+QK_DEVICE void mma(float (&acc)[4], const std::uint32_t (&a)[4], const std::uint32_t (&b)[2]) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    mma_m16n8k16_bf16(acc, a, b, acc);
+  } else {
+    mma_m16n8k16_f16(acc, a, b, acc);
+  }
+}
+
+// Max and sum over the 4 lanes (t = lane % 4) that hold one row of an mma accumulator.
+QK_DEVICE float quad_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(kFullMask, x, 1));
+  return fmaxf(x, __shfl_xor_sync(kFullMask, x, 2));
+}
+
+QK_DEVICE float quad_sum(float x) {
+  x += __shfl_xor_sync(kFullMask, x, 1);
+  return x + __shfl_xor_sync(kFullMask, x, 2);
+}
+
+template <class Traits>
+__global__ void __launch_bounds__(Traits::kThreads)
+    window_attn_mma_kernel(const WindowAttnParams p) {
+  using T = typename Traits::Element;
+  constexpr int kStride = Traits::kRowStride, kTile = Traits::kTileElems;
+  QK_DYNAMIC_SMEM(T, smem);
+  T* const sq = smem;
+  T* const sk = sq + kTile;
+  T* const sv = sk + Traits::kStages * kTile;
+
+  const Segment seg = segment_of(p);
+  const int m0 = static_cast<int>(blockIdx.y) * Traits::kBlockM;
+  if (m0 >= seg.len) return;  // the whole block leaves before any barrier
+  const T* q =
+      static_cast<const T*>(p.q) + seg.start * p.q_token_stride + seg.head * p.q_head_stride;
+  const T* k =
+      static_cast<const T*>(p.k) + seg.start * p.k_token_stride + seg.head * p.k_head_stride;
+  const T* v =
+      static_cast<const T*>(p.v) + seg.start * p.v_token_stride + seg.head * p.v_head_stride;
+  const int tiles = Traits::kLong ? (seg.len + Traits::kBlockN - 1) / Traits::kBlockN : 1;
+
+  const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
+  const int g = lane / 4, t = lane % 4;  // the accumulator rows g, g + 8 and columns 2t, 2t + 1
+  const int warp_row = warp * 16;
+  // Warps whose rows all lie past the segment end only join the barriers.
+  const bool warp_active = m0 + warp_row < seg.len;
+
+  // Groups: (Q, K0), (V0); then K(i+1) and V(i+1) each as issued inside the loop.
+  load_tile<Traits>(sq, q + m0 * p.q_token_stride, p.q_token_stride, seg.len - m0);
+  load_tile<Traits>(sk, k, p.k_token_stride, seg.len);
+  cp_async_commit();
+  load_tile<Traits>(sv, v, p.v_token_stride, seg.len);
+  cp_async_commit();
+
+  std::uint32_t qf[Traits::kQkSteps][4];
+  float o[Traits::kDimTiles][4];
+#pragma unroll
+  for (int d = 0; d < Traits::kDimTiles; ++d) {
+#pragma unroll
+    for (int r = 0; r < 4; ++r) o[d][r] = 0.0f;
+  }
+  // Rows g and g + 8: running max of the scaled scores (log2 domain) and this lane's share of
+  // the sum of exp2(score - max).
+  float row_max[2] = {-INFINITY, -INFINITY};
+  float row_sum[2] = {0.0f, 0.0f};
+
+  for (int tile = 0; tile < tiles; ++tile) {
+    const int stage = Traits::kLong ? tile % 2 : 0;
+    const int kv0 = tile * Traits::kBlockN;
+    const int keys = min(seg.len - kv0, Traits::kBlockN);
+    const bool prefetch = Traits::kLong && tile + 1 < tiles;
+    const T* sk_tile = sk + stage * kTile;
+    const T* sv_tile = sv + stage * kTile;
+
+    cp_async_wait<1>();  // K(tile) (and Q) have landed; V(tile) may be in flight
+    __syncthreads();
+    float s[Traits::kKeyTiles][4];
+    if (warp_active) {
+      if (tile == 0) {
+#pragma unroll
+        for (int ks = 0; ks < Traits::kQkSteps; ++ks) {
+          const int row = warp_row + lane % 8 + lane / 8 % 2 * 8;
+          ldmatrix_x4(qf[ks], sq + row * kStride + ks * 16 + lane / 16 * 8);
+        }
+      }
+      // S = Q K^T, two key tiles of 8 per ldmatrix.x4; tiles past the segment end stay -inf.
+#pragma unroll
+      for (int n = 0; n < Traits::kKeyTiles; n += 2) {
+#pragma unroll
+        for (int r = 0; r < 4; ++r) s[n][r] = s[n + 1][r] = n * 8 < keys ? 0.0f : -INFINITY;
+        if (n * 8 >= keys) continue;
+#pragma unroll
+        for (int ks = 0; ks < Traits::kQkSteps; ++ks) {
+          std::uint32_t kf[4];
+          const int row = n * 8 + lane / 16 * 8 + lane % 8;
+          ldmatrix_x4(kf, sk_tile + row * kStride + ks * 16 + lane / 8 % 2 * 8);
+          const std::uint32_t b0[2] = {kf[0], kf[1]}, b1[2] = {kf[2], kf[3]};
+          mma<T>(s[n], qf[ks], b0);
+          mma<T>(s[n + 1], qf[ks], b1);
+        }
+      }
+      // Mask keys past the segment end before the max: every valid row keeps key 0.
+      if (keys < Traits::kBlockN) {
+#pragma unroll
+        for (int n = 0; n < Traits::kKeyTiles; ++n) {
+#pragma unroll
+          for (int r = 0; r < 4; ++r) {
+            if (n * 8 + 2 * t + r % 2 >= keys) s[n][r] = -INFINITY;
+          }
+        }
+      }
+      float tile_max[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+      for (int n = 0; n < Traits::kKeyTiles; ++n) {
+#pragma unroll
+        for (int r = 0; r < 4; ++r) tile_max[r / 2] = fmaxf(tile_max[r / 2], s[n][r]);
+      }
+      float shift[2];  // the new max times scale_log2, subtracted inside one FMA per score
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const float new_max = fmaxf(row_max[h], quad_max(tile_max[h]));
+        if constexpr (Traits::kLong) {
+          // exp2(-inf) = 0 on the first tile, where o and the sum are still zero.
+          const float correction = exp2f((row_max[h] - new_max) * p.scale_log2);
+          row_sum[h] *= correction;
+#pragma unroll
+          for (int d = 0; d < Traits::kDimTiles; ++d) {
+            o[d][2 * h] *= correction;
+            o[d][2 * h + 1] *= correction;
+          }
+        }
+        row_max[h] = new_max;
+        shift[h] = new_max * p.scale_log2;
+      }
+#pragma unroll
+      for (int n = 0; n < Traits::kKeyTiles; ++n) {
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          s[n][r] = exp2f(fmaf(s[n][r], p.scale_log2, -shift[r / 2]));
+          row_sum[r / 2] += s[n][r];
+        }
+      }
+    }
+
+    if (prefetch) {
+      // Every warp is past its reads of this stage's other half (the barrier above).
+      load_tile<Traits>(sk + (tile + 1) % 2 * kTile, k + (kv0 + Traits::kBlockN) * p.k_token_stride,
+                        p.k_token_stride, seg.len - kv0 - Traits::kBlockN);
+      cp_async_commit();
+      cp_async_wait<1>();  // V(tile) has landed; K(tile + 1) may be in flight
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+
+    if (warp_active) {
+      // O += P V: the S accumulators of key tiles 2j, 2j + 1 are the A fragment of k-step j.
+#pragma unroll
+      for (int j = 0; j < Traits::kPvSteps; ++j) {
+        if (j * 16 >= keys) continue;
+        const std::uint32_t pf[4] = {pack_pair<T>(s[2 * j][0], s[2 * j][1]),
+                                     pack_pair<T>(s[2 * j][2], s[2 * j][3]),
+                                     pack_pair<T>(s[2 * j + 1][0], s[2 * j + 1][1]),
+                                     pack_pair<T>(s[2 * j + 1][2], s[2 * j + 1][3])};
+#pragma unroll
+        for (int d = 0; d < Traits::kDimTiles; d += 2) {
+          std::uint32_t vf[4];
+          const int row = j * 16 + lane % 8 + lane / 8 % 2 * 8;
+          ldmatrix_x4_trans(vf, sv_tile + row * kStride + d * 8 + lane / 16 * 8);
+          const std::uint32_t b0[2] = {vf[0], vf[1]}, b1[2] = {vf[2], vf[3]};
+          mma<T>(o[d], pf, b0);
+          mma<T>(o[d + 1], pf, b1);
+        }
+      }
+    }
+
+    if (prefetch) {
+      // Every warp finished its PV on the other stage in the previous iteration.
+      load_tile<Traits>(sv + (tile + 1) % 2 * kTile, v + (kv0 + Traits::kBlockN) * p.v_token_stride,
+                        p.v_token_stride, seg.len - kv0 - Traits::kBlockN);
+      cp_async_commit();
+    }
+  }
+  if (!warp_active) return;  // no barrier follows
+
+  // Normalise, round once to T and stage this warp's 16 rows in its own rows of the Q tile
+  // (read only by this warp, at tile 0), then store them as 16-byte vectors.
+  T* const staged = sq + warp_row * kStride;
+  float inv_sum[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) inv_sum[h] = 1.0f / quad_sum(row_sum[h]);
+  __syncwarp();
+#pragma unroll
+  for (int d = 0; d < Traits::kDimTiles; ++d) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const std::uint32_t bits =
+          pack_pair<T>(o[d][2 * h] * inv_sum[h], o[d][2 * h + 1] * inv_sum[h]);
+      std::memcpy(staged + (g + 8 * h) * kStride + d * 8 + 2 * t, &bits, sizeof(bits));
+    }
+  }
+  __syncwarp();
+  constexpr int kChunkElems = Traits::kChunkElems;
+  constexpr int kChunks = 16 * Traits::kChunksPerRow;
+  static_assert(kChunks % 32 == 0, "every lane stores the same count");
+  T* out = static_cast<T*>(p.out) + seg.start * p.out_token_stride + seg.head * p.out_head_stride;
+#pragma unroll
+  for (int c = lane; c < kChunks; c += 32) {
+    const int row = c / Traits::kChunksPerRow, col = c % Traits::kChunksPerRow * kChunkElems;
+    const int token = m0 + warp_row + row;
+    if (token < seg.len) {
+      store_pack<T, kChunkElems>(out + token * p.out_token_stride + col,
+                                 load_pack<T, kChunkElems>(staged + row * kStride + col));
+    }
+  }
+}
+
+template <class Traits>
+__global__ void __launch_bounds__(Traits::kThreads)
+    window_attn_fma_kernel(const WindowAttnParams p) {
+  constexpr int kD = Traits::kHeadDim, kStride = Traits::kRowStride, kTile = Traits::kTileElems;
+  QK_DYNAMIC_SMEM(float, smem);
+  float* const sq = smem;
+  float* const sk = sq + kTile;
+  float* const sv = sk + kTile;
+  float* const scores = sv + kTile + threadIdx.x * Traits::kScoreStride;
+
+  const Segment seg = segment_of(p);
+  const int m0 = static_cast<int>(blockIdx.y) * Traits::kBlockM;
+  if (m0 >= seg.len) return;
+  const float* q =
+      static_cast<const float*>(p.q) + seg.start * p.q_token_stride + seg.head * p.q_head_stride;
+  const float* k =
+      static_cast<const float*>(p.k) + seg.start * p.k_token_stride + seg.head * p.k_head_stride;
+  const float* v =
+      static_cast<const float*>(p.v) + seg.start * p.v_token_stride + seg.head * p.v_head_stride;
+  const int row = static_cast<int>(threadIdx.x);
+  const bool active = m0 + row < seg.len;  // inactive rows still join the barriers
+  const float* my_q = sq + row * kStride;
+
+  load_tile<Traits>(sq, q + m0 * p.q_token_stride, p.q_token_stride, seg.len - m0);
+  float o[kD];
+#pragma unroll
+  for (int d = 0; d < kD; ++d) o[d] = 0.0f;
+  float row_max = -INFINITY, row_sum = 0.0f;
+
+  for (int kv0 = 0; kv0 < seg.len; kv0 += Traits::kBlockN) {
+    const int keys = min(seg.len - kv0, Traits::kBlockN);
+    __syncthreads();  // every thread is done with the previous K and V
+    load_tile<Traits>(sk, k + kv0 * p.k_token_stride, p.k_token_stride, keys);
+    load_tile<Traits>(sv, v + kv0 * p.v_token_stride, p.v_token_stride, keys);
+    cp_async_wait_all();
+    __syncthreads();
+    if (!active) continue;
+    float tile_max = -INFINITY;
+    for (int j = 0; j < keys; ++j) {
+      float dot = 0.0f;
+#pragma unroll
+      for (int d = 0; d < kD; ++d) dot = fmaf(my_q[d], sk[j * kStride + d], dot);
+      scores[j] = dot * p.scale_log2;
+      tile_max = fmaxf(tile_max, scores[j]);
+    }
+    const float new_max = fmaxf(row_max, tile_max);
+    const float correction = exp2f(row_max - new_max);  // 0 on the first tile
+    row_max = new_max;
+    row_sum *= correction;
+#pragma unroll
+    for (int d = 0; d < kD; ++d) o[d] *= correction;
+    for (int j = 0; j < keys; ++j) {
+      const float weight = exp2f(scores[j] - new_max);
+      row_sum += weight;
+#pragma unroll
+      for (int d = 0; d < kD; ++d) o[d] = fmaf(weight, sv[j * kStride + d], o[d]);
+    }
+  }
+  if (!active) return;
+  const float inv_sum = 1.0f / row_sum;
+  float* out = static_cast<float*>(p.out) + (seg.start + m0 + row) * p.out_token_stride +
+               seg.head * p.out_head_stride;
+#pragma unroll
+  for (int d = 0; d < kD; d += 4) {
+    Pack<float, 4> chunk;
+#pragma unroll
+    for (int e = 0; e < 4; ++e) chunk.v[e] = o[d + e] * inv_sum;
+    store_pack<float, 4>(out + d, chunk);
+  }
+}
+
+// ---- Host side ----------------------------------------------------------------------------------
+
+// Whether rows of t can move as 16-byte copies: a unit last stride, an aligned base and strides.
+bool rows_aligned(const at::Tensor& t) {
+  const int64_t chunk = 16 / t.element_size();
+  return t.stride(2) == 1 && reinterpret_cast<std::uintptr_t>(t.data_ptr()) % 16 == 0 &&
+         t.stride(0) % chunk == 0 && t.stride(1) % chunk == 0;
+}
+
+// t itself, or a contiguous copy where its layout rules out 16-byte copies.
+at::Tensor with_aligned_rows(const at::Tensor& t) {
+  return rows_aligned(t) ? t : t.clone(at::MemoryFormat::Contiguous);
+}
+
+template <class Kernel>
+void launch_kernel(Kernel kernel, std::size_t smem, int threads, const WindowAttnParams& params,
+                   cudaStream_t stream) {
+  if (smem > 48 * 1024) set_max_dynamic_smem(kernel, smem);
+  const int query_blocks = (params.max_seqlen + 63) / 64;
+  const dim3 grid(static_cast<unsigned>(params.segments * params.heads),
+                  static_cast<unsigned>(query_blocks));
+  QK_LAUNCH(kernel, grid, dim3(threads), smem, stream, params);
+}
+
+template <class T, int kHeadDim>
+void run(const WindowAttnParams& params, cudaStream_t stream) {
+  if constexpr (std::is_same_v<T, float>) {
+    using Traits = WindowAttnFmaTraits<kHeadDim>;
+    launch_kernel(window_attn_fma_kernel<Traits>, Traits::kSmemBytes, Traits::kThreads, params,
+                  stream);
+  } else if (params.max_seqlen <= 64) {
+    using Traits = WindowAttnTraits<T, kHeadDim, false>;
+    launch_kernel(window_attn_mma_kernel<Traits>, Traits::kSmemBytes, Traits::kThreads, params,
+                  stream);
+  } else {
+    using Traits = WindowAttnTraits<T, kHeadDim, true>;
+    launch_kernel(window_attn_mma_kernel<Traits>, Traits::kSmemBytes, Traits::kThreads, params,
+                  stream);
+  }
+}
+
+// Dispatches on the head dim through the variant list.
+template <class T>
+void run_head_dim(int head_dim, const WindowAttnParams& params, cudaStream_t stream) {
+  switch (head_dim) {
+#define QK_WINDOW_ATTN_CASE(D) \
+  case D:                      \
+    return run<T, D>(params, stream);
+    QK_WINDOW_ATTN_HEAD_DIMS(QK_WINDOW_ATTN_CASE)
+#undef QK_WINDOW_ATTN_CASE
+    default:
+      TORCH_CHECK(false, "qwen_kernels: window_attn has no kernel for head_dim ", head_dim);
+  }
+}
+
+bool supported_head_dim(int64_t head_dim) {
+#define QK_WINDOW_ATTN_IS(D) head_dim == D ||
+  return QK_WINDOW_ATTN_HEAD_DIMS(QK_WINDOW_ATTN_IS) false;
+#undef QK_WINDOW_ATTN_IS
+}
+
+void check_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                const at::Tensor& cu_seqlens, int64_t max_seqlen, double scale) {
+  check_device(q, "q");
+  check_dtype(q, "q", {at::kFloat, at::kHalf, at::kBFloat16});
+  check_dim(q, "q", 3);
+  QK_CHECK_ARG(supported_head_dim(q.size(2)), "q",
+               "a head dim (q.shape[2]) of 64, 80 or 128 (got shape ", q.sizes(), ")");
+  for (const auto& [t, name] : {std::pair{&k, "k"}, std::pair{&v, "v"}}) {
+    check_same_device(*t, name, q, "q");
+    check_dtype(*t, name, {q.scalar_type()});
+    QK_CHECK_ARG(t->sizes() == q.sizes(), name, "q's shape ", q.sizes(), " (got ", t->sizes(), ")");
+  }
+  check_same_device(cu_seqlens, "cu_seqlens", q, "q");
+  check_dtype(cu_seqlens, "cu_seqlens", {at::kInt});
+  QK_CHECK_ARG(cu_seqlens.dim() == 1 && cu_seqlens.size(0) >= 2, "cu_seqlens",
+               "shape [S+1] with at least one segment (got ", cu_seqlens.sizes(), ")");
+  QK_CHECK_ARG(max_seqlen >= 1 && max_seqlen <= int64_t{65535} * 64, "max_seqlen",
+               "a positive length up to ", int64_t{65535} * 64, " (got ", max_seqlen, ")");
+  QK_CHECK_ARG(std::isfinite(scale) && scale > 0.0, "softmax_scale",
+               "a positive finite value or None (got ", scale, ")");
+  QK_CHECK_ARG(q.size(0) <= INT32_MAX, "q", "fewer than 2^31 tokens (got ", q.size(0), ")");
+  QK_CHECK_ARG((cu_seqlens.size(0) - 1) * q.size(1) <= INT32_MAX, "cu_seqlens",
+               "segments x heads below 2^31 (got ", cu_seqlens.size(0) - 1, " x ", q.size(1), ")");
+}
+
+}  // namespace
+
+at::Tensor window_attn(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+                       const at::Tensor& cu_seqlens_in, int64_t max_seqlen,
+                       std::optional<double> softmax_scale) {
+  const double scale = softmax_scale.value_or(
+      q_in.dim() == 3 ? 1.0 / std::sqrt(static_cast<double>(q_in.size(2))) : 1.0);
+  check_args(q_in, k_in, v_in, cu_seqlens_in, max_seqlen, scale);
+  at::Tensor out = at::empty(q_in.sizes(), q_in.options());
+  if (q_in.numel() == 0) return out;
+  const at::Tensor q = with_aligned_rows(q_in), k = with_aligned_rows(k_in),
+                   v = with_aligned_rows(v_in);
+  const at::Tensor cu_seqlens = cu_seqlens_in.contiguous();
+
+  WindowAttnParams params{};
+  params.q = q.data_ptr();
+  params.k = k.data_ptr();
+  params.v = v.data_ptr();
+  params.out = out.data_ptr();
+  params.q_token_stride = q.stride(0);
+  params.q_head_stride = q.stride(1);
+  params.k_token_stride = k.stride(0);
+  params.k_head_stride = k.stride(1);
+  params.v_token_stride = v.stride(0);
+  params.v_head_stride = v.stride(1);
+  params.out_token_stride = out.stride(0);
+  params.out_head_stride = out.stride(1);
+  params.cu_seqlens = cu_seqlens.data_ptr<int>();
+  params.tokens = static_cast<int>(q.size(0));
+  params.segments = static_cast<int>(cu_seqlens.size(0) - 1);
+  params.heads = static_cast<int>(q.size(1));
+  params.max_seqlen = static_cast<int>(max_seqlen);
+  params.scale_log2 = static_cast<float>(scale * kLog2e);
+
+  DeviceGuard guard(q);
+  QK_DISPATCH_FLOAT(q.scalar_type(), T, [&] {
+    run_head_dim<T>(static_cast<int>(q.size(2)), params, current_stream(q));
+  });
+  return out;
+}
+
+}  // namespace qk
