@@ -11,12 +11,13 @@ namespace qk {
 // warp; PV is 4 k-steps x head_dim/8 value tiles; head_dim 80 runs as 5 k-steps of 16, unpadded.
 // kLong = false is the window path (max_seqlen <= 64): one key tile, a single-pass softmax, one
 // shared-memory stage. kLong = true loops over key tiles with an online softmax and two stages
-// of K/V in flight through cp.async.
-template <class T, int kHeadDim_, bool kLong_>
+// of K/V in flight through cp.async. kRope rotates q and k in shared memory (window_attn_rope).
+template <class T, int kHeadDim_, bool kLong_, bool kRope_>
 struct WindowAttnTraits {
   using Element = T;
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr bool kLong = kLong_;
+  static constexpr bool kRope = kRope_;
   static constexpr int kBlockM = 64;  // query rows per block
   static constexpr int kBlockN = 64;  // keys per tile
   static constexpr int kWarps = kBlockM / 16;
@@ -43,9 +44,10 @@ struct WindowAttnTraits {
 // tf32 or 16-bit inputs). One thread per query row over 64-key tiles: a first pass writes the
 // scaled scores to shared memory and finds the tile max, a second rescales once and accumulates
 // p * v. Simple rather than fast: the model runs in bf16.
-template <int kHeadDim_>
+template <int kHeadDim_, bool kRope_>
 struct WindowAttnFmaTraits {
   static constexpr int kHeadDim = kHeadDim_;
+  static constexpr bool kRope = kRope_;
   static constexpr int kBlockM = 64;  // query rows per block, one per thread
   static constexpr int kBlockN = 64;  // keys per tile
   static constexpr int kThreads = kBlockM;

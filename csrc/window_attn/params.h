@@ -7,6 +7,9 @@
 
 namespace qk {
 
+// Position axes of the rotary-fused form (M-RoPE uses 3, the vision tower 2).
+constexpr int kMaxRopeAxes = 4;
+
 struct WindowAttnParams {
   const void* q;
   const void* k;
@@ -24,6 +27,14 @@ struct WindowAttnParams {
   int heads;         // H
   int max_seqlen;    // segments are cut to this length (the launch covers no more rows)
   float scale_log2;  // softmax_scale * log2(e): the kernels exponentiate with exp2
+
+  // window_attn_rope only: q and k are rotated (rotate-half) once staged in shared memory. The
+  // angle of frequency i < D/2 of token t is positions[axis * T + t] * inv_freq[i] in fp32,
+  // axis the first with i < rope_section_end[axis] (mrope_section, accumulated).
+  const int* positions;   // int32 [A, T], contiguous
+  const float* inv_freq;  // fp32 [D/2]
+  int rope_axes;          // A
+  int rope_section_end[kMaxRopeAxes];
 };
 
 }  // namespace qk

@@ -17,6 +17,7 @@
 #include <cmath>
 #include <cstring>
 #include <type_traits>
+#include <vector>
 
 #include "common/dispatch.h"
 #include "common/kernel.h"
@@ -99,6 +100,26 @@ QK_DEVICE float quad_sum(float x) {
   return x + __shfl_xor_sync(kFullMask, x, 2);
 }
 
+// Rotates rows [0, rows) of a staged q or k tile in place, rows starting at token first_token:
+// x * cos + rotate_half(x) * sin in fp32 without contraction (the reference's two products and
+// a sum), rounded once to T, as mrope_pos writes it.
+template <class Traits, class T>
+QK_DEVICE void rotate_tile(T* tile, int rows, int first_token, const WindowAttnParams& p) {
+  constexpr int kHalf = Traits::kHeadDim / 2;
+  for (int e = static_cast<int>(threadIdx.x); e < rows * kHalf; e += Traits::kThreads) {
+    const int row = e / kHalf, i = e % kHalf;
+    int axis = 0;
+    while (axis + 1 < p.rope_axes && i >= p.rope_section_end[axis]) ++axis;
+    const float position = static_cast<float>(p.positions[axis * p.tokens + first_token + row]);
+    float sin_a, cos_a;
+    sincosf(__fmul_rn(position, p.inv_freq[i]), &sin_a, &cos_a);
+    T* x = tile + row * Traits::kRowStride;
+    const float x0 = to_float(x[i]), x1 = to_float(x[i + kHalf]);
+    x[i] = from_float<T>(__fadd_rn(__fmul_rn(x0, cos_a), __fmul_rn(-x1, sin_a)));
+    x[i + kHalf] = from_float<T>(__fadd_rn(__fmul_rn(x1, cos_a), __fmul_rn(x0, sin_a)));
+  }
+}
+
 template <class Traits>
 __global__ void __launch_bounds__(Traits::kThreads)
     window_attn_mma_kernel(const WindowAttnParams p) {
@@ -150,11 +171,16 @@ __global__ void __launch_bounds__(Traits::kThreads)
     const int kv0 = tile * Traits::kBlockN;
     const int keys = min(seg.len - kv0, Traits::kBlockN);
     const bool prefetch = Traits::kLong && tile + 1 < tiles;
-    const T* sk_tile = sk + stage * kTile;
+    T* const sk_tile = sk + stage * kTile;
     const T* sv_tile = sv + stage * kTile;
 
     cp_async_wait<1>();  // K(tile) (and Q) have landed; V(tile) may be in flight
     __syncthreads();
+    if constexpr (Traits::kRope) {
+      if (tile == 0) rotate_tile<Traits>(sq, min(seg.len - m0, Traits::kBlockM), seg.start + m0, p);
+      rotate_tile<Traits>(sk_tile, keys, seg.start + kv0, p);
+      __syncthreads();
+    }
     float s[Traits::kKeyTiles][4];
     if (warp_active) {
       if (tile == 0) {
@@ -332,6 +358,11 @@ __global__ void __launch_bounds__(Traits::kThreads)
     load_tile<Traits>(sv, v + kv0 * p.v_token_stride, p.v_token_stride, keys);
     cp_async_wait_all();
     __syncthreads();
+    if constexpr (Traits::kRope) {
+      if (kv0 == 0) rotate_tile<Traits>(sq, min(seg.len - m0, Traits::kBlockM), seg.start + m0, p);
+      rotate_tile<Traits>(sk, keys, seg.start + kv0, p);
+      __syncthreads();
+    }
     if (!active) continue;
     float tile_max = -INFINITY;
     for (int j = 0; j < keys; ++j) {
@@ -391,30 +422,30 @@ void launch_kernel(Kernel kernel, std::size_t smem, int threads, const WindowAtt
   QK_LAUNCH(kernel, grid, dim3(threads), smem, stream, params);
 }
 
-template <class T, int kHeadDim>
+template <class T, int kHeadDim, bool kRope>
 void run(const WindowAttnParams& params, cudaStream_t stream) {
   if constexpr (std::is_same_v<T, float>) {
-    using Traits = WindowAttnFmaTraits<kHeadDim>;
+    using Traits = WindowAttnFmaTraits<kHeadDim, kRope>;
     launch_kernel(window_attn_fma_kernel<Traits>, Traits::kSmemBytes, Traits::kThreads, params,
                   stream);
   } else if (params.max_seqlen <= 64) {
-    using Traits = WindowAttnTraits<T, kHeadDim, false>;
+    using Traits = WindowAttnTraits<T, kHeadDim, false, kRope>;
     launch_kernel(window_attn_mma_kernel<Traits>, Traits::kSmemBytes, Traits::kThreads, params,
                   stream);
   } else {
-    using Traits = WindowAttnTraits<T, kHeadDim, true>;
+    using Traits = WindowAttnTraits<T, kHeadDim, true, kRope>;
     launch_kernel(window_attn_mma_kernel<Traits>, Traits::kSmemBytes, Traits::kThreads, params,
                   stream);
   }
 }
 
-// Dispatches on the head dim through the variant list.
+// Dispatches on the head dim through the variant list, and on the rotary flag.
 template <class T>
-void run_head_dim(int head_dim, const WindowAttnParams& params, cudaStream_t stream) {
+void run_head_dim(int head_dim, bool rope, const WindowAttnParams& params, cudaStream_t stream) {
   switch (head_dim) {
 #define QK_WINDOW_ATTN_CASE(D) \
   case D:                      \
-    return run<T, D>(params, stream);
+    return rope ? run<T, D, true>(params, stream) : run<T, D, false>(params, stream);
     QK_WINDOW_ATTN_HEAD_DIMS(QK_WINDOW_ATTN_CASE)
 #undef QK_WINDOW_ATTN_CASE
     default:
@@ -453,14 +484,45 @@ void check_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                "segments x heads below 2^31 (got ", cu_seqlens.size(0) - 1, " x ", q.size(1), ")");
 }
 
-}  // namespace
+// The rotary arguments of window_attn_rope, checked and in the kernel's types.
+struct Rope {
+  at::Tensor positions;  // int32 [A, T], contiguous
+  at::Tensor inv_freq;   // fp32 [D/2], contiguous
+  std::vector<int64_t> section;
+};
 
-at::Tensor window_attn(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
-                       const at::Tensor& cu_seqlens_in, int64_t max_seqlen,
-                       std::optional<double> softmax_scale) {
-  const double scale = softmax_scale.value_or(
-      q_in.dim() == 3 ? 1.0 / std::sqrt(static_cast<double>(q_in.size(2))) : 1.0);
-  check_args(q_in, k_in, v_in, cu_seqlens_in, max_seqlen, scale);
+Rope check_rope(const at::Tensor& qkv, const at::Tensor& positions, const at::Tensor& inv_freq,
+                c10::IntArrayRef mrope_section) {
+  const int64_t tokens = qkv.size(0), half = qkv.size(3) / 2;
+  check_same_device(positions, "positions", qkv, "qkv");
+  check_dtype(positions, "positions", {at::kInt, at::kLong});
+  QK_CHECK_ARG(positions.dim() == 2 && positions.size(1) == tokens && positions.size(0) >= 1 &&
+                   positions.size(0) <= kMaxRopeAxes,
+               "positions", "shape [A, T] with T = ", tokens, " and 1 to ", kMaxRopeAxes,
+               " axes (got ", positions.sizes(), ")");
+  check_same_device(inv_freq, "inv_freq", qkv, "qkv");
+  check_dtype(inv_freq, "inv_freq", {at::kFloat, at::kDouble});
+  QK_CHECK_ARG(inv_freq.dim() == 1 && inv_freq.size(0) == half, "inv_freq", "shape [D/2] = [", half,
+               "] (got ", inv_freq.sizes(), ")");
+  int64_t total = 0;
+  bool positive = true;
+  for (int64_t size : mrope_section) {
+    positive = positive && size > 0;
+    total += size;
+  }
+  QK_CHECK_ARG(
+      static_cast<int64_t>(mrope_section.size()) == positions.size(0) && positive && total == half,
+      "mrope_section", positions.size(0), " positive sizes (one per position axis) ",
+      "summing to D/2 = ", half, " (got ", mrope_section, ")");
+  // The reference forms the angles in fp32 from positions and frequencies cast to fp32.
+  return {positions.to(at::kInt).contiguous(), inv_freq.to(at::kFloat).contiguous(),
+          mrope_section.vec()};
+}
+
+// Launches the variant for q's dtype and head dim; rope is null for plain attention.
+at::Tensor launch(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+                  const at::Tensor& cu_seqlens_in, int64_t max_seqlen, double scale,
+                  const Rope* rope) {
   at::Tensor out = at::empty(q_in.sizes(), q_in.options());
   if (q_in.numel() == 0) return out;
   const at::Tensor q = with_aligned_rows(q_in), k = with_aligned_rows(k_in),
@@ -486,12 +548,50 @@ at::Tensor window_attn(const at::Tensor& q_in, const at::Tensor& k_in, const at:
   params.heads = static_cast<int>(q.size(1));
   params.max_seqlen = static_cast<int>(max_seqlen);
   params.scale_log2 = static_cast<float>(scale * kLog2e);
+  if (rope != nullptr) {
+    params.positions = rope->positions.data_ptr<int>();
+    params.inv_freq = rope->inv_freq.data_ptr<float>();
+    params.rope_axes = static_cast<int>(rope->section.size());
+    int end = 0;
+    for (std::size_t a = 0; a < rope->section.size(); ++a) {
+      end += static_cast<int>(rope->section[a]);
+      params.rope_section_end[a] = end;
+    }
+  }
 
   DeviceGuard guard(q);
   QK_DISPATCH_FLOAT(q.scalar_type(), T, [&] {
-    run_head_dim<T>(static_cast<int>(q.size(2)), params, current_stream(q));
+    run_head_dim<T>(static_cast<int>(q.size(2)), rope != nullptr, params, current_stream(q));
   });
   return out;
+}
+
+double resolve_scale(std::optional<double> softmax_scale, const at::Tensor& t) {
+  return softmax_scale.value_or(1.0 / std::sqrt(static_cast<double>(t.size(-1))));
+}
+
+}  // namespace
+
+at::Tensor window_attn(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                       const at::Tensor& cu_seqlens, int64_t max_seqlen,
+                       std::optional<double> softmax_scale) {
+  check_dim(q, "q", 3);
+  const double scale = resolve_scale(softmax_scale, q);
+  check_args(q, k, v, cu_seqlens, max_seqlen, scale);
+  return launch(q, k, v, cu_seqlens, max_seqlen, scale, nullptr);
+}
+
+at::Tensor window_attn_rope(const at::Tensor& qkv, const at::Tensor& cu_seqlens, int64_t max_seqlen,
+                            const at::Tensor& positions, const at::Tensor& inv_freq,
+                            c10::IntArrayRef mrope_section, std::optional<double> softmax_scale) {
+  check_device(qkv, "qkv");
+  QK_CHECK_ARG(qkv.dim() == 4 && qkv.size(1) == 3, "qkv", "shape [T, 3, H, D] (got ", qkv.sizes(),
+               ")");
+  const at::Tensor q = qkv.select(1, 0), k = qkv.select(1, 1), v = qkv.select(1, 2);
+  const double scale = resolve_scale(softmax_scale, qkv);
+  check_args(q, k, v, cu_seqlens, max_seqlen, scale);
+  const Rope rope = check_rope(qkv, positions, inv_freq, mrope_section);
+  return launch(q, k, v, cu_seqlens, max_seqlen, scale, &rope);
 }
 
 }  // namespace qk

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/ArrayRef.h>
 
 #include <optional>
 
@@ -16,5 +17,14 @@ namespace qk {
 at::Tensor window_attn(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                        const at::Tensor& cu_seqlens, int64_t max_seqlen,
                        std::optional<double> softmax_scale);
+
+// window_attn on the q, k, v of a packed qkv [T, 3, H, D], with q and k rotated (rotate-half
+// M-RoPE, as mrope_pos: the angle of frequency i of token t is positions[axis(i), t] *
+// inv_freq[i] in fp32, mrope_section giving each axis's band of frequencies) while staged in
+// shared memory: rotary and attention read qkv once. positions: int32/int64 [A, T]; inv_freq:
+// [D/2]; the rotated q and k are rounded to qkv's dtype, as mrope_pos stores them.
+at::Tensor window_attn_rope(const at::Tensor& qkv, const at::Tensor& cu_seqlens, int64_t max_seqlen,
+                            const at::Tensor& positions, const at::Tensor& inv_freq,
+                            c10::IntArrayRef mrope_section, std::optional<double> softmax_scale);
 
 }  // namespace qk

@@ -8,8 +8,12 @@ TORCH_LIBRARY_FRAGMENT(QK_OPS_NAMESPACE, m) {
   m.def(
       "window_attn(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, int max_seqlen, "
       "float? softmax_scale=None) -> Tensor");
+  m.def(
+      "window_attn_rope(Tensor qkv, Tensor cu_seqlens, int max_seqlen, Tensor positions, "
+      "Tensor inv_freq, int[] mrope_section, float? softmax_scale=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(QK_OPS_NAMESPACE, QK_DISPATCH_KEY, m) {
   m.impl("window_attn", &qk::window_attn);
+  m.impl("window_attn_rope", &qk::window_attn_rope);
 }

@@ -14,6 +14,7 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLVisionA
 import qwen_kernels
 from qwen_kernels.model import VisionConfig
 from qwen_kernels.model.layout import build_layout, normalize_grid
+from qwen_kernels.ops.mrope import mrope_pos_reference
 from qwen_kernels.ops.window_attn import window_attn_reference
 from tests.helpers import DTYPES, assert_close_to_reference, randn, rel_err, targets, tolerance
 
@@ -302,3 +303,86 @@ def test_native_op_checks_its_arguments(gen, backend, device):
     torch.testing.assert_close(
         library.window_attn(q, k, v, cu, 5, None), library.window_attn(q, k, v, cu, 5, 80**-0.5)
     )
+
+
+# ---- The rotary-fused CUDA kernel (torch.ops.qwen_{cuda,emu}.window_attn_rope) ----------------
+
+
+def rope_case(gen, grid, heads, dtype):
+    """Packed qkv of a real grid's tokens, with the layout's windows, positions and frequencies."""
+    layout = build_layout(VisionConfig(), normalize_grid(grid), torch.device("cpu"))
+    qkv = randn(gen, layout.num_tokens, 3, heads, 80, dtype=dtype, scale=2.0)
+    return qkv, layout
+
+
+def rope_reference_inputs(qkv, positions, inv_freq, section):
+    """q and k rotated by mrope_pos's reference (rounded to qkv's dtype), and v."""
+    q, k, v = qkv.unbind(1)
+    q, k = mrope_pos_reference(q, k, positions, inv_freq, section)
+    return q, k, v
+
+
+@pytest.mark.parametrize(("backend", "device"), NATIVE)
+@pytest.mark.parametrize(
+    ("grid", "dtype"),
+    [([(1, 10, 14)], torch.bfloat16), ([(2, 6, 10)], torch.float16), ([(1, 6, 10)], torch.float32)],
+    ids=["image-bf16", "video-fp16", "image-fp32"],
+)
+def test_native_rope_matches_mrope_pos_then_attention(gen, backend, device, grid, dtype):
+    """Window layers: the vision tower's 2-axis rotary on its window layout."""
+    qkv, layout = rope_case(gen, grid, 2, dtype)
+    section = layout.rotary_section
+    got = native_library(backend).window_attn_rope(
+        *[t.to(device) for t in (qkv, layout.cu_window_seqlens)],
+        layout.max_window_seqlen,
+        *[t.to(device) for t in (layout.positions, layout.inv_freq)],
+        section,
+        None,
+    )
+    q, k, v = rope_reference_inputs(qkv, layout.positions, layout.inv_freq, section)
+    assert_matches_reference(got.cpu(), q, k, v, layout.cu_window_seqlens, layout.max_window_seqlen)
+
+
+@pytest.mark.parametrize(("backend", "device"), NATIVE)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_native_rope_long_segments_three_axes(gen, backend, device, dtype):
+    """The long path (one 120-token frame), 3 position axes with uneven bands (M-RoPE's text
+    layout), int64 positions, an fp64 inv_freq and a softmax_scale."""
+    cu = cu_seqlens_of([120, 1, 0, 9])
+    tokens, section, scale = int(cu[-1]), [16, 12, 12], 0.07
+    qkv = randn(gen, tokens, 3, 1, 80, dtype=dtype, scale=2.0)
+    positions = torch.randint(0, 300, (3, tokens), generator=gen)
+    inv_freq = 1.0 / 10000.0 ** (torch.arange(40, dtype=torch.float64) / 40)
+    got = native_library(backend).window_attn_rope(
+        *[t.to(device) for t in (qkv, cu)],
+        130,
+        *[t.to(device) for t in (positions, inv_freq)],
+        section,
+        scale,
+    )
+    q, k, v = rope_reference_inputs(qkv, positions, inv_freq, section)
+    assert_matches_reference(got.cpu(), q, k, v, cu, 130, scale)
+
+
+@pytest.mark.parametrize(("backend", "device"), NATIVE)
+def test_native_rope_checks_its_arguments(gen, backend, device):
+    library = native_library(backend)
+    cu = cu_seqlens_of([3, 5]).to(device)
+    qkv = randn(gen, 8, 3, 2, 64, dtype=torch.float16).to(device)
+    positions = torch.randint(0, 9, (2, 8), dtype=torch.int32).to(device)
+    inv_freq = torch.rand(32, generator=gen).to(device)
+    good = {"qkv": qkv, "positions": positions, "inv_freq": inv_freq, "section": [16, 16]}
+    cases = [
+        ({"qkv": qkv[:, :2]}, "argument 'qkv'"),
+        ({"positions": positions[:, :7]}, "argument 'positions'"),
+        ({"positions": positions.float()}, "argument 'positions'"),
+        ({"inv_freq": inv_freq[:31]}, "argument 'inv_freq'"),
+        ({"section": [16, 15]}, "argument 'mrope_section'"),
+        ({"section": [32]}, "argument 'mrope_section'"),
+    ]
+    for changes, match in cases:
+        a = {**good, **changes}
+        with pytest.raises(ValueError, match=match):
+            library.window_attn_rope(
+                a["qkv"], cu, 5, a["positions"], a["inv_freq"], a["section"], None
+            )
