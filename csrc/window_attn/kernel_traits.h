@@ -41,25 +41,28 @@ struct WindowAttnTraits {
 };
 
 // fp32 variants: computed in fp32 with FMA, never rounded to 16 bits (tensor cores would take
-// tf32 or 16-bit inputs). One thread per query row over 64-key tiles: a first pass writes the
-// scaled scores to shared memory and finds the tile max, a second rescales once and accumulates
-// p * v. Simple rather than fast: the model runs in bf16.
+// tf32 or 16-bit inputs). 2 threads per query row (4 for head_dim 128), each holding a slice of
+// the head dim, so q and the accumulators fit in registers without spills, over 64-key tiles: a
+// first pass writes the scaled scores to shared memory and finds the tile max, a second rescales
+// once and accumulates p * v. Simple rather than fast: the model runs in bf16.
 template <int kHeadDim_, bool kRope_>
 struct WindowAttnFmaTraits {
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr bool kRope = kRope_;
-  static constexpr int kBlockM = 64;  // query rows per block, one per thread
+  static constexpr int kBlockM = 64;  // query rows per block
   static constexpr int kBlockN = 64;  // keys per tile
-  static constexpr int kThreads = kBlockM;
+  static constexpr int kThreadsPerRow = kHeadDim >= 128 ? 4 : 2;
+  static constexpr int kThreads = kThreadsPerRow * kBlockM;
+  static constexpr int kColsPerThread = kHeadDim / kThreadsPerRow;
   static constexpr int kRowStride = kHeadDim + 4;   // floats; rows stay 16-byte aligned
-  static constexpr int kScoreStride = kBlockN + 1;  // one row per thread, conflict-free
+  static constexpr int kScoreStride = kBlockN + 1;  // one row per query row, conflict-free
   static constexpr int kChunksPerRow = kHeadDim / 4;
   static constexpr int kTileElems = kBlockM * kRowStride;
   // Q, K, V, then the scores.
   static constexpr std::size_t kSmemBytes =
       (3 * kTileElems + kBlockM * kScoreStride) * sizeof(float);
 
-  static_assert(kHeadDim % 4 == 0, "rows move as 16-byte chunks");
+  static_assert(kColsPerThread % 4 == 0, "each slice moves as 16-byte chunks");
 };
 
 }  // namespace qk

@@ -325,12 +325,12 @@ __global__ void __launch_bounds__(Traits::kThreads)
 template <class Traits>
 __global__ void __launch_bounds__(Traits::kThreads)
     window_attn_fma_kernel(const WindowAttnParams p) {
-  constexpr int kD = Traits::kHeadDim, kStride = Traits::kRowStride, kTile = Traits::kTileElems;
+  constexpr int kCols = Traits::kColsPerThread, kGroup = Traits::kThreadsPerRow;
+  constexpr int kStride = Traits::kRowStride, kTile = Traits::kTileElems;
   QK_DYNAMIC_SMEM(float, smem);
   float* const sq = smem;
   float* const sk = sq + kTile;
   float* const sv = sk + kTile;
-  float* const scores = sv + kTile + threadIdx.x * Traits::kScoreStride;
 
   const Segment seg = segment_of(p);
   const int m0 = static_cast<int>(blockIdx.y) * Traits::kBlockM;
@@ -341,14 +341,19 @@ __global__ void __launch_bounds__(Traits::kThreads)
       static_cast<const float*>(p.k) + seg.start * p.k_token_stride + seg.head * p.k_head_stride;
   const float* v =
       static_cast<const float*>(p.v) + seg.start * p.v_token_stride + seg.head * p.v_head_stride;
-  const int row = static_cast<int>(threadIdx.x);
-  const bool active = m0 + row < seg.len;  // inactive rows still join the barriers
-  const float* my_q = sq + row * kStride;
+  // A group of kGroup adjacent lanes shares query row r, each lane kCols of its columns. Rows
+  // past the segment end compute on zero-filled q (finite) and store nothing, so that every
+  // lane of a warp reaches the shuffles.
+  const int row = static_cast<int>(threadIdx.x) / kGroup;
+  const int slice = static_cast<int>(threadIdx.x) % kGroup;
+  const int col = slice * kCols;
+  const float* my_q = sq + row * kStride + col;
+  float* const scores = sv + kTile + row * Traits::kScoreStride;
 
   load_tile<Traits>(sq, q + m0 * p.q_token_stride, p.q_token_stride, seg.len - m0);
-  float o[kD];
+  float o[kCols];
 #pragma unroll
-  for (int d = 0; d < kD; ++d) o[d] = 0.0f;
+  for (int d = 0; d < kCols; ++d) o[d] = 0.0f;
   float row_max = -INFINITY, row_sum = 0.0f;
 
   for (int kv0 = 0; kv0 < seg.len; kv0 += Traits::kBlockN) {
@@ -363,34 +368,42 @@ __global__ void __launch_bounds__(Traits::kThreads)
       rotate_tile<Traits>(sk, keys, seg.start + kv0, p);
       __syncthreads();
     }
-    if (!active) continue;
     float tile_max = -INFINITY;
     for (int j = 0; j < keys; ++j) {
+      const float* key = sk + j * kStride + col;
       float dot = 0.0f;
 #pragma unroll
-      for (int d = 0; d < kD; ++d) dot = fmaf(my_q[d], sk[j * kStride + d], dot);
-      scores[j] = dot * p.scale_log2;
-      tile_max = fmaxf(tile_max, scores[j]);
+      for (int d = 0; d < kCols; ++d) dot = fmaf(my_q[d], key[d], dot);
+      // The group's other slices: the same sum, bit for bit, in every lane of the group.
+#pragma unroll
+      for (int offset = 1; offset < kGroup; offset *= 2) {
+        dot += __shfl_xor_sync(kFullMask, dot, offset);
+      }
+      const float score = dot * p.scale_log2;
+      if (slice == 0) scores[j] = score;
+      tile_max = fmaxf(tile_max, score);
     }
+    __syncwarp();  // the group's scores are written
     const float new_max = fmaxf(row_max, tile_max);
     const float correction = exp2f(row_max - new_max);  // 0 on the first tile
     row_max = new_max;
     row_sum *= correction;
 #pragma unroll
-    for (int d = 0; d < kD; ++d) o[d] *= correction;
+    for (int d = 0; d < kCols; ++d) o[d] *= correction;
     for (int j = 0; j < keys; ++j) {
       const float weight = exp2f(scores[j] - new_max);
+      const float* value = sv + j * kStride + col;
       row_sum += weight;
 #pragma unroll
-      for (int d = 0; d < kD; ++d) o[d] = fmaf(weight, sv[j * kStride + d], o[d]);
+      for (int d = 0; d < kCols; ++d) o[d] = fmaf(weight, value[d], o[d]);
     }
   }
-  if (!active) return;
+  if (m0 + row >= seg.len) return;
   const float inv_sum = 1.0f / row_sum;
   float* out = static_cast<float*>(p.out) + (seg.start + m0 + row) * p.out_token_stride +
-               seg.head * p.out_head_stride;
+               seg.head * p.out_head_stride + col;
 #pragma unroll
-  for (int d = 0; d < kD; d += 4) {
+  for (int d = 0; d < kCols; d += 4) {
     Pack<float, 4> chunk;
 #pragma unroll
     for (int e = 0; e < 4; ++e) chunk.v[e] = o[d + e] * inv_sum;
