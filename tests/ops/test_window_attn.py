@@ -240,13 +240,14 @@ def test_native_random_segments(gen, backend, device, head_dim, dtype):
 
 
 @pytest.mark.parametrize(("backend", "device"), NATIVE)
+@pytest.mark.parametrize("head_dim", [64, 80, 128])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_native_long_segments(gen, backend, device, dtype):
-    """The long path: a 150-token segment (3 key tiles, the last partial) next to short ones, and
-    max_seqlen above the longest, so short segments take the long path too."""
-    cu = cu_seqlens_of([150, 1, 0, 70])
-    q, k, v = random_qkv(gen, int(cu[-1]), 1, 80, dtype, scale=2.0)
-    check_native(q, k, v, cu, 200, backend, device)
+def test_native_long_segments(gen, backend, device, head_dim, dtype):
+    """The long path: a 300-token segment (5 key tiles through the 2 stages, the last partial)
+    next to short ones, and max_seqlen above the longest, so short segments take it too."""
+    cu = cu_seqlens_of([300, 1, 0, 70])
+    q, k, v = random_qkv(gen, int(cu[-1]), 1, head_dim, dtype, scale=2.0)
+    check_native(q, k, v, cu, 320, backend, device)
 
 
 @pytest.mark.parametrize(("backend", "device"), NATIVE)
@@ -344,15 +345,19 @@ def test_native_rope_matches_mrope_pos_then_attention(gen, backend, device, grid
 
 
 @pytest.mark.parametrize(("backend", "device"), NATIVE)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_native_rope_long_segments_three_axes(gen, backend, device, dtype):
+@pytest.mark.parametrize(
+    ("head_dim", "dtype"),
+    [(64, torch.float16), (80, torch.bfloat16), (80, torch.float32), (128, torch.bfloat16)],
+)
+def test_native_rope_long_segments_three_axes(gen, backend, device, head_dim, dtype):
     """The long path (one 120-token frame), 3 position axes with uneven bands (M-RoPE's text
     layout), int64 positions, an fp64 inv_freq and a softmax_scale."""
     cu = cu_seqlens_of([120, 1, 0, 9])
-    tokens, section, scale = int(cu[-1]), [16, 12, 12], 0.07
-    qkv = randn(gen, tokens, 3, 1, 80, dtype=dtype, scale=2.0)
+    half = head_dim // 2
+    tokens, section, scale = int(cu[-1]), [half - 2 * (half // 5), half // 5, half // 5], 0.07
+    qkv = randn(gen, tokens, 3, 1, head_dim, dtype=dtype, scale=2.0)
     positions = torch.randint(0, 300, (3, tokens), generator=gen)
-    inv_freq = 1.0 / 10000.0 ** (torch.arange(40, dtype=torch.float64) / 40)
+    inv_freq = 1.0 / 10000.0 ** (torch.arange(half, dtype=torch.float64) / half)
     got = native_library(backend).window_attn_rope(
         *[t.to(device) for t in (qkv, cu)],
         130,
