@@ -10,6 +10,8 @@
 // keys in registers and needs no rescaling; the long path runs an online softmax over 64-key
 // tiles with the next K and V tiles in flight. Warps whose 16 rows lie past the segment end and
 // key tiles past it skip their mma. The output goes through shared memory to 16-byte stores.
+// With the rotary flag (window_attn_rope) q and k are rotated in shared memory once they land,
+// so rotary and attention read qkv once.
 //
 // fp32 (window_attn_fma_kernel): see WindowAttnFmaTraits.
 #include <ATen/ops/empty.h>
@@ -250,7 +252,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
     }
 
     if (prefetch) {
-      // Every warp is past its reads of this stage's other half (the barrier above).
+      // That stage's K was last read by QK^T of tile - 1, before the barrier above.
       load_tile<Traits>(sk + (tile + 1) % 2 * kTile, k + (kv0 + Traits::kBlockN) * p.k_token_stride,
                         p.k_token_stride, seg.len - kv0 - Traits::kBlockN);
       cp_async_commit();
@@ -282,7 +284,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
     }
 
     if (prefetch) {
-      // Every warp finished its PV on the other stage in the previous iteration.
+      // That stage's V was last read by PV of tile - 1, before the first barrier above.
       load_tile<Traits>(sv + (tile + 1) % 2 * kTile, v + (kv0 + Traits::kBlockN) * p.v_token_stride,
                         p.v_token_stride, seg.len - kv0 - Traits::kBlockN);
       cp_async_commit();
@@ -425,30 +427,30 @@ at::Tensor with_aligned_rows(const at::Tensor& t) {
   return rows_aligned(t) ? t : t.clone(at::MemoryFormat::Contiguous);
 }
 
-template <class Kernel>
-void launch_kernel(Kernel kernel, std::size_t smem, int threads, const WindowAttnParams& params,
-                   cudaStream_t stream) {
-  if (smem > 48 * 1024) set_max_dynamic_smem(kernel, smem);
-  const int query_blocks = (params.max_seqlen + 63) / 64;
+// One block per (segment, head) pair and block of Traits::kBlockM query rows.
+template <class Traits, class... P>
+void launch_kernel(void (*kernel)(P...), const WindowAttnParams& params, cudaStream_t stream) {
+  if (Traits::kSmemBytes > 48 * 1024) set_max_dynamic_smem(kernel, Traits::kSmemBytes);
+  const int query_blocks = (params.max_seqlen + Traits::kBlockM - 1) / Traits::kBlockM;
   const dim3 grid(static_cast<unsigned>(params.segments * params.heads),
                   static_cast<unsigned>(query_blocks));
-  QK_LAUNCH(kernel, grid, dim3(threads), smem, stream, params);
+  QK_LAUNCH(kernel, grid, dim3(Traits::kThreads), Traits::kSmemBytes, stream, params);
 }
 
 template <class T, int kHeadDim, bool kRope>
 void run(const WindowAttnParams& params, cudaStream_t stream) {
   if constexpr (std::is_same_v<T, float>) {
     using Traits = WindowAttnFmaTraits<kHeadDim, kRope>;
-    launch_kernel(window_attn_fma_kernel<Traits>, Traits::kSmemBytes, Traits::kThreads, params,
-                  stream);
-  } else if (params.max_seqlen <= 64) {
-    using Traits = WindowAttnTraits<T, kHeadDim, false, kRope>;
-    launch_kernel(window_attn_mma_kernel<Traits>, Traits::kSmemBytes, Traits::kThreads, params,
-                  stream);
+    launch_kernel<Traits>(window_attn_fma_kernel<Traits>, params, stream);
   } else {
-    using Traits = WindowAttnTraits<T, kHeadDim, true, kRope>;
-    launch_kernel(window_attn_mma_kernel<Traits>, Traits::kSmemBytes, Traits::kThreads, params,
-                  stream);
+    // One key tile holds every key of a window: the single-pass variant.
+    using Window = WindowAttnTraits<T, kHeadDim, false, kRope>;
+    using Long = WindowAttnTraits<T, kHeadDim, true, kRope>;
+    if (params.max_seqlen <= Window::kBlockN) {
+      launch_kernel<Window>(window_attn_mma_kernel<Window>, params, stream);
+    } else {
+      launch_kernel<Long>(window_attn_mma_kernel<Long>, params, stream);
+    }
   }
 }
 
