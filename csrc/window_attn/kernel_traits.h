@@ -37,7 +37,7 @@ struct WindowAttnTraits {
   static constexpr std::size_t kSmemBytes = (1 + 2 * kStages) * kTileElems * sizeof(T);
 
   static_assert(kHeadDim % 16 == 0 && kDimTiles % 2 == 0, "head_dim must be a multiple of 16");
-  static_assert(kBlockM == kBlockN, "Q, K and V tiles share one loader");
+  static_assert(kBlockM == kBlockN, "Q, K and V tiles have one size (kTileElems)");
 };
 
 // fp32 variants: computed in fp32 with FMA, never rounded to 16 bits (tensor cores would take
@@ -50,17 +50,20 @@ struct WindowAttnFmaTraits {
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr bool kRope = kRope_;
   static constexpr int kBlockM = 64;  // query rows per block
-  static constexpr int kBlockN = 64;  // keys per tile
+  // Keys per tile: 32 for head_dim 128 keeps the shared memory (74 KiB) within the 99 KiB of
+  // the sm_86/sm_89 GPUs that run the build's PTX.
+  static constexpr int kBlockN = kHeadDim >= 128 ? 32 : 64;
   static constexpr int kThreadsPerRow = kHeadDim >= 128 ? 4 : 2;
   static constexpr int kThreads = kThreadsPerRow * kBlockM;
   static constexpr int kColsPerThread = kHeadDim / kThreadsPerRow;
   static constexpr int kRowStride = kHeadDim + 4;   // floats; rows stay 16-byte aligned
   static constexpr int kScoreStride = kBlockN + 1;  // one row per query row, conflict-free
   static constexpr int kChunksPerRow = kHeadDim / 4;
-  static constexpr int kTileElems = kBlockM * kRowStride;
+  static constexpr int kTileElems = kBlockM * kRowStride;    // Q
+  static constexpr int kKvTileElems = kBlockN * kRowStride;  // K or V
   // Q, K, V, then the scores.
   static constexpr std::size_t kSmemBytes =
-      (3 * kTileElems + kBlockM * kScoreStride) * sizeof(float);
+      (kTileElems + 2 * kKvTileElems + kBlockM * kScoreStride) * sizeof(float);
 
   static_assert(kColsPerThread % 4 == 0, "each slice moves as 16-byte chunks");
 };

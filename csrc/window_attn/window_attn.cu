@@ -52,11 +52,11 @@ QK_DEVICE Segment segment_of(const WindowAttnParams& p) {
   return {pair % p.heads, start, min(end - start, p.max_seqlen)};
 }
 
-// Issues the cp.async copies of `rows` valid rows (of kBlockM) into a padded shared tile; the
+// Issues the cp.async copies of `rows` valid rows (of kRows) into a padded shared tile; the
 // other rows are zero-filled, so masked keys meet zeros in V rather than stale NaN.
-template <class Traits, class T>
+template <class Traits, int kRows, class T>
 QK_DEVICE void load_tile(T* tile, const T* src, int64_t token_stride, int rows) {
-  constexpr int kChunks = Traits::kBlockM * Traits::kChunksPerRow;
+  constexpr int kChunks = kRows * Traits::kChunksPerRow;
   static_assert(kChunks % Traits::kThreads == 0, "every thread copies the same count");
   constexpr int kChunkElems = 16 / sizeof(T);
 #pragma unroll
@@ -150,10 +150,10 @@ __global__ void __launch_bounds__(Traits::kThreads)
   const bool warp_active = m0 + warp_row < seg.len;
 
   // Groups: (Q, K0), (V0); then K(i+1) and V(i+1) each as issued inside the loop.
-  load_tile<Traits>(sq, q + m0 * p.q_token_stride, p.q_token_stride, seg.len - m0);
-  load_tile<Traits>(sk, k, p.k_token_stride, seg.len);
+  load_tile<Traits, Traits::kBlockM>(sq, q + m0 * p.q_token_stride, p.q_token_stride, seg.len - m0);
+  load_tile<Traits, Traits::kBlockN>(sk, k, p.k_token_stride, seg.len);
   cp_async_commit();
-  load_tile<Traits>(sv, v, p.v_token_stride, seg.len);
+  load_tile<Traits, Traits::kBlockN>(sv, v, p.v_token_stride, seg.len);
   cp_async_commit();
 
   std::uint32_t qf[Traits::kQkSteps][4];
@@ -253,8 +253,9 @@ __global__ void __launch_bounds__(Traits::kThreads)
 
     if (prefetch) {
       // That stage's K was last read by QK^T of tile - 1, before the barrier above.
-      load_tile<Traits>(sk + (tile + 1) % 2 * kTile, k + (kv0 + Traits::kBlockN) * p.k_token_stride,
-                        p.k_token_stride, seg.len - kv0 - Traits::kBlockN);
+      load_tile<Traits, Traits::kBlockN>(sk + (tile + 1) % 2 * kTile,
+                                         k + (kv0 + Traits::kBlockN) * p.k_token_stride,
+                                         p.k_token_stride, seg.len - kv0 - Traits::kBlockN);
       cp_async_commit();
       cp_async_wait<1>();  // V(tile) has landed; K(tile + 1) may be in flight
     } else {
@@ -285,8 +286,9 @@ __global__ void __launch_bounds__(Traits::kThreads)
 
     if (prefetch) {
       // That stage's V was last read by PV of tile - 1, before the first barrier above.
-      load_tile<Traits>(sv + (tile + 1) % 2 * kTile, v + (kv0 + Traits::kBlockN) * p.v_token_stride,
-                        p.v_token_stride, seg.len - kv0 - Traits::kBlockN);
+      load_tile<Traits, Traits::kBlockN>(sv + (tile + 1) % 2 * kTile,
+                                         v + (kv0 + Traits::kBlockN) * p.v_token_stride,
+                                         p.v_token_stride, seg.len - kv0 - Traits::kBlockN);
       cp_async_commit();
     }
   }
@@ -332,7 +334,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
   QK_DYNAMIC_SMEM(float, smem);
   float* const sq = smem;
   float* const sk = sq + kTile;
-  float* const sv = sk + kTile;
+  float* const sv = sk + Traits::kKvTileElems;
 
   const Segment seg = segment_of(p);
   const int m0 = static_cast<int>(blockIdx.y) * Traits::kBlockM;
@@ -350,9 +352,9 @@ __global__ void __launch_bounds__(Traits::kThreads)
   const int slice = static_cast<int>(threadIdx.x) % kGroup;
   const int col = slice * kCols;
   const float* my_q = sq + row * kStride + col;
-  float* const scores = sv + kTile + row * Traits::kScoreStride;
+  float* const scores = sv + Traits::kKvTileElems + row * Traits::kScoreStride;
 
-  load_tile<Traits>(sq, q + m0 * p.q_token_stride, p.q_token_stride, seg.len - m0);
+  load_tile<Traits, Traits::kBlockM>(sq, q + m0 * p.q_token_stride, p.q_token_stride, seg.len - m0);
   float o[kCols];
 #pragma unroll
   for (int d = 0; d < kCols; ++d) o[d] = 0.0f;
@@ -361,8 +363,8 @@ __global__ void __launch_bounds__(Traits::kThreads)
   for (int kv0 = 0; kv0 < seg.len; kv0 += Traits::kBlockN) {
     const int keys = min(seg.len - kv0, Traits::kBlockN);
     __syncthreads();  // every thread is done with the previous K and V
-    load_tile<Traits>(sk, k + kv0 * p.k_token_stride, p.k_token_stride, keys);
-    load_tile<Traits>(sv, v + kv0 * p.v_token_stride, p.v_token_stride, keys);
+    load_tile<Traits, Traits::kBlockN>(sk, k + kv0 * p.k_token_stride, p.k_token_stride, keys);
+    load_tile<Traits, Traits::kBlockN>(sv, v + kv0 * p.v_token_stride, p.v_token_stride, keys);
     cp_async_wait_all();
     __syncthreads();
     if constexpr (Traits::kRope) {
