@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._backends import op_backends
+from .._backends import op_backends, register_native
 from .._checks import check_float, check_ndim, check_same, fail, value_checks_enabled
 from .rms_norm import compute_dtype
 
@@ -118,6 +118,7 @@ def _check_values(q: Tensor, cu_seqlens: Tensor, max_seqlen: int) -> None:
 
 
 WINDOW_ATTN = op_backends(OP, window_attn_reference)
+register_native(WINDOW_ATTN)
 
 
 @torch.library.custom_op(

@@ -1,0 +1,614 @@
+// Variable-length attention inside segments. One block takes 64 query rows of one (segment,
+// head) pair; the grid is (segments x heads, query blocks), heads of a segment adjacent so that
+// blocks reading the same token rows of a packed qkv run together.
+//
+// fp16/bf16 (window_attn_mma_kernel): Q, K and V tiles reach shared memory by 16-byte cp.async
+// (rows past the segment end zero-filled), fragments come from ldmatrix, and each warp runs
+// mma.m16n8k16 over its 16 query rows: S = QK^T in fp32 registers, keys past the segment end
+// masked before the row max, P = exp2(S - max) rounded to the input dtype for PV (as
+// FlashAttention does), the row sum kept in fp32. The window path (max_seqlen <= 64) holds all
+// keys in registers and needs no rescaling; the long path runs an online softmax over 64-key
+// tiles with the next K and V tiles in flight. Warps whose 16 rows lie past the segment end and
+// key tiles past it skip their mma. The output goes through shared memory to 16-byte stores.
+// With the rotary flag (window_attn_rope) q and k are rotated in shared memory once they land,
+// so rotary and attention read qkv once.
+//
+// fp32 (window_attn_fma_kernel): see WindowAttnFmaTraits.
+#include <ATen/ops/empty.h>
+
+#include <cmath>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#include "common/dispatch.h"
+#include "common/kernel.h"
+#include "common/numeric.h"
+#include "common/torch_utils.h"
+#include "window_attn/kernel_traits.h"
+#include "window_attn/params.h"
+#include "window_attn/variants.h"
+#include "window_attn/window_attn.h"
+
+namespace qk {
+namespace {
+
+constexpr unsigned kFullMask = 0xFFFFFFFFu;
+constexpr double kLog2e = 1.4426950408889634;
+
+// The segment and head of this block and the segment's bounds, clamped to [0, T] and to
+// max_seqlen.
+struct Segment {
+  int head;
+  int start;
+  int len;
+};
+
+QK_DEVICE Segment segment_of(const WindowAttnParams& p) {
+  const int pair = static_cast<int>(blockIdx.x);
+  const int segment = pair / p.heads;
+  const int start = min(max(p.cu_seqlens[segment], 0), p.tokens);
+  const int end = min(max(p.cu_seqlens[segment + 1], start), p.tokens);
+  return {pair % p.heads, start, min(end - start, p.max_seqlen)};
+}
+
+// Issues the cp.async copies of `rows` valid rows (of kRows) into a padded shared tile; the
+// other rows are zero-filled, so masked keys meet zeros in V rather than stale NaN.
+template <class Traits, int kRows, class T>
+QK_DEVICE void load_tile(T* tile, const T* src, int64_t token_stride, int rows) {
+  constexpr int kChunks = kRows * Traits::kChunksPerRow;
+  static_assert(kChunks % Traits::kThreads == 0, "every thread copies the same count");
+  constexpr int kChunkElems = 16 / sizeof(T);
+#pragma unroll
+  for (int c = static_cast<int>(threadIdx.x); c < kChunks; c += Traits::kThreads) {
+    const int row = c / Traits::kChunksPerRow, col = c % Traits::kChunksPerRow * kChunkElems;
+    const bool valid = row < rows;
+    const T* from = valid ? src + row * token_stride + col : src;
+    cp_async_16_zfill(tile + row * Traits::kRowStride + col, from, valid);
+  }
+}
+
+// Two fp32 values as one register of two 16-bit values, rounded to nearest, the first low.
+template <class T>
+QK_DEVICE std::uint32_t pack_pair(float lo, float hi) {
+  std::uint32_t bits;
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    std::memcpy(&bits, &v, sizeof(bits));
+  } else {
+    const __half2 v = __floats2half2_rn(lo, hi);
+    std::memcpy(&bits, &v, sizeof(bits));
+  }
+  return bits;
+}
+
+template <class T>
+QK_DEVICE void mma(float (&acc)[4], const std::uint32_t (&a)[4], const std::uint32_t (&b)[2]) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    mma_m16n8k16_bf16(acc, a, b, acc);
+  } else {
+    mma_m16n8k16_f16(acc, a, b, acc);
+  }
+}
+
+// Max and sum over the 4 lanes (t = lane % 4) that hold one row of an mma accumulator.
+QK_DEVICE float quad_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(kFullMask, x, 1));
+  return fmaxf(x, __shfl_xor_sync(kFullMask, x, 2));
+}
+
+QK_DEVICE float quad_sum(float x) {
+  x += __shfl_xor_sync(kFullMask, x, 1);
+  return x + __shfl_xor_sync(kFullMask, x, 2);
+}
+
+// Rotates rows [0, rows) of a staged q or k tile in place, rows starting at token first_token:
+// x * cos + rotate_half(x) * sin in fp32 without contraction (the reference's two products and
+// a sum), rounded once to T, as mrope_pos writes it.
+template <class Traits, class T>
+QK_DEVICE void rotate_tile(T* tile, int rows, int first_token, const WindowAttnParams& p) {
+  constexpr int kHalf = Traits::kHeadDim / 2;
+  for (int e = static_cast<int>(threadIdx.x); e < rows * kHalf; e += Traits::kThreads) {
+    const int row = e / kHalf, i = e % kHalf;
+    int axis = 0;
+    while (axis + 1 < p.rope_axes && i >= p.rope_section_end[axis]) ++axis;
+    const float position = static_cast<float>(p.positions[axis * p.tokens + first_token + row]);
+    float sin_a, cos_a;
+    sincosf(__fmul_rn(position, p.inv_freq[i]), &sin_a, &cos_a);
+    T* x = tile + row * Traits::kRowStride;
+    const float x0 = to_float(x[i]), x1 = to_float(x[i + kHalf]);
+    x[i] = from_float<T>(__fadd_rn(__fmul_rn(x0, cos_a), __fmul_rn(-x1, sin_a)));
+    x[i + kHalf] = from_float<T>(__fadd_rn(__fmul_rn(x1, cos_a), __fmul_rn(x0, sin_a)));
+  }
+}
+
+template <class Traits>
+__global__ void __launch_bounds__(Traits::kThreads)
+    window_attn_mma_kernel(const WindowAttnParams p) {
+  using T = typename Traits::Element;
+  constexpr int kStride = Traits::kRowStride, kTile = Traits::kTileElems;
+  QK_DYNAMIC_SMEM(T, smem);
+  T* const sq = smem;
+  T* const sk = sq + kTile;
+  T* const sv = sk + Traits::kStages * kTile;
+
+  const Segment seg = segment_of(p);
+  const int m0 = static_cast<int>(blockIdx.y) * Traits::kBlockM;
+  if (m0 >= seg.len) return;  // the whole block leaves before any barrier
+  const T* q =
+      static_cast<const T*>(p.q) + seg.start * p.q_token_stride + seg.head * p.q_head_stride;
+  const T* k =
+      static_cast<const T*>(p.k) + seg.start * p.k_token_stride + seg.head * p.k_head_stride;
+  const T* v =
+      static_cast<const T*>(p.v) + seg.start * p.v_token_stride + seg.head * p.v_head_stride;
+  const int tiles = Traits::kLong ? (seg.len + Traits::kBlockN - 1) / Traits::kBlockN : 1;
+
+  const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
+  const int g = lane / 4, t = lane % 4;  // the accumulator rows g, g + 8 and columns 2t, 2t + 1
+  const int warp_row = warp * 16;
+  // Warps whose rows all lie past the segment end only join the barriers.
+  const bool warp_active = m0 + warp_row < seg.len;
+
+  // Groups: (Q, K0), (V0); then K(i+1) and V(i+1) each as issued inside the loop.
+  load_tile<Traits, Traits::kBlockM>(sq, q + m0 * p.q_token_stride, p.q_token_stride, seg.len - m0);
+  load_tile<Traits, Traits::kBlockN>(sk, k, p.k_token_stride, seg.len);
+  cp_async_commit();
+  load_tile<Traits, Traits::kBlockN>(sv, v, p.v_token_stride, seg.len);
+  cp_async_commit();
+
+  std::uint32_t qf[Traits::kQkSteps][4];
+  float o[Traits::kDimTiles][4];
+#pragma unroll
+  for (int d = 0; d < Traits::kDimTiles; ++d) {
+#pragma unroll
+    for (int r = 0; r < 4; ++r) o[d][r] = 0.0f;
+  }
+  // Rows g and g + 8: running max of the scaled scores (log2 domain) and this lane's share of
+  // the sum of exp2(score - max).
+  float row_max[2] = {-INFINITY, -INFINITY};
+  float row_sum[2] = {0.0f, 0.0f};
+
+  for (int tile = 0; tile < tiles; ++tile) {
+    const int stage = Traits::kLong ? tile % 2 : 0;
+    const int kv0 = tile * Traits::kBlockN;
+    const int keys = min(seg.len - kv0, Traits::kBlockN);
+    const bool prefetch = Traits::kLong && tile + 1 < tiles;
+    T* const sk_tile = sk + stage * kTile;
+    const T* sv_tile = sv + stage * kTile;
+
+    cp_async_wait<1>();  // K(tile) (and Q) have landed; V(tile) may be in flight
+    __syncthreads();
+    if constexpr (Traits::kRope) {
+      if (tile == 0) rotate_tile<Traits>(sq, min(seg.len - m0, Traits::kBlockM), seg.start + m0, p);
+      rotate_tile<Traits>(sk_tile, keys, seg.start + kv0, p);
+      __syncthreads();
+    }
+    float s[Traits::kKeyTiles][4];
+    if (warp_active) {
+      if (tile == 0) {
+#pragma unroll
+        for (int ks = 0; ks < Traits::kQkSteps; ++ks) {
+          const int row = warp_row + lane % 8 + lane / 8 % 2 * 8;
+          ldmatrix_x4(qf[ks], sq + row * kStride + ks * 16 + lane / 16 * 8);
+        }
+      }
+      // S = Q K^T, two key tiles of 8 per ldmatrix.x4; tiles past the segment end stay -inf.
+#pragma unroll
+      for (int n = 0; n < Traits::kKeyTiles; n += 2) {
+#pragma unroll
+        for (int r = 0; r < 4; ++r) s[n][r] = s[n + 1][r] = n * 8 < keys ? 0.0f : -INFINITY;
+        if (n * 8 >= keys) continue;
+#pragma unroll
+        for (int ks = 0; ks < Traits::kQkSteps; ++ks) {
+          std::uint32_t kf[4];
+          const int row = n * 8 + lane / 16 * 8 + lane % 8;
+          ldmatrix_x4(kf, sk_tile + row * kStride + ks * 16 + lane / 8 % 2 * 8);
+          const std::uint32_t b0[2] = {kf[0], kf[1]}, b1[2] = {kf[2], kf[3]};
+          mma<T>(s[n], qf[ks], b0);
+          mma<T>(s[n + 1], qf[ks], b1);
+        }
+      }
+      // Mask keys past the segment end before the max: every valid row keeps key 0.
+      if (keys < Traits::kBlockN) {
+#pragma unroll
+        for (int n = 0; n < Traits::kKeyTiles; ++n) {
+#pragma unroll
+          for (int r = 0; r < 4; ++r) {
+            if (n * 8 + 2 * t + r % 2 >= keys) s[n][r] = -INFINITY;
+          }
+        }
+      }
+      float tile_max[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+      for (int n = 0; n < Traits::kKeyTiles; ++n) {
+#pragma unroll
+        for (int r = 0; r < 4; ++r) tile_max[r / 2] = fmaxf(tile_max[r / 2], s[n][r]);
+      }
+      float shift[2];  // the new max times scale_log2, subtracted inside one FMA per score
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const float new_max = fmaxf(row_max[h], quad_max(tile_max[h]));
+        if constexpr (Traits::kLong) {
+          // exp2(-inf) = 0 on the first tile, where o and the sum are still zero.
+          const float correction = exp2f((row_max[h] - new_max) * p.scale_log2);
+          row_sum[h] *= correction;
+#pragma unroll
+          for (int d = 0; d < Traits::kDimTiles; ++d) {
+            o[d][2 * h] *= correction;
+            o[d][2 * h + 1] *= correction;
+          }
+        }
+        row_max[h] = new_max;
+        shift[h] = new_max * p.scale_log2;
+      }
+#pragma unroll
+      for (int n = 0; n < Traits::kKeyTiles; ++n) {
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          s[n][r] = exp2f(fmaf(s[n][r], p.scale_log2, -shift[r / 2]));
+          row_sum[r / 2] += s[n][r];
+        }
+      }
+    }
+
+    if (prefetch) {
+      // That stage's K was last read by QK^T of tile - 1, before the barrier above.
+      load_tile<Traits, Traits::kBlockN>(sk + (tile + 1) % 2 * kTile,
+                                         k + (kv0 + Traits::kBlockN) * p.k_token_stride,
+                                         p.k_token_stride, seg.len - kv0 - Traits::kBlockN);
+      cp_async_commit();
+      cp_async_wait<1>();  // V(tile) has landed; K(tile + 1) may be in flight
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+
+    if (warp_active) {
+      // O += P V: the S accumulators of key tiles 2j, 2j + 1 are the A fragment of k-step j.
+#pragma unroll
+      for (int j = 0; j < Traits::kPvSteps; ++j) {
+        if (j * 16 >= keys) continue;
+        const std::uint32_t pf[4] = {pack_pair<T>(s[2 * j][0], s[2 * j][1]),
+                                     pack_pair<T>(s[2 * j][2], s[2 * j][3]),
+                                     pack_pair<T>(s[2 * j + 1][0], s[2 * j + 1][1]),
+                                     pack_pair<T>(s[2 * j + 1][2], s[2 * j + 1][3])};
+#pragma unroll
+        for (int d = 0; d < Traits::kDimTiles; d += 2) {
+          std::uint32_t vf[4];
+          const int row = j * 16 + lane % 8 + lane / 8 % 2 * 8;
+          ldmatrix_x4_trans(vf, sv_tile + row * kStride + d * 8 + lane / 16 * 8);
+          const std::uint32_t b0[2] = {vf[0], vf[1]}, b1[2] = {vf[2], vf[3]};
+          mma<T>(o[d], pf, b0);
+          mma<T>(o[d + 1], pf, b1);
+        }
+      }
+    }
+
+    if (prefetch) {
+      // That stage's V was last read by PV of tile - 1, before the first barrier above.
+      load_tile<Traits, Traits::kBlockN>(sv + (tile + 1) % 2 * kTile,
+                                         v + (kv0 + Traits::kBlockN) * p.v_token_stride,
+                                         p.v_token_stride, seg.len - kv0 - Traits::kBlockN);
+      cp_async_commit();
+    }
+  }
+  if (!warp_active) return;  // no barrier follows
+
+  // Normalise, round once to T and stage this warp's 16 rows in its own rows of the Q tile
+  // (read only by this warp, at tile 0), then store them as 16-byte vectors.
+  T* const staged = sq + warp_row * kStride;
+  float inv_sum[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) inv_sum[h] = 1.0f / quad_sum(row_sum[h]);
+  __syncwarp();
+#pragma unroll
+  for (int d = 0; d < Traits::kDimTiles; ++d) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const std::uint32_t bits =
+          pack_pair<T>(o[d][2 * h] * inv_sum[h], o[d][2 * h + 1] * inv_sum[h]);
+      std::memcpy(staged + (g + 8 * h) * kStride + d * 8 + 2 * t, &bits, sizeof(bits));
+    }
+  }
+  __syncwarp();
+  constexpr int kChunkElems = Traits::kChunkElems;
+  constexpr int kChunks = 16 * Traits::kChunksPerRow;
+  static_assert(kChunks % 32 == 0, "every lane stores the same count");
+  T* out = static_cast<T*>(p.out) + seg.start * p.out_token_stride + seg.head * p.out_head_stride;
+#pragma unroll
+  for (int c = lane; c < kChunks; c += 32) {
+    const int row = c / Traits::kChunksPerRow, col = c % Traits::kChunksPerRow * kChunkElems;
+    const int token = m0 + warp_row + row;
+    if (token < seg.len) {
+      store_pack<T, kChunkElems>(out + token * p.out_token_stride + col,
+                                 load_pack<T, kChunkElems>(staged + row * kStride + col));
+    }
+  }
+}
+
+template <class Traits>
+__global__ void __launch_bounds__(Traits::kThreads)
+    window_attn_fma_kernel(const WindowAttnParams p) {
+  constexpr int kCols = Traits::kColsPerThread, kGroup = Traits::kThreadsPerRow;
+  constexpr int kStride = Traits::kRowStride, kTile = Traits::kTileElems;
+  QK_DYNAMIC_SMEM(float, smem);
+  float* const sq = smem;
+  float* const sk = sq + kTile;
+  float* const sv = sk + Traits::kKvTileElems;
+
+  const Segment seg = segment_of(p);
+  const int m0 = static_cast<int>(blockIdx.y) * Traits::kBlockM;
+  if (m0 >= seg.len) return;
+  const float* q =
+      static_cast<const float*>(p.q) + seg.start * p.q_token_stride + seg.head * p.q_head_stride;
+  const float* k =
+      static_cast<const float*>(p.k) + seg.start * p.k_token_stride + seg.head * p.k_head_stride;
+  const float* v =
+      static_cast<const float*>(p.v) + seg.start * p.v_token_stride + seg.head * p.v_head_stride;
+  // A group of kGroup adjacent lanes shares query row r, each lane kCols of its columns. Rows
+  // past the segment end compute on zero-filled q (finite) and store nothing, so that every
+  // lane of a warp reaches the shuffles.
+  const int row = static_cast<int>(threadIdx.x) / kGroup;
+  const int slice = static_cast<int>(threadIdx.x) % kGroup;
+  const int col = slice * kCols;
+  const float* my_q = sq + row * kStride + col;
+  float* const scores = sv + Traits::kKvTileElems + row * Traits::kScoreStride;
+
+  load_tile<Traits, Traits::kBlockM>(sq, q + m0 * p.q_token_stride, p.q_token_stride, seg.len - m0);
+  float o[kCols];
+#pragma unroll
+  for (int d = 0; d < kCols; ++d) o[d] = 0.0f;
+  float row_max = -INFINITY, row_sum = 0.0f;
+
+  for (int kv0 = 0; kv0 < seg.len; kv0 += Traits::kBlockN) {
+    const int keys = min(seg.len - kv0, Traits::kBlockN);
+    __syncthreads();  // every thread is done with the previous K and V
+    load_tile<Traits, Traits::kBlockN>(sk, k + kv0 * p.k_token_stride, p.k_token_stride, keys);
+    load_tile<Traits, Traits::kBlockN>(sv, v + kv0 * p.v_token_stride, p.v_token_stride, keys);
+    cp_async_wait_all();
+    __syncthreads();
+    if constexpr (Traits::kRope) {
+      if (kv0 == 0) rotate_tile<Traits>(sq, min(seg.len - m0, Traits::kBlockM), seg.start + m0, p);
+      rotate_tile<Traits>(sk, keys, seg.start + kv0, p);
+      __syncthreads();
+    }
+    float tile_max = -INFINITY;
+    for (int j = 0; j < keys; ++j) {
+      const float* key = sk + j * kStride + col;
+      float dot = 0.0f;
+#pragma unroll
+      for (int d = 0; d < kCols; ++d) dot = fmaf(my_q[d], key[d], dot);
+      // The group's other slices: the same sum, bit for bit, in every lane of the group.
+#pragma unroll
+      for (int offset = 1; offset < kGroup; offset *= 2) {
+        dot += __shfl_xor_sync(kFullMask, dot, offset);
+      }
+      const float score = dot * p.scale_log2;
+      if (slice == 0) scores[j] = score;
+      tile_max = fmaxf(tile_max, score);
+    }
+    __syncwarp();  // the group's scores are written
+    const float new_max = fmaxf(row_max, tile_max);
+    const float correction = exp2f(row_max - new_max);  // 0 on the first tile
+    row_max = new_max;
+    row_sum *= correction;
+#pragma unroll
+    for (int d = 0; d < kCols; ++d) o[d] *= correction;
+    for (int j = 0; j < keys; ++j) {
+      const float weight = exp2f(scores[j] - new_max);
+      const float* value = sv + j * kStride + col;
+      row_sum += weight;
+#pragma unroll
+      for (int d = 0; d < kCols; ++d) o[d] = fmaf(weight, value[d], o[d]);
+    }
+  }
+  if (m0 + row >= seg.len) return;
+  const float inv_sum = 1.0f / row_sum;
+  float* out = static_cast<float*>(p.out) + (seg.start + m0 + row) * p.out_token_stride +
+               seg.head * p.out_head_stride + col;
+#pragma unroll
+  for (int d = 0; d < kCols; d += 4) {
+    Pack<float, 4> chunk;
+#pragma unroll
+    for (int e = 0; e < 4; ++e) chunk.v[e] = o[d + e] * inv_sum;
+    store_pack<float, 4>(out + d, chunk);
+  }
+}
+
+// ---- Host side ----------------------------------------------------------------------------------
+
+// Whether rows of t can move as 16-byte copies: a unit last stride, an aligned base and strides.
+bool rows_aligned(const at::Tensor& t) {
+  const int64_t chunk = 16 / t.element_size();
+  return t.stride(2) == 1 && reinterpret_cast<std::uintptr_t>(t.data_ptr()) % 16 == 0 &&
+         t.stride(0) % chunk == 0 && t.stride(1) % chunk == 0;
+}
+
+// t itself, or a contiguous copy where its layout rules out 16-byte copies.
+at::Tensor with_aligned_rows(const at::Tensor& t) {
+  return rows_aligned(t) ? t : t.clone(at::MemoryFormat::Contiguous);
+}
+
+// One block per (segment, head) pair and block of Traits::kBlockM query rows.
+template <class Traits, class... P>
+void launch_kernel(void (*kernel)(P...), const WindowAttnParams& params, cudaStream_t stream) {
+  if (Traits::kSmemBytes > 48 * 1024) set_max_dynamic_smem(kernel, Traits::kSmemBytes);
+  const int query_blocks = (params.max_seqlen + Traits::kBlockM - 1) / Traits::kBlockM;
+  const dim3 grid(static_cast<unsigned>(params.segments * params.heads),
+                  static_cast<unsigned>(query_blocks));
+  QK_LAUNCH(kernel, grid, dim3(Traits::kThreads), Traits::kSmemBytes, stream, params);
+}
+
+template <class T, int kHeadDim, bool kRope>
+void run(const WindowAttnParams& params, cudaStream_t stream) {
+  if constexpr (std::is_same_v<T, float>) {
+    using Traits = WindowAttnFmaTraits<kHeadDim, kRope>;
+    launch_kernel<Traits>(window_attn_fma_kernel<Traits>, params, stream);
+  } else {
+    // One key tile holds every key of a window: the single-pass variant.
+    using Window = WindowAttnTraits<T, kHeadDim, false, kRope>;
+    using Long = WindowAttnTraits<T, kHeadDim, true, kRope>;
+    if (params.max_seqlen <= Window::kBlockN) {
+      launch_kernel<Window>(window_attn_mma_kernel<Window>, params, stream);
+    } else {
+      launch_kernel<Long>(window_attn_mma_kernel<Long>, params, stream);
+    }
+  }
+}
+
+// Dispatches on the head dim through the variant list, and on the rotary flag.
+template <class T>
+void run_head_dim(int head_dim, bool rope, const WindowAttnParams& params, cudaStream_t stream) {
+  switch (head_dim) {
+#define QK_WINDOW_ATTN_CASE(D) \
+  case D:                      \
+    return rope ? run<T, D, true>(params, stream) : run<T, D, false>(params, stream);
+    QK_WINDOW_ATTN_HEAD_DIMS(QK_WINDOW_ATTN_CASE)
+#undef QK_WINDOW_ATTN_CASE
+    default:
+      TORCH_CHECK(false, "qwen_kernels: window_attn has no kernel for head_dim ", head_dim);
+  }
+}
+
+bool supported_head_dim(int64_t head_dim) {
+#define QK_WINDOW_ATTN_IS(D) head_dim == D ||
+  return QK_WINDOW_ATTN_HEAD_DIMS(QK_WINDOW_ATTN_IS) false;
+#undef QK_WINDOW_ATTN_IS
+}
+
+void check_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                const at::Tensor& cu_seqlens, int64_t max_seqlen, double scale) {
+  check_device(q, "q");
+  check_dtype(q, "q", {at::kFloat, at::kHalf, at::kBFloat16});
+  check_dim(q, "q", 3);
+  QK_CHECK_ARG(supported_head_dim(q.size(2)), "q",
+               "a head dim (q.shape[2]) of 64, 80 or 128 (got shape ", q.sizes(), ")");
+  for (const auto& [t, name] : {std::pair{&k, "k"}, std::pair{&v, "v"}}) {
+    check_same_device(*t, name, q, "q");
+    check_dtype(*t, name, {q.scalar_type()});
+    QK_CHECK_ARG(t->sizes() == q.sizes(), name, "q's shape ", q.sizes(), " (got ", t->sizes(), ")");
+  }
+  check_same_device(cu_seqlens, "cu_seqlens", q, "q");
+  check_dtype(cu_seqlens, "cu_seqlens", {at::kInt});
+  QK_CHECK_ARG(cu_seqlens.dim() == 1 && cu_seqlens.size(0) >= 2, "cu_seqlens",
+               "shape [S+1] with at least one segment (got ", cu_seqlens.sizes(), ")");
+  QK_CHECK_ARG(max_seqlen >= 1 && max_seqlen <= int64_t{65535} * 64, "max_seqlen",
+               "a positive length up to ", int64_t{65535} * 64, " (got ", max_seqlen, ")");
+  QK_CHECK_ARG(std::isfinite(scale) && scale > 0.0, "softmax_scale",
+               "a positive finite value or None (got ", scale, ")");
+  QK_CHECK_ARG(q.size(0) <= INT32_MAX, "q", "fewer than 2^31 tokens (got ", q.size(0), ")");
+  QK_CHECK_ARG((cu_seqlens.size(0) - 1) * q.size(1) <= INT32_MAX, "cu_seqlens",
+               "segments x heads below 2^31 (got ", cu_seqlens.size(0) - 1, " x ", q.size(1), ")");
+}
+
+// The rotary arguments of window_attn_rope, checked and in the kernel's types.
+struct Rope {
+  at::Tensor positions;  // int32 [A, T], contiguous
+  at::Tensor inv_freq;   // fp32 [D/2], contiguous
+  std::vector<int64_t> section;
+};
+
+Rope check_rope(const at::Tensor& qkv, const at::Tensor& positions, const at::Tensor& inv_freq,
+                c10::IntArrayRef mrope_section) {
+  const int64_t tokens = qkv.size(0), half = qkv.size(3) / 2;
+  check_same_device(positions, "positions", qkv, "qkv");
+  check_dtype(positions, "positions", {at::kInt, at::kLong});
+  QK_CHECK_ARG(positions.dim() == 2 && positions.size(1) == tokens && positions.size(0) >= 1 &&
+                   positions.size(0) <= kMaxRopeAxes,
+               "positions", "shape [A, T] with T = ", tokens, " and 1 to ", kMaxRopeAxes,
+               " axes (got ", positions.sizes(), ")");
+  check_same_device(inv_freq, "inv_freq", qkv, "qkv");
+  check_dtype(inv_freq, "inv_freq", {at::kFloat, at::kDouble});
+  QK_CHECK_ARG(inv_freq.dim() == 1 && inv_freq.size(0) == half, "inv_freq", "shape [D/2] = [", half,
+               "] (got ", inv_freq.sizes(), ")");
+  int64_t total = 0;
+  bool positive = true;
+  for (int64_t size : mrope_section) {
+    positive = positive && size > 0;
+    total += size;
+  }
+  QK_CHECK_ARG(
+      static_cast<int64_t>(mrope_section.size()) == positions.size(0) && positive && total == half,
+      "mrope_section", positions.size(0), " positive sizes (one per position axis) ",
+      "summing to D/2 = ", half, " (got ", mrope_section, ")");
+  // The reference forms the angles in fp32 from positions and frequencies cast to fp32.
+  return {positions.to(at::kInt).contiguous(), inv_freq.to(at::kFloat).contiguous(),
+          mrope_section.vec()};
+}
+
+// Launches the variant for q's dtype and head dim; rope is null for plain attention.
+at::Tensor launch(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+                  const at::Tensor& cu_seqlens_in, int64_t max_seqlen, double scale,
+                  const Rope* rope) {
+  at::Tensor out = at::empty(q_in.sizes(), q_in.options());
+  if (q_in.numel() == 0) return out;
+  const at::Tensor q = with_aligned_rows(q_in), k = with_aligned_rows(k_in),
+                   v = with_aligned_rows(v_in);
+  const at::Tensor cu_seqlens = cu_seqlens_in.contiguous();
+
+  WindowAttnParams params{};
+  params.q = q.data_ptr();
+  params.k = k.data_ptr();
+  params.v = v.data_ptr();
+  params.out = out.data_ptr();
+  params.q_token_stride = q.stride(0);
+  params.q_head_stride = q.stride(1);
+  params.k_token_stride = k.stride(0);
+  params.k_head_stride = k.stride(1);
+  params.v_token_stride = v.stride(0);
+  params.v_head_stride = v.stride(1);
+  params.out_token_stride = out.stride(0);
+  params.out_head_stride = out.stride(1);
+  params.cu_seqlens = cu_seqlens.data_ptr<int>();
+  params.tokens = static_cast<int>(q.size(0));
+  params.segments = static_cast<int>(cu_seqlens.size(0) - 1);
+  params.heads = static_cast<int>(q.size(1));
+  params.max_seqlen = static_cast<int>(max_seqlen);
+  params.scale_log2 = static_cast<float>(scale * kLog2e);
+  if (rope != nullptr) {
+    params.positions = rope->positions.data_ptr<int>();
+    params.inv_freq = rope->inv_freq.data_ptr<float>();
+    params.rope_axes = static_cast<int>(rope->section.size());
+    int end = 0;
+    for (std::size_t a = 0; a < rope->section.size(); ++a) {
+      end += static_cast<int>(rope->section[a]);
+      params.rope_section_end[a] = end;
+    }
+  }
+
+  DeviceGuard guard(q);
+  QK_DISPATCH_FLOAT(q.scalar_type(), T, [&] {
+    run_head_dim<T>(static_cast<int>(q.size(2)), rope != nullptr, params, current_stream(q));
+  });
+  return out;
+}
+
+double resolve_scale(std::optional<double> softmax_scale, const at::Tensor& t) {
+  return softmax_scale.value_or(1.0 / std::sqrt(static_cast<double>(t.size(-1))));
+}
+
+}  // namespace
+
+at::Tensor window_attn(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                       const at::Tensor& cu_seqlens, int64_t max_seqlen,
+                       std::optional<double> softmax_scale) {
+  check_dim(q, "q", 3);
+  const double scale = resolve_scale(softmax_scale, q);
+  check_args(q, k, v, cu_seqlens, max_seqlen, scale);
+  return launch(q, k, v, cu_seqlens, max_seqlen, scale, nullptr);
+}
+
+at::Tensor window_attn_rope(const at::Tensor& qkv, const at::Tensor& cu_seqlens, int64_t max_seqlen,
+                            const at::Tensor& positions, const at::Tensor& inv_freq,
+                            c10::IntArrayRef mrope_section, std::optional<double> softmax_scale) {
+  check_device(qkv, "qkv");
+  QK_CHECK_ARG(qkv.dim() == 4 && qkv.size(1) == 3, "qkv", "shape [T, 3, H, D] (got ", qkv.sizes(),
+               ")");
+  const at::Tensor q = qkv.select(1, 0), k = qkv.select(1, 1), v = qkv.select(1, 2);
+  const double scale = resolve_scale(softmax_scale, qkv);
+  check_args(q, k, v, cu_seqlens, max_seqlen, scale);
+  const Rope rope = check_rope(qkv, positions, inv_freq, mrope_section);
+  return launch(q, k, v, cu_seqlens, max_seqlen, scale, &rope);
+}
+
+}  // namespace qk

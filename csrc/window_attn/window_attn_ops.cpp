@@ -1,0 +1,19 @@
+// Registers window_attn in this build's op library (qwen_cuda or qwen_emu).
+#include <torch/library.h>
+
+#include "common/torch_utils.h"
+#include "window_attn/window_attn.h"
+
+TORCH_LIBRARY_FRAGMENT(QK_OPS_NAMESPACE, m) {
+  m.def(
+      "window_attn(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, int max_seqlen, "
+      "float? softmax_scale=None) -> Tensor");
+  m.def(
+      "window_attn_rope(Tensor qkv, Tensor cu_seqlens, int max_seqlen, Tensor positions, "
+      "Tensor inv_freq, int[] mrope_section, float? softmax_scale=None) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(QK_OPS_NAMESPACE, QK_DISPATCH_KEY, m) {
+  m.impl("window_attn", &qk::window_attn);
+  m.impl("window_attn_rope", &qk::window_attn_rope);
+}
