@@ -118,6 +118,7 @@ def _check_values(q: Tensor, cu_seqlens: Tensor, max_seqlen: int) -> None:
 
 
 WINDOW_ATTN = op_backends(OP, window_attn_reference)
+WINDOW_ATTN.register("triton", "qwen_kernels.triton_kernels.window_attn:window_attn")
 
 
 @torch.library.custom_op(
