@@ -188,6 +188,15 @@ def _angles(
 
 
 @triton.jit
+def _tile_mask(token_mask, cols, HEAD_DIM: tl.constexpr, MASK_COLS: tl.constexpr):
+    """Rows inside the segment; columns inside the head only where the blocks overhang it."""
+    if MASK_COLS:
+        return token_mask[:, None] & (cols < HEAD_DIM)[None, :]
+    else:
+        return token_mask[:, None]
+
+
+@triton.jit
 def _load_tile(
     ptr,
     tokens,
@@ -204,10 +213,7 @@ def _load_tile(
     """Rows ``tokens`` x columns ``cols`` of one head (zeros outside the masks), rotated with
     ``cos``/``sin`` and rounded to the input dtype when ``ROTATE``; fp32 when ``UPCAST``."""
     rows = tokens.to(tl.int64)[:, None] * stride_t
-    if MASK_COLS:
-        mask = token_mask[:, None] & (cols < HEAD_DIM)[None, :]
-    else:
-        mask = token_mask[:, None]
+    mask = _tile_mask(token_mask, cols, HEAD_DIM, MASK_COLS)
     x = tl.load(ptr + rows + cols[None, :], mask=mask, other=0.0)
     if ROTATE:
         # rotate_half([a, b]) = [-b, a]: column c pairs with c +- D/2.
@@ -448,16 +454,10 @@ def _window_attn_kernel(
                     )  # fmt: skip
         inv_l = 1.0 / l_i[:, None]
         out_head = out_ptr + out_rows + head * HEAD_DIM
-        if MASK_COLS:
-            mask_a = row_mask[:, None] & (cols_a < HEAD_DIM)[None, :]
-        else:
-            mask_a = row_mask[:, None]
+        mask_a = _tile_mask(row_mask, cols_a, HEAD_DIM, MASK_COLS)
         tl.store(out_head + cols_a[None, :], round_to(acc_a * inv_l, dtype), mask=mask_a)
         if D_TAIL > 0:
-            if MASK_COLS:
-                mask_b = row_mask[:, None] & (cols_b < HEAD_DIM)[None, :]
-            else:
-                mask_b = row_mask[:, None]
+            mask_b = _tile_mask(row_mask, cols_b, HEAD_DIM, MASK_COLS)
             tl.store(out_head + cols_b[None, :], round_to(acc_b * inv_l, dtype), mask=mask_b)
 
 
@@ -490,9 +490,12 @@ def _launch(
     d_main, d_tail = head_dim_blocks(head_dim)
     m_blocks = 1 if config.one_pass else triton.cdiv(max_seqlen, config.block_m)
     kv_blocks = 0
-    if not config.one_pass and triton_interpreting():
-        if not _interpreter_loops_over_runtime_bounds():
-            kv_blocks = triton.cdiv(max_seqlen, config.block_n)
+    if (
+        not config.one_pass
+        and triton_interpreting()
+        and not _interpreter_loops_over_runtime_bounds()
+    ):
+        kv_blocks = triton.cdiv(max_seqlen, config.block_n)
     scale = head_dim**-0.5 if softmax_scale is None else softmax_scale
     positions, inv_freq, bounds = q, q, [head_dim // 2] * 3
     if rotary is not None:
