@@ -90,26 +90,35 @@ def attn_config(
     """The launch configuration for segments of at most ``max_seqlen`` tokens.
 
     Window path for ``max_seqlen <= 64``: the smallest tile of 16, 32 or 64 rows that holds a
-    segment, one warp per 16 query rows (two for wide fp32 heads); with the rotary fused, up to
-    4 heads per program share its angles. Long path: 128x64 tiles for fp16/bf16 (64x32 for fp32
-    or heads over 128, whose tiles would not fit in registers), 3 pipeline stages where shared
-    memory allows (sm_80, sm_90+), 2 elsewhere. Under the interpreter one configuration (64x64
-    on the long path: fewer, larger numpy steps) and no pipelining.
+    segment, one warp per 16 query rows (two for wide fp32 heads). Long path: 128x64 tiles with
+    8 warps for fp16/bf16, 64x32 for fp32 (its products run on FMA units, not tensor cores) and
+    for heads over 128; 3 pipeline stages on sm_90+ and on sm_80 up to head_dim 80, 2 elsewhere
+    (shared memory, and registers: 128x64 at head_dim 128 spills with 3 stages on sm_80).
+    Compiled offline for sm_80 and sm_90, these use at most 255 registers without spills.
+
+    Heads per program: one on the GPU (sharing the rotary angles between 2 or 4 heads costs
+    their registers: 255 per thread against 168 for one head). Under the interpreter, where
+    programs run one by one, up to 4 heads per program with the rotary, and one configuration
+    (64x64 on the long path: fewer, larger numpy steps) without pipelining.
     """
+    interpreted = triton_interpreting() or device.type != "cuda"
     wide = dtype == torch.float32 and head_dim > 64
     if max_seqlen <= WINDOW_MAX_SEQLEN:
         block = max(16, triton.next_power_of_2(max_seqlen))
-        per_program = next(n for n in (4, 2, 1) if heads % n == 0) if rotary else 1
+        shared = rotary and interpreted
+        per_program = next(n for n in (4, 2, 1) if heads % n == 0) if shared else 1
         warps = max(1, block // 16) * (2 if wide and block == 64 else 1)
         return AttnConfig(block, block, True, per_program, warps, 1)
-    if triton_interpreting() or device.type != "cuda":
+    if interpreted:
         return AttnConfig(64, 64, False, 1, 4, 1)
-    if dtype == torch.float32 or head_dim > 128:
+    if dtype == torch.float32:
+        block_m, block_n, warps = 64, 32, 8
+    elif head_dim > 128:
         block_m, block_n, warps = 64, 32, 4
     else:
         block_m, block_n, warps = 128, 64, 8
     major, minor = torch.cuda.get_device_capability(device)
-    stages = 3 if major >= 9 or (major, minor) == (8, 0) else 2
+    stages = 3 if major >= 9 or ((major, minor) == (8, 0) and head_dim <= 80) else 2
     return AttnConfig(block_m, block_n, False, 1, warps, stages)
 
 
