@@ -17,11 +17,13 @@ fp32 and its probabilities P are rounded (to nearest even) to the input dtype fo
 as FlashAttention does; the row sums use the unrounded fp32 P. fp32 inputs use fp32 products
 (``input_precision="ieee"``: no TF32). The output is rounded once to the input dtype.
 
-With the rotary fused, q and k are rotated while their tiles are loaded: angles in fp32 from
-``positions[axis(i)] * inv_freq[i]``, rotate-half, rounded to the input dtype exactly where
-``mrope_pos`` would store them, so the attention sees the values the unfused chain sees. The
-rotated copy of a tile reads its partner half from the same cache lines, so qkv is read from
-memory once.
+With the rotary fused, the window path rotates q and k while their tiles are loaded: angles in
+fp32 from ``positions[axis(i)] * inv_freq[i]`` (libdevice cos/sin on the GPU), rotate-half,
+rounded to the input dtype exactly where ``mrope_pos`` would store them, so the attention sees the
+values the unfused chain sees. The rotated copy of a tile reads its partner half from the same
+cache lines, so qkv is read from memory once. The long path, bound by its matrix products and
+reading every key block once per block of queries, rotates q and k once in a pre-pass instead
+(``_rotate_qk_kernel``) rather than forming each key's angles ``seqlen / block_m`` times.
 """
 
 from __future__ import annotations
@@ -260,10 +262,6 @@ def _kv_step(
     n0,
     stride_kt,
     stride_vt,
-    positions_ptr,
-    inv_freq_ptr,
-    stride_pa,
-    stride_pt,
     qk_scale,
     cols_a,
     cols_b,
@@ -271,11 +269,6 @@ def _kv_step(
     D_TAIL: tl.constexpr,
     MASK_COLS: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    ROTARY: tl.constexpr,
-    AXES: tl.constexpr,
-    BOUND_1: tl.constexpr,
-    BOUND_2: tl.constexpr,
-    BOUND_3: tl.constexpr,
     UPCAST: tl.constexpr,
     IEEE: tl.constexpr,
 ):
@@ -283,26 +276,14 @@ def _kv_step(
     keys = n0 + tl.arange(0, BLOCK_N)
     key_mask = keys < seqlen
     tokens = start + keys
-    cos_a, sin_a, cos_b, sin_b = qk_scale, qk_scale, qk_scale, qk_scale  # unused without rotary
-    if ROTARY:
-        cos_a, sin_a = _angles(
-            positions_ptr, inv_freq_ptr, tokens, key_mask, cols_a, stride_pa, stride_pt,
-            HEAD_DIM, AXES, BOUND_1, BOUND_2, BOUND_3,
-        )  # fmt: skip
-        if D_TAIL > 0:
-            cos_b, sin_b = _angles(
-                positions_ptr, inv_freq_ptr, tokens, key_mask, cols_b, stride_pa, stride_pt,
-                HEAD_DIM, AXES, BOUND_1, BOUND_2, BOUND_3,
-            )  # fmt: skip
     k_a = _load_tile(
-        k_head, tokens, key_mask, stride_kt, cols_a, cos_a, sin_a, HEAD_DIM, MASK_COLS, ROTARY,
-        UPCAST,
-    )  # fmt: skip
+        k_head, tokens, key_mask, stride_kt, cols_a, 0.0, 0.0, HEAD_DIM, MASK_COLS, False, UPCAST
+    )
     k_b = k_a
     if D_TAIL > 0:
         k_b = _load_tile(
-            k_head, tokens, key_mask, stride_kt, cols_b, cos_b, sin_b, HEAD_DIM, MASK_COLS,
-            ROTARY, UPCAST,
+            k_head, tokens, key_mask, stride_kt, cols_b, 0.0, 0.0, HEAD_DIM, MASK_COLS, False,
+            UPCAST,
         )  # fmt: skip
     s = _scores(q_a, q_b, k_a, k_b, key_mask, qk_scale, D_TAIL, IEEE)
     # Keys past the segment are -inf; the block's first key is inside it, so m stays finite.
@@ -362,6 +343,8 @@ def _window_attn_kernel(
     UPCAST: tl.constexpr,
     IEEE: tl.constexpr,
 ):
+    # The rotary is fused on the window path only (the launcher rotates first otherwise).
+    tl.static_assert(ONE_PASS or not ROTARY)
     segment = tl.program_id(0) // m_blocks
     m_block = tl.program_id(0) % m_blocks
     start = tl.load(cu_seqlens_ptr + segment)
@@ -448,18 +431,15 @@ def _window_attn_kernel(
                 for block in range(KV_BLOCKS):
                     acc_a, acc_b, m_i, l_i = _kv_step(
                         acc_a, acc_b, m_i, l_i, q_a, q_b, k_head, v_head, start, seqlen,
-                        block * BLOCK_N, stride_kt, stride_vt, positions_ptr, inv_freq_ptr,
-                        stride_pa, stride_pt, qk_scale, cols_a, cols_b, HEAD_DIM, D_TAIL,
-                        MASK_COLS, BLOCK_N, ROTARY, AXES, BOUND_1, BOUND_2, BOUND_3, UPCAST,
-                        IEEE,
+                        block * BLOCK_N, stride_kt, stride_vt, qk_scale, cols_a, cols_b,
+                        HEAD_DIM, D_TAIL, MASK_COLS, BLOCK_N, UPCAST, IEEE,
                     )  # fmt: skip
             else:
                 for n0 in range(0, seqlen, BLOCK_N):
                     acc_a, acc_b, m_i, l_i = _kv_step(
                         acc_a, acc_b, m_i, l_i, q_a, q_b, k_head, v_head, start, seqlen, n0,
-                        stride_kt, stride_vt, positions_ptr, inv_freq_ptr, stride_pa,
-                        stride_pt, qk_scale, cols_a, cols_b, HEAD_DIM, D_TAIL, MASK_COLS,
-                        BLOCK_N, ROTARY, AXES, BOUND_1, BOUND_2, BOUND_3, UPCAST, IEEE,
+                        stride_kt, stride_vt, qk_scale, cols_a, cols_b, HEAD_DIM, D_TAIL,
+                        MASK_COLS, BLOCK_N, UPCAST, IEEE,
                     )  # fmt: skip
         inv_l = 1.0 / l_i[:, None]
         out_head = out_ptr + out_rows + head * HEAD_DIM
@@ -470,9 +450,137 @@ def _window_attn_kernel(
             tl.store(out_head + cols_b[None, :], round_to(acc_b * inv_l, dtype), mask=mask_b)
 
 
+@triton.jit
+def _rotate_columns(
+    q_head,
+    k_head,
+    out_rows,
+    positions_ptr,
+    inv_freq_ptr,
+    tokens,
+    token_mask,
+    cols,
+    q_stride,
+    k_stride,
+    stride_pa,
+    stride_pt,
+    k_offset,
+    HEAD_DIM: tl.constexpr,
+    MASK_COLS: tl.constexpr,
+    AXES: tl.constexpr,
+    BOUND_1: tl.constexpr,
+    BOUND_2: tl.constexpr,
+    BOUND_3: tl.constexpr,
+):
+    cos, sin = _angles(
+        positions_ptr, inv_freq_ptr, tokens, token_mask, cols, stride_pa, stride_pt, HEAD_DIM,
+        AXES, BOUND_1, BOUND_2, BOUND_3,
+    )  # fmt: skip
+    mask = _tile_mask(token_mask, cols, HEAD_DIM, MASK_COLS)
+    q = _load_tile(
+        q_head, tokens, token_mask, q_stride, cols, cos, sin, HEAD_DIM, MASK_COLS, True, False
+    )
+    tl.store(out_rows + cols[None, :], q, mask=mask)
+    k = _load_tile(
+        k_head, tokens, token_mask, k_stride, cols, cos, sin, HEAD_DIM, MASK_COLS, True, False
+    )
+    tl.store(out_rows + k_offset + cols[None, :], k, mask=mask)
+
+
+@triton.jit
+def _rotate_qk_kernel(
+    q_ptr,
+    k_ptr,
+    out_ptr,
+    positions_ptr,
+    inv_freq_ptr,
+    tokens_total,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_pa,
+    stride_pt,
+    heads,
+    HEAD_DIM: tl.constexpr,
+    D_MAIN: tl.constexpr,
+    D_TAIL: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    AXES: tl.constexpr,
+    BOUND_1: tl.constexpr,
+    BOUND_2: tl.constexpr,
+    BOUND_3: tl.constexpr,
+):
+    """q and k of one head for BLOCK_T tokens, rotated and rounded as on the window path, into
+    ``out [T, 2, H, D]`` (contiguous)."""
+    MASK_COLS: tl.constexpr = D_MAIN + D_TAIL != HEAD_DIM
+    tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    token_mask = tokens < tokens_total
+    head = tl.program_id(1)
+    q_head = q_ptr + head * stride_qh
+    k_head = k_ptr + head * stride_kh
+    out_rows = out_ptr + tokens.to(tl.int64)[:, None] * (2 * heads * HEAD_DIM) + head * HEAD_DIM
+    _rotate_columns(
+        q_head, k_head, out_rows, positions_ptr, inv_freq_ptr, tokens, token_mask,
+        tl.arange(0, D_MAIN), stride_qt, stride_kt, stride_pa, stride_pt, heads * HEAD_DIM,
+        HEAD_DIM, MASK_COLS, AXES, BOUND_1, BOUND_2, BOUND_3,
+    )  # fmt: skip
+    if D_TAIL > 0:
+        _rotate_columns(
+            q_head, k_head, out_rows, positions_ptr, inv_freq_ptr, tokens, token_mask,
+            D_MAIN + tl.arange(0, D_TAIL), stride_qt, stride_kt, stride_pa, stride_pt,
+            heads * HEAD_DIM, HEAD_DIM, MASK_COLS, AXES, BOUND_1, BOUND_2, BOUND_3,
+        )  # fmt: skip
+
+
 def _unit_columns(t: torch.Tensor) -> torch.Tensor:
     """``t`` itself when its columns are contiguous (views of a packed qkv are), else a copy."""
     return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _rotary_args(
+    rotary: tuple[torch.Tensor, torch.Tensor, list[int]], head_dim: int
+) -> tuple[torch.Tensor, torch.Tensor, int, int, dict[str, int]]:
+    """positions, fp32 inv_freq, the positions' strides and the band constexprs of a rotary."""
+    positions, inv_freq, section = rotary
+    ends = [sum(section[: i + 1]) for i in range(len(section) - 1)]
+    bounds = [*ends, *[head_dim // 2] * 3][:3]
+    bands = dict(zip(("BOUND_1", "BOUND_2", "BOUND_3"), bounds, strict=True), AXES=len(section))
+    inv_freq = inv_freq.to(torch.float32).contiguous()
+    return positions, inv_freq, positions.stride(0), positions.stride(1), bands
+
+
+def _rotate_qk(
+    q: torch.Tensor, k: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor, list[int]]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q and k rotated (as the window path rotates them while loading) into one new buffer."""
+    tokens, heads, head_dim = q.shape
+    out = torch.empty((tokens, 2, heads, head_dim), dtype=q.dtype, device=q.device)
+    positions, inv_freq, stride_pa, stride_pt, bands = _rotary_args(rotary, head_dim)
+    d_main, d_tail = head_dim_blocks(head_dim)
+    block = 64
+    _rotate_qk_kernel[(triton.cdiv(tokens, block), heads)](
+        q,
+        k,
+        out,
+        positions,
+        inv_freq,
+        tokens,
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        stride_pa,
+        stride_pt,
+        heads,
+        HEAD_DIM=head_dim,
+        D_MAIN=d_main,
+        D_TAIL=d_tail,
+        BLOCK_T=block,
+        **bands,
+        num_warps=4,
+    )
+    return out[:, 0], out[:, 1]
 
 
 def _launch(
@@ -494,8 +602,13 @@ def _launch(
             f"got {head_dim}"
         )
     q, k, v = (_unit_columns(t) for t in (q, k, v))
-    segments = cu_seqlens.shape[0] - 1
     config = attn_config(max_seqlen, head_dim, q.dtype, q.device, heads, rotary is not None)
+    if rotary is not None and not config.one_pass:
+        # The long path is bound by its matrix products, and rotating each key block in the
+        # program of every query block would form its angles seqlen / block_m times: rotate q
+        # and k once into a scratch buffer instead (the window path rotates while loading).
+        q, k = _rotate_qk(q, k, rotary)
+        rotary = None
     d_main, d_tail = head_dim_blocks(head_dim)
     m_blocks = 1 if config.one_pass else triton.cdiv(max_seqlen, config.block_m)
     kv_blocks = 0
@@ -506,13 +619,11 @@ def _launch(
     ):
         kv_blocks = triton.cdiv(max_seqlen, config.block_n)
     scale = head_dim**-0.5 if softmax_scale is None else softmax_scale
-    positions, inv_freq, bounds = q, q, [head_dim // 2] * 3
+    positions, inv_freq, stride_pa, stride_pt = q, q, 0, 0
+    bands = {"AXES": 1, "BOUND_1": 0, "BOUND_2": 0, "BOUND_3": 0}
     if rotary is not None:
-        positions, inv_freq, section = rotary
-        inv_freq = inv_freq.to(torch.float32).contiguous()
-        ends = [sum(section[: i + 1]) for i in range(len(section) - 1)]
-        bounds = (ends + bounds)[:3]
-    grid = (segments * m_blocks, heads // config.heads_per_program)
+        positions, inv_freq, stride_pa, stride_pt, bands = _rotary_args(rotary, head_dim)
+    grid = ((cu_seqlens.shape[0] - 1) * m_blocks, heads // config.heads_per_program)
     _window_attn_kernel[grid](
         q,
         k,
@@ -527,8 +638,8 @@ def _launch(
         k.stride(1),
         v.stride(0),
         v.stride(1),
-        positions.stride(0) if rotary is not None else 0,
-        positions.stride(1) if rotary is not None else 0,
+        stride_pa,
+        stride_pt,
         heads,
         m_blocks,
         scale * LOG2_E,
@@ -541,10 +652,7 @@ def _launch(
         KV_BLOCKS=kv_blocks,
         HEADS_PER_PROGRAM=config.heads_per_program,
         ROTARY=rotary is not None,
-        AXES=len(rotary[2]) if rotary is not None else 1,
-        BOUND_1=bounds[0],
-        BOUND_2=bounds[1],
-        BOUND_3=bounds[2],
+        **bands,
         UPCAST=triton_interpreting(),
         IEEE=q.dtype == torch.float32,
         num_warps=config.num_warps,
@@ -574,8 +682,8 @@ def window_attn_rope(
     mrope_section: list[int],
     softmax_scale: float | None,
 ) -> torch.Tensor:
-    """``window_attn`` of ``qkv``'s q, k (rotated as ``mrope_pos`` would) and v, the rotation
-    done while loading (inputs validated by the op)."""
+    """``window_attn`` of ``qkv``'s q, k (rotated as ``mrope_pos`` would) and v (inputs validated
+    by the op): rotated while loading on the window path, by a pre-pass on the long path."""
     if len(mrope_section) > MAX_ROTARY_AXES:
         raise ValueError(
             f"qwen.window_attn_rope: `mrope_section` must have at most {MAX_ROTARY_AXES} parts "

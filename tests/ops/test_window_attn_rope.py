@@ -121,19 +121,24 @@ def test_strided_qkv_and_positions(gen, backend, device, dtype):
 
 @pytest.mark.parametrize(("backend", "device"), targets("window_attn_rope", kernels_only=True))
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_fused_matches_the_unfused_kernels(gen, backend, device, dtype):
-    """The fused kernel sees the rotated q and k that mrope_pos_ stores: its result is within the
-    attention tolerance of mrope_pos_ + window_attn (most elements bit-equal)."""
+@pytest.mark.parametrize("segments", ["windows", "frames"])
+def test_fused_matches_the_unfused_kernels(gen, backend, device, dtype, segments):
+    """The fused kernel sees the rotated q and k that mrope_pos_ stores (but where cos or sin
+    round differently, e.g. numpy's and torch's: a q or k element 1 ulp apart shifts its rows
+    by a few ulps): most outputs bit-equal to mrope_pos_ + window_attn, the rest within 4 ulps."""
     layout, rotary = vision_rotary(GRIDS, 80)
-    cu = layout.cu_window_seqlens.to(device)
+    cu, longest = layout.cu_window_seqlens, layout.max_window_seqlen
+    if segments == "frames":
+        cu, longest = layout.cu_frame_seqlens, layout.max_frame_seqlen
+    cu = cu.to(device)
     qkv = randn(gen, layout.num_tokens, 3, 2, 80, dtype=dtype, scale=2.0).to(device)
     on_device = [t.to(device) for t in rotary[:2]]
-    fused = qwen_kernels.window_attn_rope(qkv, cu, 64, *on_device, rotary[2], backend=backend)
+    fused = qwen_kernels.window_attn_rope(qkv, cu, longest, *on_device, rotary[2], backend=backend)
     q, k, v = qkv.clone().unbind(1)
     qwen_kernels.mrope_pos_(q, k, *on_device, rotary[2])
-    chained = qwen_kernels.window_attn(q, k, v, cu, 64, backend=backend)
-    one_ulp = torch.finfo(dtype).eps * chained.float().abs().clamp_min(1.0)
-    assert ((fused.float() - chained.float()).abs() <= one_ulp).all()
+    chained = qwen_kernels.window_attn(q, k, v, cu, longest, backend=backend)
+    ulp = torch.finfo(dtype).eps * chained.float().abs().clamp_min(1.0)
+    assert ((fused.float() - chained.float()).abs() <= 4 * ulp).all()
     assert (fused == chained).float().mean() > 0.95
 
 
