@@ -96,7 +96,8 @@ def attn_config(
     8 warps for fp16/bf16, 64x32 for fp32 (its products run on FMA units, not tensor cores) and
     for heads over 128; 3 pipeline stages on sm_90+ and on sm_80 up to head_dim 80, 2 elsewhere
     (shared memory, and registers: 128x64 at head_dim 128 spills with 3 stages on sm_80).
-    Compiled offline for sm_80 and sm_90, these use at most 255 registers without spills.
+    Compiled offline for sm_80 and sm_90 at head_dim 64, 80 and 128, these spill no registers
+    (head_dim 256 spills a few words).
 
     Heads per program: one on the GPU (sharing the rotary angles between 2 or 4 heads costs
     their registers: 255 per thread against 168 for one head). Under the interpreter, where
