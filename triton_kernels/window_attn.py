@@ -91,13 +91,14 @@ def attn_config(
 ) -> AttnConfig:
     """The launch configuration for segments of at most ``max_seqlen`` tokens.
 
-    Window path for ``max_seqlen <= 64``: the smallest tile of 16, 32 or 64 rows that holds a
-    segment, one warp per 16 query rows (two for wide fp32 heads). Long path: 128x64 tiles with
-    8 warps for fp16/bf16, 64x32 for fp32 (its products run on FMA units, not tensor cores) and
-    for heads over 128; 3 pipeline stages on sm_90+ and on sm_80 up to head_dim 80, 2 elsewhere
-    (shared memory, and registers: 128x64 at head_dim 128 spills with 3 stages on sm_80).
-    Compiled offline for sm_80 and sm_90 at head_dim 64, 80 and 128, these spill no registers
-    (head_dim 256 spills a few words).
+    Window path for fp16/bf16 and ``max_seqlen <= 64``: the smallest tile of 16, 32 or 64 rows
+    that holds a segment, one warp per 16 query rows. Long path: 128x64 tiles with 8 warps for
+    fp16/bf16, 64x32 for heads over 128, and 64x32 with 8 warps for fp32 at any segment length
+    (its products run on FMA units, not tensor cores, and a whole 64-row fp32 window spills
+    thousands of words at head_dim 64 and 128); 3 pipeline stages on sm_90+ and on sm_80 up to
+    head_dim 80, 2 elsewhere (shared memory, and registers: 128x64 at head_dim 128 spills with
+    3 stages on sm_80). Compiled offline for sm_80 and sm_90 at head_dim 64, 80 and 128, these
+    spill no registers, but fp32 at head_dim 128 on sm_80 (a few words; so does head_dim 256).
 
     Heads per program: one on the GPU (sharing the rotary angles between 2 or 4 heads costs
     their registers: 255 per thread against 168 for one head). Under the interpreter, where
@@ -105,13 +106,11 @@ def attn_config(
     (64x64 on the long path: fewer, larger numpy steps) without pipelining.
     """
     interpreted = triton_interpreting() or device.type != "cuda"
-    wide = dtype == torch.float32 and head_dim > 64
-    if max_seqlen <= WINDOW_MAX_SEQLEN:
+    if max_seqlen <= WINDOW_MAX_SEQLEN and (interpreted or dtype != torch.float32):
         block = max(16, triton.next_power_of_2(max_seqlen))
         shared = rotary and interpreted
         per_program = next(n for n in (4, 2, 1) if heads % n == 0) if shared else 1
-        warps = max(1, block // 16) * (2 if wide and block == 64 else 1)
-        return AttnConfig(block, block, True, per_program, warps, 1)
+        return AttnConfig(block, block, True, per_program, max(1, block // 16), 1)
     if interpreted:
         return AttnConfig(64, 64, False, 1, 4, 1)
     if dtype == torch.float32:

@@ -327,6 +327,7 @@ def test_triton_launch_configs(monkeypatch):
     assert (hopper.block_m, hopper.block_n, hopper.num_warps, hopper.num_stages) == (128, 64, 8, 3)
     fp32 = module.attn_config(4096, 80, torch.float32, gpu)
     assert (fp32.block_m, fp32.block_n, fp32.num_warps) == (64, 32, 8)
+    assert module.attn_config(64, 80, torch.float32, gpu) == fp32
     gpu_rotary = module.attn_config(64, 80, torch.bfloat16, gpu, heads=16, rotary=True)
     assert gpu_rotary.heads_per_program == 1
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
