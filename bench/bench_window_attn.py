@@ -1,11 +1,13 @@
-"""Benchmarks of ``qwen.window_attn``: the windows of the 28 window-attention layers and the whole
-frames of the 4 full-attention layers.
+"""Benchmarks of ``qwen.window_attn`` and of ``qwen.window_attn_rope`` (the rotary fused in): the
+windows of the 28 window-attention layers and the whole frames of the 4 full-attention layers.
 
 Cases: the real window mix of a 1288x952 image (64-token windows plus 16- and 32-token edge
 windows) and of a 16-frame 448x448 video; windows over square images of 1k-64k tokens; whole
 frames of 1k-16k tokens. Peers: SDPA over windows padded to the longest, ``varlen_attn`` (torch's
 FlashAttention entry), flex_attention with a block mask, flash-attn's varlen kernel, and the
-per-window loop of transformers' Qwen2.5-VL vision attention.
+per-window loop of transformers' Qwen2.5-VL vision attention. The fused op runs the real window
+mix and frames of each visual, against the unfused chain (``mrope_pos_`` in place on the packed
+qkv, then ``window_attn``, each on its "auto" backend) and torch.compile of its reference.
 """
 
 from __future__ import annotations
@@ -16,11 +18,17 @@ import types
 import torch
 import torch.nn.functional as F
 
-from .harness import Case, Impl, Inputs, Maker, Suite, missing_module
+import qwen_kernels
+from qwen_kernels.ops.window_attn_rope import window_attn_rope_reference
+
+from .harness import Case, Impl, Inputs, Maker, Suite, compile_peer, missing_module
 from .shapes import Scale, cu_seqlens, frame_lengths, short_count, square_grid, window_lengths
 
 OP = "window_attn"
 ARGS = ("q", "k", "v", "cu_seqlens", "max_seqlen")
+ROPE_OP = "window_attn_rope"
+ROPE_ARGS = ("qkv", "cu_seqlens", "max_seqlen", "positions", "inv_freq", "mrope_section")
+ROPE_THETA = 10000.0
 
 
 def cases(scale: Scale) -> list[Case]:
@@ -32,9 +40,9 @@ def cases(scale: Scale) -> list[Case]:
             ("windows", window_lengths(visual.grid)),
             ("frames", frame_lengths(visual.grid)),
         ):
-            found.append(
-                _case(f"{visual.name}/{kind}", "real", sum(lengths), lengths, heads, head_dim)
-            )
+            name = f"{visual.name}/{kind}"
+            found.append(_case(name, "real", sum(lengths), lengths, heads, head_dim))
+            found.append(_rope_case(name, sum(lengths), lengths, heads, head_dim))
     for tokens in scale.tokens:
         lengths = window_lengths(square_grid(tokens))
         found.append(
@@ -74,6 +82,43 @@ def _case(name: str, series: str, x: int, lengths: list[int], heads: int, head_d
     )
 
 
+def _rope_case(name: str, x: int, lengths: list[int], heads: int, head_dim: int) -> Case:
+    tokens = sum(lengths)
+    return Case(
+        op=ROPE_OP,
+        name=name,
+        series="real",
+        x=x,
+        tokens=tokens,
+        shape=f"qkv [{tokens}, 3, {heads}, {head_dim}] bf16; positions [2, {tokens}] int32; "
+        f"{_segments(lengths)}",
+        # qkv read, out written (bf16); cu_seqlens, positions, inv_freq read (int32, fp32).
+        bytes=4 * tokens * heads * head_dim * 2
+        + 4 * (len(lengths) + 1 + 2 * tokens)
+        + head_dim // 2 * 4,
+        flops=4 * sum(n * n for n in lengths) * heads * head_dim,
+        args=ROPE_ARGS,
+        build=functools.partial(_build_rope, tuple(lengths), heads, head_dim),
+    )
+
+
+def _build_rope(lengths: tuple[int, ...], heads: int, head_dim: int, make: Maker) -> Inputs:
+    """The tower's inputs: one packed projection, (row, column) positions, axial frequencies."""
+    tokens = sum(lengths)
+    axial = head_dim // 4
+    freqs = 1.0 / ROPE_THETA ** (torch.arange(0, 2 * axial, 2, dtype=torch.float64) / (2 * axial))
+    return {
+        "qkv": make.randn(tokens, 3, heads, head_dim),
+        "cu_seqlens": make.put(cu_seqlens(list(lengths)), torch.int32),
+        "max_seqlen": max(lengths),
+        "positions": make.randint(max(2, int(tokens**0.5)), 2, tokens),
+        "inv_freq": make.put(torch.cat([freqs, freqs]), torch.float32),
+        "mrope_section": [axial, axial],
+        "softmax_scale": None,
+        "lengths": lengths,
+    }
+
+
 def _segments(lengths: list[int]) -> str:
     sizes = sorted(set(lengths))
     span = str(sizes[0]) if len(sizes) == 1 else f"{sizes[0]}-{sizes[-1]}"
@@ -94,7 +139,13 @@ def _build(lengths: tuple[int, ...], heads: int, head_dim: int, make: Maker) -> 
 
 
 def peers(op: str) -> list[Impl]:
-    """Other implementations of windowed attention on packed tokens."""
+    """Other implementations of windowed attention on packed tokens (with the rotary before it,
+    for the fused op)."""
+    if op == ROPE_OP:
+        return [
+            Impl("mrope_pos_+window_attn", _unfused_chain),
+            compile_peer(window_attn_rope_reference, (*ROPE_ARGS, "softmax_scale")),
+        ]
     return [
         Impl("sdpa-padded", _sdpa_padded, prepare=_with_padding),
         Impl("varlen_attn", _varlen_attn, missing=_varlen_missing(), cpu=False),
@@ -211,4 +262,12 @@ def _transformers_loop(inputs: Inputs) -> torch.Tensor:
     return torch.cat(outs, dim=1).reshape(tokens, heads, head_dim)
 
 
-SUITE = Suite("window_attn", (OP,), cases, peers)
+def _unfused_chain(inputs: Inputs) -> torch.Tensor:
+    """What the encoder runs without the fused op: the rotary in place on views of the packed
+    qkv, then attention reading the views."""
+    q, k, v = inputs["qkv"].unbind(1)
+    qwen_kernels.mrope_pos_(q, k, inputs["positions"], inputs["inv_freq"], inputs["mrope_section"])
+    return qwen_kernels.window_attn(q, k, v, inputs["cu_seqlens"], inputs["max_seqlen"])
+
+
+SUITE = Suite("window_attn", (OP, ROPE_OP), cases, peers)

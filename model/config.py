@@ -170,7 +170,8 @@ LAYER_GROUPS: tuple[str, ...] = ("attention", "rotary", "norm", "mlp")
 OP_GROUPS: tuple[str, ...] = (*LAYER_GROUPS, "merge")
 BACKEND_NAMES: tuple[str, ...] = ("auto", "torch", "triton", "cuda", "cuda_emu")
 
-# The qwen ops each op group runs; with fuse_mlp_norm the mlp group runs FUSED_MLP_OPS instead.
+# The qwen ops each op group runs; with fuse_mlp_norm the mlp group runs FUSED_MLP_OPS instead, and
+# where the rotary runs inside the attention the attention and rotary groups run FUSED_ROTARY_OPS.
 GROUP_OPS: dict[str, tuple[str, ...]] = {
     "attention": ("window_attn",),
     "rotary": ("mrope_pos_",),
@@ -179,6 +180,11 @@ GROUP_OPS: dict[str, tuple[str, ...]] = {
     "merge": ("patch_merge",),
 }
 FUSED_MLP_OPS: tuple[str, ...] = ("rms_norm_swiglu",)
+FUSED_ROTARY_OPS: tuple[str, ...] = ("window_attn_rope",)
+
+
+# Per-layer switches besides the groups' backends.
+_LAYER_FLAGS: tuple[str, ...] = ("fuse_rotary", "fuse_mlp_norm")
 
 
 def _check_backend(group: str, backend: object) -> None:
@@ -186,9 +192,16 @@ def _check_backend(group: str, backend: object) -> None:
         raise ValueError(f"backend for {group!r} must be one of {BACKEND_NAMES}, got {backend!r}")
 
 
-def group_ops(group: str, fuse_mlp_norm: bool = False) -> tuple[str, ...]:
-    """The qwen ops that op group ``group`` runs (the mlp group depends on ``fuse_mlp_norm``)."""
-    return FUSED_MLP_OPS if group == "mlp" and fuse_mlp_norm else GROUP_OPS[group]
+def group_ops(
+    group: str, fuse_mlp_norm: bool = False, rotary_fused: bool = False
+) -> tuple[str, ...]:
+    """The qwen ops that op group ``group`` runs (the mlp group depends on ``fuse_mlp_norm``, the
+    attention and rotary groups on whether the rotary runs inside the attention)."""
+    if group == "mlp" and fuse_mlp_norm:
+        return FUSED_MLP_OPS
+    if group in ("attention", "rotary") and rotary_fused:
+        return FUSED_ROTARY_OPS
+    return GROUP_OPS[group]
 
 
 def op_backends(op: str) -> tuple[str, ...]:
@@ -218,10 +231,15 @@ class LayerKernels:
     """Backends one block uses, per op group, and whether its MLP front runs fused.
 
     Attributes:
-        attention: ``window_attn``.
-        rotary: ``mrope_pos_`` (the 2D rotary, in place on the packed qkv).
+        attention: ``window_attn``, or ``window_attn_rope`` with the rotary fused in.
+        rotary: ``mrope_pos_`` (the 2D rotary, in place on the packed qkv), unless it runs
+            inside the attention (``rotary_fused``).
         norm: ``rms_norm`` / ``add_rms_norm`` (the two pre-norms with the residual adds).
         mlp: ``swiglu``, or ``rms_norm_swiglu`` when ``fuse_mlp_norm``.
+        fuse_rotary: run the rotary inside the attention kernel (``window_attn_rope``: qkv is
+            read once, rotated q and k are never written) wherever ``rotary`` and
+            ``attention`` name the same backend and it has that op; False runs ``mrope_pos_``
+            and ``window_attn`` apart.
         fuse_mlp_norm: run the second pre-norm, the gate/up GEMM and SwiGLU as one
             ``rms_norm_swiglu`` call (on the ``mlp`` backend) instead of ``add_rms_norm`` +
             GEMM + ``swiglu``. Off by default: it only pays where the fused kernel beats cuBLAS.
@@ -231,13 +249,25 @@ class LayerKernels:
     rotary: str = "auto"
     norm: str = "auto"
     mlp: str = "auto"
+    fuse_rotary: bool = True
     fuse_mlp_norm: bool = False
 
     def __post_init__(self) -> None:
         for group in LAYER_GROUPS:
             _check_backend(group, getattr(self, group))
-        if not isinstance(self.fuse_mlp_norm, bool):
-            raise ValueError(f"fuse_mlp_norm must be a bool, got {self.fuse_mlp_norm!r}")
+        for flag in ("fuse_rotary", "fuse_mlp_norm"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"{flag} must be a bool, got {getattr(self, flag)!r}")
+
+    @property
+    def rotary_fused(self) -> bool:
+        """Whether the block runs ``window_attn_rope`` (on the attention backend) instead of
+        ``mrope_pos_`` + ``window_attn``."""
+        return (
+            self.fuse_rotary
+            and self.rotary == self.attention
+            and _has_code(self.attention, FUSED_ROTARY_OPS)
+        )
 
 
 @dataclass(frozen=True)
@@ -254,7 +284,8 @@ class KernelConfig(LayerKernels):
 
     Attributes:
         merge: ``patch_merge`` (the merger's RMSNorm and 2x2 gather, after the last block).
-        layers: block index -> {group or "fuse_mlp_norm": value}, overriding the fields above.
+        layers: block index -> {group, "fuse_rotary" or "fuse_mlp_norm": value}, overriding
+            the fields above.
     """
 
     merge: str = "auto"
@@ -265,11 +296,11 @@ class KernelConfig(LayerKernels):
         _check_backend("merge", self.merge)
         layers: dict[int, dict[str, Any]] = {}
         for index, overrides in self.layers.items():
-            unknown = set(overrides) - {*LAYER_GROUPS, "fuse_mlp_norm"}
+            unknown = set(overrides) - {*LAYER_GROUPS, *_LAYER_FLAGS}
             if unknown:
                 raise ValueError(
                     f"layers[{index}] has unknown keys {sorted(unknown)}; per-layer keys are "
-                    f"{[*LAYER_GROUPS, 'fuse_mlp_norm']}"
+                    f"{[*LAYER_GROUPS, *_LAYER_FLAGS]}"
                 )
             layers[int(index)] = dict(overrides)
         object.__setattr__(self, "layers", layers)
@@ -285,15 +316,18 @@ class KernelConfig(LayerKernels):
     @classmethod
     def best_effort(cls, backend: str, fuse_mlp_norm: bool = False) -> KernelConfig:
         """``backend`` for every op group whose ops all have code for it, "auto" for the rest
-        (e.g. "cuda" for the norms and the MLP while attention has only the reference).
+        (e.g. "cuda" for the norms and the MLP while attention has only the reference);
+        attention and rotary both take it where it has the fused ``window_attn_rope``.
 
         Args:
             backend: a backend name ("auto" gives the default config).
             fuse_mlp_norm: fuse the MLP front (then the mlp group runs ``rms_norm_swiglu``).
         """
         _check_backend("every group", backend)
+        # Attention and rotary take the backend together where it has the fused op.
+        fused = _has_code(backend, FUSED_ROTARY_OPS)
         fields = {
-            group: backend if _has_code(backend, group_ops(group, fuse_mlp_norm)) else "auto"
+            group: backend if _has_code(backend, group_ops(group, fuse_mlp_norm, fused)) else "auto"
             for group in OP_GROUPS
         }
         return cls(**fields, fuse_mlp_norm=fuse_mlp_norm)
@@ -333,7 +367,7 @@ class KernelConfig(LayerKernels):
             layer = self.for_layer(index)
             for group in LAYER_GROUPS:
                 backend = getattr(layer, group)
-                for op in group_ops(group, layer.fuse_mlp_norm):
+                for op in group_ops(group, layer.fuse_mlp_norm, layer.rotary_fused):
                     if not _has_code(backend, (op,)):
                         missing.setdefault((group, op, backend), []).append(index)
         problems = [

@@ -4,8 +4,9 @@ Same computation and the same output rows as transformers'
 ``Qwen2_5_VisionTransformerPretrainedModel`` (its ``pooler_output``), with these layout changes:
 
 * the Conv3d patch embedding is one Linear over the 1176 values of a patch;
-* q, k and v stay packed in the qkv GEMM's output: the rotary is applied in place on views of it
-  and attention reads the views;
+* q, k and v stay packed in the qkv GEMM's output: attention rotates q and k while reading them
+  (``window_attn_rope``), or, where a layer runs the two apart, the rotary is applied in place
+  on views of it and attention reads the views;
 * the gate and up projections are one ``[2I, C]`` GEMM feeding ``swiglu``;
 * the residual adds are fused into the following RMSNorm (``add_rms_norm``);
 * the merger gathers merge units straight into raster order (``patch_merge`` with the inverse
@@ -49,7 +50,8 @@ class RMSNormWeight(nn.Module):
 
 
 class VisionAttention(nn.Module):
-    """Packed qkv projection, 2D rotary in place, segment attention, output projection."""
+    """Packed qkv projection, 2D rotary (fused into the attention or in place), segment
+    attention, output projection."""
 
     def __init__(self, config: VisionConfig) -> None:
         super().__init__()
@@ -76,8 +78,20 @@ class VisionAttention(nn.Module):
         max_seqlen: int,
         kernels: LayerKernels,
     ) -> Tensor:
-        q, k, v = self.rotated_qkv(x, layout, kernels)
-        out = qk.window_attn(q, k, v, cu_seqlens, max_seqlen, backend=kernels.attention)
+        if kernels.rotary_fused:
+            qkv = self.qkv(x).view(x.shape[0], 3, self.num_heads, self.head_dim)
+            out = qk.window_attn_rope(
+                qkv,
+                cu_seqlens,
+                max_seqlen,
+                layout.positions,
+                layout.inv_freq,
+                layout.rotary_section,
+                backend=kernels.attention,
+            )
+        else:
+            q, k, v = self.rotated_qkv(x, layout, kernels)
+            out = qk.window_attn(q, k, v, cu_seqlens, max_seqlen, backend=kernels.attention)
         return self.proj(out.view(x.shape[0], -1))
 
 

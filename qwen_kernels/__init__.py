@@ -18,6 +18,7 @@ from .ops import (
     rms_norm_swiglu,
     swiglu,
     window_attn,
+    window_attn_rope,
 )
 
 __version__ = "0.1.0"
@@ -36,4 +37,5 @@ __all__ = [
     "skip_value_checks",
     "swiglu",
     "window_attn",
+    "window_attn_rope",
 ]

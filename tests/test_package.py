@@ -14,6 +14,7 @@ from qwen_kernels._backends import archs_run_on, cuda_extension_error
 
 OPS = [
     "window_attn",
+    "window_attn_rope",
     "mrope",
     "mrope_",
     "mrope_pos",

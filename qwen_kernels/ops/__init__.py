@@ -6,6 +6,7 @@ from .rms_norm import add_rms_norm, rms_norm
 from .rms_norm_swiglu import rms_norm_swiglu
 from .swiglu import swiglu
 from .window_attn import window_attn
+from .window_attn_rope import window_attn_rope
 
 __all__ = [
     "add_rms_norm",
@@ -18,4 +19,5 @@ __all__ = [
     "rms_norm_swiglu",
     "swiglu",
     "window_attn",
+    "window_attn_rope",
 ]

@@ -66,7 +66,8 @@ def window_attn_reference(
     return out
 
 
-def _check_args(
+def check_attention_args(
+    op: str,
     q: Tensor,
     k: Tensor,
     v: Tensor,
@@ -74,28 +75,30 @@ def _check_args(
     max_seqlen: int,
     softmax_scale: float | None,
 ) -> None:
+    """Shape/dtype/device checks of q, k, v and the segments (also used by fused ops)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
-        check_float(OP, name, t)
-        check_ndim(OP, name, t, 3)
-    check_same(OP, "q", q, k=k, v=v)
+        check_float(op, name, t)
+        check_ndim(op, name, t, 3)
+    check_same(op, "q", q, k=k, v=v)
     for name, t in (("k", k), ("v", v)):
         if t.shape != q.shape:
-            fail(OP, name, f"of q's shape [T, H, D] = {tuple(q.shape)}", tuple(t.shape))
+            fail(op, name, f"of q's shape [T, H, D] = {tuple(q.shape)}", tuple(t.shape))
     if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype != torch.int32:
-        fail(OP, "cu_seqlens", "an int32 tensor", getattr(cu_seqlens, "dtype", type(cu_seqlens)))
-    check_ndim(OP, "cu_seqlens", cu_seqlens, 1)
+        fail(op, "cu_seqlens", "an int32 tensor", getattr(cu_seqlens, "dtype", type(cu_seqlens)))
+    check_ndim(op, "cu_seqlens", cu_seqlens, 1)
     if cu_seqlens.shape[0] < 2:
-        fail(OP, "cu_seqlens", "[S+1] with at least one segment", tuple(cu_seqlens.shape))
+        fail(op, "cu_seqlens", "[S+1] with at least one segment", tuple(cu_seqlens.shape))
     if cu_seqlens.device != q.device:
-        fail(OP, "cu_seqlens", f"on {q.device} like `q`", cu_seqlens.device)
+        fail(op, "cu_seqlens", f"on {q.device} like `q`", cu_seqlens.device)
     if max_seqlen < 1:
-        fail(OP, "max_seqlen", "a positive int (the longest segment)", max_seqlen)
+        fail(op, "max_seqlen", "a positive int (the longest segment)", max_seqlen)
     if softmax_scale is not None and not softmax_scale > 0:
-        fail(OP, "softmax_scale", "a positive float or None (1/sqrt(D))", softmax_scale)
+        fail(op, "softmax_scale", "a positive float or None (1/sqrt(D))", softmax_scale)
 
 
-def _check_values(q: Tensor, cu_seqlens: Tensor, max_seqlen: int) -> None:
-    """One device-to-host sync; skipped inside ``skip_value_checks()``."""
+def check_segment_values(op: str, q: Tensor, cu_seqlens: Tensor, max_seqlen: int) -> None:
+    """``cu_seqlens`` runs from 0 to T without decreasing and no segment exceeds ``max_seqlen``:
+    one device-to-host sync, skipped inside ``skip_value_checks()``."""
     if not value_checks_enabled():
         return
     tokens = q.shape[0]
@@ -106,18 +109,19 @@ def _check_values(q: Tensor, cu_seqlens: Tensor, max_seqlen: int) -> None:
         return
     if int(first) != 0 or int(last) != tokens:
         fail(
-            OP,
+            op,
             "cu_seqlens",
             f"starting at 0 and ending at T = {tokens}",
             f"{int(first)} ... {int(last)}",
         )
     if bool((lengths < 0).any()):
         at = int(torch.nonzero(lengths < 0)[0, 0])
-        fail(OP, "cu_seqlens", "non-decreasing", f"a decrease after index {at}")
-    fail(OP, "max_seqlen", "at least the longest segment", f"{max_seqlen} < {int(lengths.max())}")
+        fail(op, "cu_seqlens", "non-decreasing", f"a decrease after index {at}")
+    fail(op, "max_seqlen", "at least the longest segment", f"{max_seqlen} < {int(lengths.max())}")
 
 
 WINDOW_ATTN = op_backends(OP, window_attn_reference)
+WINDOW_ATTN.register("triton", "qwen_kernels.triton_kernels.window_attn:window_attn")
 register_native(WINDOW_ATTN)
 
 
@@ -136,15 +140,15 @@ def _window_attn_op(
     softmax_scale: float | None = None,
     backend: str = "auto",
 ) -> Tensor:
-    _check_args(q, k, v, cu_seqlens, max_seqlen, softmax_scale)
-    _check_values(q, cu_seqlens, max_seqlen)
+    check_attention_args(OP, q, k, v, cu_seqlens, max_seqlen, softmax_scale)
+    check_segment_values(OP, q, cu_seqlens, max_seqlen)
     impl = WINDOW_ATTN.select(backend, q)
     return impl(q, k, v, cu_seqlens, max_seqlen, softmax_scale).contiguous()
 
 
 @_window_attn_op.register_fake
 def _(q, k, v, cu_seqlens, max_seqlen, softmax_scale=None, backend="auto"):
-    _check_args(q, k, v, cu_seqlens, max_seqlen, softmax_scale)
+    check_attention_args(OP, q, k, v, cu_seqlens, max_seqlen, softmax_scale)
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 

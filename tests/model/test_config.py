@@ -98,11 +98,45 @@ def test_kernel_config_resolution():
     uniform = KernelConfig.coerce("triton")
     assert {getattr(uniform, f.name) for f in dataclasses.fields(LayerKernels)} == {
         "triton",
+        True,
         False,
     }
     assert uniform.merge == "triton"
     assert KernelConfig.coerce({"merge": "torch"}) == KernelConfig(merge="torch")
     assert KernelConfig.coerce(kernels) is kernels
+
+
+def test_rotary_runs_inside_the_attention_where_it_can():
+    """Fused (window_attn_rope) where attention and rotary share a backend that has it, unless
+    the layer says fuse_rotary=False; apart otherwise."""
+    fused_backends = op_backends("window_attn_rope")
+    kernels = KernelConfig(
+        attention="triton",
+        rotary="triton",
+        layers={1: {"fuse_rotary": False}, 2: {"rotary": "torch"}, 3: {"attention": "torch"}},
+    )
+    assert kernels.for_layer(0).rotary_fused == ("triton" in fused_backends)
+    assert not kernels.for_layer(1).rotary_fused
+    assert not kernels.for_layer(2).rotary_fused
+    assert KernelConfig.uniform("torch").for_layer(3).rotary_fused
+    assert KernelConfig().for_layer(0).rotary_fused  # "auto" for both
+    with pytest.raises(ValueError, match="fuse_rotary must be a bool"):
+        KernelConfig(layers={0: {"fuse_rotary": 1}})
+
+
+@pytest.mark.usefixtures("pinned_registry")
+def test_fused_rotary_needs_the_fused_op(monkeypatch):
+    """With a backend that has window_attn_rope, attention and rotary validate against it alone
+    (mrope_pos_ may lack that backend); best_effort then gives both groups that backend."""
+    kernels = KernelConfig(attention="triton", rotary="triton")
+    with pytest.raises(ValueError, match=r"'rotary' runs qwen\.mrope_pos_, which has no 'triton'"):
+        VisionEncoder(SMALL, kernels=kernels)
+    table = _backends.REGISTRY["window_attn_rope"]
+    fused = dataclasses.replace(table, impls=dict.fromkeys(["torch", "triton"], _not_run))
+    monkeypatch.setitem(_backends.REGISTRY, "window_attn_rope", fused)
+    VisionEncoder(SMALL, kernels=kernels)
+    best = KernelConfig.best_effort("triton")
+    assert (best.attention, best.rotary, best.norm) == ("triton", "triton", "triton")
 
 
 @pytest.mark.parametrize(
@@ -138,6 +172,7 @@ def _not_run(*args: object) -> None:
 # the fused MLP front in Triton, attention, rotary and merge in the reference only).
 PINNED_BACKENDS = {
     "window_attn": ["torch"],
+    "window_attn_rope": ["torch"],
     "mrope_pos_": ["torch"],
     "rms_norm": ["torch", "triton", "cuda", "cuda_emu"],
     "add_rms_norm": ["torch", "triton", "cuda", "cuda_emu"],

@@ -16,7 +16,7 @@ from qwen_kernels.model import (
     random_hf_state_dict,
 )
 from qwen_kernels.model.config import op_backends
-from tests.helpers import rel_err
+from tests.helpers import backends_for, rel_err
 from tests.model.reference import (
     DEVICES,
     SMALL,
@@ -126,6 +126,42 @@ def test_per_layer_mixes_match_transformers(gen, small_weights, device):
         with torch.no_grad():
             out = encoder(pixels, SMALL_BATCH)
         assert rel_err(out.cpu(), expected) < fp32_tol(device), kernels
+
+
+# A 120-token frame: the full-attention layers take the kernels' long path; windows of 64, 32,
+# 16 and 8 tokens.
+LONG_FRAME_BATCH = [(1, 10, 12), (2, 4, 8)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_attention_matches_torch(gen, small_weights, device, dtype):
+    """Triton attention with the rotary fused in, apart from it, and mixed per layer, against
+    the same tower on the reference ops."""
+    if "triton" not in backends_for("window_attn", device):
+        pytest.skip(f"no Triton on {device} here")
+    pixels = random_pixels(gen, LONG_FRAME_BATCH).to(device)
+    weights = {k: v.to(dtype).float() for k, v in small_weights.items()}
+    expected, _ = _reference(hf_tower(SMALL, weights), pixels, LONG_FRAME_BATCH)
+    encoder = VisionEncoder.from_hf_state_dict(weights, SMALL, "torch", dtype=dtype, device=device)
+    with torch.no_grad():
+        eager = encoder(pixels, LONG_FRAME_BATCH).cpu()
+    apart = {"fuse_rotary": False, "rotary": "torch"}
+    configs = [
+        KernelConfig(attention="triton", rotary="triton"),
+        KernelConfig(attention="triton", rotary="torch"),
+        KernelConfig(attention="triton", rotary="triton", layers={1: apart}),
+    ]
+    assert configs[0].for_layer(0).rotary_fused and not configs[1].for_layer(0).rotary_fused
+    for kernels in configs:
+        encoder.set_kernels(kernels)
+        with torch.no_grad():
+            out = encoder(pixels, LONG_FRAME_BATCH).cpu()
+        assert out.dtype == dtype
+        if dtype == torch.float32:
+            assert rel_err(out, eager) < fp32_tol(device), kernels
+        else:
+            assert rel_err(out, expected) <= 1.5 * rel_err(eager, expected) + 1e-3, kernels
 
 
 def test_bf16_error_is_that_of_transformers_bf16(gen, small_weights):
