@@ -121,6 +121,11 @@ class OpBackends:
     impls: dict[str, Callable | str] = field(default_factory=dict)
     # What "auto" runs instead of picking a backend, if set (e.g. a chain of the best kernels).
     auto_impl: Callable | None = None
+    # Whether a kernel backend takes inputs like these (e.g. its head dims): "auto" passes over
+    # the ones that do not, to the next in its order.
+    fits: Callable[[str, torch.Tensor], bool] | None = None
+    # How "auto" decides for this op, when it is more than the device's order (for `info`).
+    auto_note: str = ""
 
     def register(self, backend: str, impl: Callable | str) -> None:
         """Add (or replace) the implementation of ``backend``."""
@@ -153,7 +158,10 @@ class OpBackends:
         if backend == "auto":
             for name in _AUTO_ORDER.get(device.type, ("torch",)):
                 usable = name in self.impls and runtime_missing(name, device.type) is None
-                if usable and (kernel_dtype or name == "torch"):
+                fits = name == "torch" or (
+                    kernel_dtype and (self.fits is None or self.fits(name, like))
+                )
+                if usable and fits:
                     return self._load(name)
             return self._load("torch")
         if backend not in BACKENDS:

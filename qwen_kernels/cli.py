@@ -90,6 +90,8 @@ def _print_info() -> int:
     for op, states in backends.items():
         usable = [name for name, state in states.items() if state == "yes"]
         print(f"  {op:<{op_width}}  {', '.join(usable)}")
+        if REGISTRY[op].auto_note:
+            print(f"  {'':<{op_width}}  auto: {REGISTRY[op].auto_note}")
     reasons = {
         f"{name}: {state[4:]}"
         for states in backends.values()

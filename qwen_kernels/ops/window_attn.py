@@ -120,7 +120,27 @@ def check_segment_values(op: str, q: Tensor, cu_seqlens: Tensor, max_seqlen: int
     fail(op, "max_seqlen", "at least the longest segment", f"{max_seqlen} < {int(lengths.max())}")
 
 
-WINDOW_ATTN = op_backends(OP, window_attn_reference)
+# Head dims the CUDA kernels are instantiated for (csrc/window_attn/variants.h); the Triton
+# kernel takes any head dim up to this.
+CUDA_HEAD_DIMS = (64, 80, 128)
+TRITON_MAX_HEAD_DIM = 256
+
+
+def kernel_fits(backend: str, like: Tensor) -> bool:
+    """Whether ``backend`` holds the head dim of ``like`` (q, or the packed qkv): what "auto"
+    checks before it picks the CUDA kernels (then Triton, then the reference) for CUDA tensors.
+    No peer kernel is routed to until a benchmark shows a case it wins."""
+    head_dim = like.shape[-1]
+    if backend in ("cuda", "cuda_emu"):
+        return head_dim in CUDA_HEAD_DIMS
+    return backend != "triton" or head_dim <= TRITON_MAX_HEAD_DIM
+
+
+AUTO_NOTE = (
+    "CUDA tensors: the CUDA kernels for head_dim 64/80/128, Triton up to 256, else the "
+    "reference; no peer (varlen_attn, flash-attn) until a benchmark shows a case it wins"
+)
+WINDOW_ATTN = op_backends(OP, window_attn_reference, fits=kernel_fits, auto_note=AUTO_NOTE)
 WINDOW_ATTN.register("triton", "qwen_kernels.triton_kernels.window_attn:window_attn")
 register_native(WINDOW_ATTN)
 

@@ -14,7 +14,13 @@ from torch import Tensor
 from .._backends import op_backends, register_native
 from .._checks import check_float, check_ndim, fail
 from .mrope import _check_positions, _check_qk, mrope_pos_reference
-from .window_attn import check_attention_args, check_segment_values, window_attn_reference
+from .window_attn import (
+    AUTO_NOTE,
+    check_attention_args,
+    check_segment_values,
+    kernel_fits,
+    window_attn_reference,
+)
 
 OP = "window_attn_rope"
 
@@ -54,7 +60,9 @@ def _check_args(
     _check_positions(OP, q, positions, inv_freq, mrope_section)
 
 
-WINDOW_ATTN_ROPE = op_backends(OP, window_attn_rope_reference)
+WINDOW_ATTN_ROPE = op_backends(
+    OP, window_attn_rope_reference, fits=kernel_fits, auto_note=AUTO_NOTE
+)
 WINDOW_ATTN_ROPE.register("triton", "qwen_kernels.triton_kernels.window_attn:window_attn_rope")
 register_native(WINDOW_ATTN_ROPE)
 

@@ -416,3 +416,18 @@ def test_native_rope_checks_its_arguments(gen, backend, device):
             library.window_attn_rope(
                 a["qkv"], cu, 5, a["positions"], a["inv_freq"], a["section"], None
             )
+
+
+@pytest.mark.parametrize("op", ["window_attn", "window_attn_rope"])
+def test_auto_picks_a_kernel_that_holds_the_head_dim(monkeypatch, op):
+    """On CUDA tensors "auto" takes the CUDA kernels for head_dim 64/80/128, Triton for others up
+    to 256, the reference beyond (shown here on meta tensors standing in for CUDA ones)."""
+    backends = importlib.import_module("qwen_kernels._backends")
+    table = backends.REGISTRY[op]
+    monkeypatch.setitem(backends._AUTO_ORDER, "meta", ("cuda", "triton", "torch"))
+    monkeypatch.setattr(backends, "runtime_missing", lambda name, device=None: None)
+    expected = {80: "cuda", 128: "cuda", 72: "triton", 256: "triton", 272: "torch"}
+    for head_dim, backend in expected.items():
+        like = torch.empty(4, 3, 2, head_dim, device="meta")
+        assert table.select("auto", like) is table._load(backend), head_dim
+    assert "head_dim 64/80/128" in table.auto_note
