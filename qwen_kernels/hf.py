@@ -264,6 +264,36 @@ def _max_seqlens(tower: nn.Module, grid_thw: Tensor) -> tuple[int, int, int]:
     return tokens, frame, window
 
 
+def vision_kwargs(tower: nn.Module, grid_thw: Tensor) -> dict[str, Any]:
+    """The grid-dependent inputs of transformers' vision tower, computed ahead of the call.
+
+    transformers' tower takes these precomputed as keyword arguments (``position_ids``,
+    ``cu_seqlens``, ``max_seqlen``, ``window_index``, ``cu_window_seqlens``,
+    ``max_window_seqlen``); passed in, the tower's forward does no host work, so
+    ``torch.compile(tower, fullgraph=True)`` traces it whole:
+    ``compiled(pixel_values, grid_thw, **vision_kwargs(tower, grid_thw))``.
+    """
+    from transformers.vision_utils import (
+        get_vision_attention_seqlens,
+        get_vision_position_ids,
+        get_vision_window_index,
+    )
+
+    merge = tower.spatial_merge_size
+    _, frame, window = _max_seqlens(tower, grid_thw)
+    window_index, cu_window_seqlens = get_vision_window_index(
+        grid_thw, merge, tower.window_size, tower.patch_size
+    )
+    return {
+        "position_ids": get_vision_position_ids(grid_thw, merge),
+        "cu_seqlens": get_vision_attention_seqlens(grid_thw, tower.config)[0],
+        "max_seqlen": frame,
+        "window_index": window_index,
+        "cu_window_seqlens": cu_window_seqlens,
+        "max_window_seqlen": window,
+    }
+
+
 def _tower_forward(tower: nn.Module, original: Callable) -> Callable:
     def forward(hidden_states: Tensor, grid_thw: Tensor, **kwargs: Any) -> Any:
         # transformers' vision_utils take precomputed seqlens from kwargs (that is how a compiled
