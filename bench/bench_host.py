@@ -3,7 +3,8 @@
 Per op call: the public function on the "torch" and "auto" backends against a bare
 ``torch.library.custom_op`` that runs the same eager reference with no checks and no backend
 selection (and the reference called directly), on tiny tensors so that compute is negligible.
-On the CPU everything runs with one intra-op thread.
+``select auto`` is the part of a call spent in ``OpBackends.select`` (every call selects). On the
+CPU everything runs with one intra-op thread.
 The difference to the bare op is what the qwen op adds: argument checks, ``OpBackends.select``,
 the ``.contiguous()`` of the result and the Python wrapper.
 
@@ -28,6 +29,7 @@ import torch
 from torch import Tensor
 
 import qwen_kernels as qk
+from qwen_kernels._backends import REGISTRY
 from qwen_kernels.model import KernelConfig, VisionConfig, VisionEncoder
 from qwen_kernels.ops.mrope import mrope_pos_reference
 from qwen_kernels.ops.patch_merge import patch_merge_reference
@@ -153,6 +155,8 @@ def _sync() -> None:
 def bench_ops(device: str, seconds: float, repeats: int) -> list[dict[str, float | str]]:
     """Per op: microseconds per call of the reference, the bare custom op and the qwen op."""
     rows = []
+    # select looks at the device and dtype of the op's first tensor only (all cases are fp32).
+    like = torch.ones(1, device=device)
     with torch.no_grad():
         for op, (reference, bare, qwen) in op_cases(device).items():
             row: dict[str, float | str] = {"op": op}
@@ -161,9 +165,11 @@ def bench_ops(device: str, seconds: float, repeats: int) -> list[dict[str, float
             for backend in ("torch", "auto"):
                 row[backend] = per_call_us(functools.partial(qwen, backend), seconds, repeats)
             with qk.skip_value_checks():
-                row["torch, skip_value_checks"] = per_call_us(
-                    functools.partial(qwen, "torch"), seconds, repeats
-                )
+                row["torch+skip"] = per_call_us(functools.partial(qwen, "torch"), seconds, repeats)
+            # The share of OpBackends.select, which every call runs inside the op.
+            row["select auto"] = per_call_us(
+                functools.partial(REGISTRY[op].select, "auto", like), seconds, repeats
+            )
             rows.append(row)
     return rows
 
@@ -298,10 +304,10 @@ def report(device: str, tiny: bool) -> None:
     images = {"56x56": 56, "112x112": 112} if tiny else {"448x448": 448, "1344x1344": 1344}
 
     print(f"device {device}, torch {torch.__version__}; microseconds per call, tiny tensors")
-    header = ["op", "reference", "bare", "torch", "auto", "torch, skip_value_checks"]
-    print(f"{header[0]:<14}" + "".join(f"{h:>26}" for h in header[1:]) + f"{'torch - bare':>14}")
+    header = ["op", "reference", "bare", "torch", "auto", "torch+skip", "select auto"]
+    print(f"{header[0]:<14}" + "".join(f"{h:>13}" for h in header[1:]) + f"{'torch - bare':>14}")
     for row in bench_ops(device, seconds, repeats):
-        cells = "".join(f"{row[h]:>26.2f}" for h in header[1:])
+        cells = "".join(f"{row[h]:>13.2f}" for h in header[1:])
         print(f"{row['op']:<14}{cells}{row['torch'] - row['bare']:>14.2f}")
 
     print(f"\nforward of a {depth}-block tower with widths of 16 (host time; compute negligible)")

@@ -294,24 +294,40 @@ def vision_kwargs(tower: nn.Module, grid_thw: Tensor) -> dict[str, Any]:
     }
 
 
+# The keyword arguments through which transformers' tower takes its grid inputs precomputed.
+_GRID_KWARGS = (
+    "position_ids",
+    "cu_seqlens",
+    "max_seqlen",
+    "window_index",
+    "cu_window_seqlens",
+    "max_window_seqlen",
+)
+
+
 def _tower_forward(tower: nn.Module, original: Callable) -> Callable:
     def forward(hidden_states: Tensor, grid_thw: Tensor, **kwargs: Any) -> Any:
-        # transformers' vision_utils take precomputed seqlens from kwargs (that is how a compiled
-        # tower avoids host work); otherwise they are computed here once instead of per layer.
-        trusted = "cu_seqlens" not in kwargs and "cu_window_seqlens" not in kwargs
-        if "max_seqlen" not in kwargs or "max_window_seqlen" not in kwargs:
-            tokens, frame, window = _max_seqlens(tower, grid_thw)
-            if hidden_states.shape[0] != tokens:
-                raise ValueError(
-                    f"qwen_kernels.hf: the vision tower's hidden_states must have one row per "
-                    f"patch of grid_thw ({tokens}), got {hidden_states.shape[0]}"
-                )
-            kwargs.setdefault("max_seqlen", frame)
-            kwargs.setdefault("max_window_seqlen", window)
-        if not trusted:
+        if any(name in kwargs for name in _GRID_KWARGS):
+            # The caller's precomputed inputs (e.g. for torch.compile): only the maxima that
+            # window_attn needs are added, and the ops check the caller's cu_seqlens.
+            if "max_seqlen" not in kwargs or "max_window_seqlen" not in kwargs:
+                _, frame, window = _max_seqlens(tower, grid_thw)
+                kwargs.setdefault("max_seqlen", frame)
+                kwargs.setdefault("max_window_seqlen", window)
             return original(hidden_states, grid_thw, **kwargs)
-        # The seqlens come from grid_thw and the rows were just counted: the ops need not read
-        # cu_seqlens back from the device in every layer.
+        tokens = _max_seqlens(tower, grid_thw)[0]
+        if hidden_states.shape[0] != tokens:
+            raise ValueError(
+                f"qwen_kernels.hf: the vision tower's hidden_states must have one row per "
+                f"patch of grid_thw ({tokens}), got {hidden_states.shape[0]}"
+            )
+        # Computed once per call and moved to the activations' device once (grid_thw may be on
+        # the CPU), instead of read back from the device in every layer.
+        device = hidden_states.device
+        for name, value in vision_kwargs(tower, grid_thw).items():
+            kwargs[name] = value.to(device) if isinstance(value, Tensor) else value
+        # The seqlens come from grid_thw and the rows were just counted: the ops need not check
+        # cu_seqlens against the device values in every layer.
         with qk.skip_value_checks():
             return original(hidden_states, grid_thw, **kwargs)
 

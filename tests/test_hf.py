@@ -292,3 +292,64 @@ def test_other_module_layouts_are_refused(model):
     finally:
         attn.__class__ = Qwen2_5_VLAttention
     assert all(f is None for f in _instance_forwards(model).values())
+
+
+def test_patched_tower_refuses_a_patch_count_unlike_the_grid(gen, model):
+    tower = model.model.visual
+    handle = patch_qwen2_5_vl(tower, "torch")
+    try:
+        pixels = torch.randn(4 * _tokens(IMAGE_GRID) - 4, 1176, generator=gen)
+        with pytest.raises(ValueError, match=r"one row per patch of grid_thw \(120\), got 116"):
+            tower(pixels, torch.tensor([IMAGE_GRID]))
+    finally:
+        handle.unpatch()
+
+
+@pytest.mark.gpu
+def test_patched_model_does_not_sync_in_the_tower(gen, model):
+    """On a GPU the patched tower makes no device-to-host copy (grid_thw on the CPU, as the
+    processor returns it); with grid_thw on the GPU the stock tower reads the segment lengths
+    back in every layer."""
+    tower = model.model.visual.cuda()
+    grid = torch.tensor([IMAGE_GRID, VIDEO_GRID])
+    pixels = torch.randn(4 * (_tokens(IMAGE_GRID) + _tokens(VIDEO_GRID)), 1176).cuda()
+    handle = patch_qwen2_5_vl(tower)
+    try:
+        with torch.no_grad():
+            expected = tower(pixels, grid).pooler_output  # warm-up: kernels load and compile
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                out = tower(pixels, grid).pooler_output
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        torch.testing.assert_close(out, expected)
+    finally:
+        handle.unpatch()
+        model.model.visual.cpu()
+
+
+@pytest.mark.gpu
+def test_encoder_cuda_graph_replays_like_eager(gen, model):
+    """VisionEncoder.encode for a fixed grid is captured in a CUDA graph and replayed on new
+    pixels; the replay matches eager (the layout is built and the kernels loaded beforehand)."""
+    tower = model.model.visual
+    encoder = VisionEncoder.from_hf_state_dict(tower.state_dict(), VISION, device="cuda")
+    grid = [IMAGE_GRID, VIDEO_GRID]
+    layout = encoder.layout(grid)
+    static = torch.randn(layout.num_tokens, 1176, device="cuda")
+    with torch.no_grad(), qwen_kernels.skip_value_checks():
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                encoder.encode(static, layout)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = encoder.encode(static, layout)
+        for _ in range(2):
+            pixels = torch.randn(layout.num_tokens, 1176, device="cuda")
+            static.copy_(pixels)
+            graph.replay()
+            torch.testing.assert_close(out, encoder.encode(pixels, layout))
