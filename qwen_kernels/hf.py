@@ -33,7 +33,8 @@ from torch import Tensor, nn
 import qwen_kernels as qk
 from qwen_kernels.model.config import KernelConfig, LayerKernels
 
-# Set on the patched root module so that a second patch is refused instead of stacking wrappers.
+# Set on the patched vision tower and text model so that a second patch (of the same model or of
+# a part of it) is refused instead of stacking wrappers.
 _MARK = "_qwen_kernels_patch"
 
 _TOWER = "Qwen2_5_VisionTransformerPretrainedModel"
@@ -49,8 +50,8 @@ class PatchHandle:
         modules: every module whose forward was replaced, in patch order.
     """
 
-    def __init__(self, root: nn.Module, kernels: KernelConfig) -> None:
-        self.root = root
+    def __init__(self, parts: list[nn.Module], kernels: KernelConfig) -> None:
+        self.parts = parts
         self.kernels = kernels
         self.modules: list[nn.Module] = []
         # module -> the instance-level forward it had (None: it used its class's forward).
@@ -64,7 +65,7 @@ class PatchHandle:
     @property
     def active(self) -> bool:
         """True until ``unpatch()``."""
-        return getattr(self.root, _MARK, None) is self
+        return any(getattr(part, _MARK, None) is self for part in self.parts)
 
     def unpatch(self) -> None:
         """Restore every replaced forward (a no-op once done)."""
@@ -75,8 +76,9 @@ class PatchHandle:
                 module.forward = previous
         self._saved.clear()
         self.modules.clear()
-        if getattr(self.root, _MARK, None) is self:
-            delattr(self.root, _MARK)
+        for part in self.parts:
+            if getattr(part, _MARK, None) is self:
+                delattr(part, _MARK)
 
 
 def _structure_error(what: str, found: str) -> ValueError:
@@ -368,7 +370,8 @@ def patch_qwen2_5_vl(
             already patched, or ``kernels`` is invalid for its depth (see ``KernelConfig``).
     """
     tower, text = _parts(model)
-    if getattr(model, _MARK, None) is not None:
+    parts = [part for part in (tower, text) if part is not None]
+    if any(getattr(part, _MARK, None) is not None for part in parts):
         raise ValueError("patch_qwen2_5_vl: this model is already patched; unpatch() it first")
     if tower is not None:
         _check_tower(tower)
@@ -376,7 +379,7 @@ def patch_qwen2_5_vl(
     text_layers = _text_layers(text) if text is not None else []
     config = _coerce_kernels(kernels, len(tower.blocks) if tower is not None else 0)
 
-    handle = PatchHandle(model, config)
+    handle = PatchHandle(parts, config)
     if tower is not None:
         for index, block in enumerate(tower.blocks):
             layer = config.for_layer(index)
@@ -389,5 +392,6 @@ def patch_qwen2_5_vl(
         rotary = _text_rotary(config.rotary)
         for attn, forward in text_layers:
             handle._replace(attn, types.MethodType(_with_rotary(forward, rotary), attn))
-    setattr(model, _MARK, handle)
+    for part in parts:
+        setattr(part, _MARK, handle)
     return handle
