@@ -9,7 +9,7 @@ import torch._dynamo.testing
 
 import qwen_kernels
 from qwen_kernels.hf import patch_qwen2_5_vl, vision_kwargs
-from qwen_kernels.model import VisionEncoder
+from qwen_kernels.model import KernelConfig, VisionEncoder
 from tests.test_hf import VISION, tiny_config
 
 # Same longest frame (128 patches) and longest window (64) in each batch; different patch counts,
@@ -105,3 +105,25 @@ def test_patched_tower_compiles_without_graph_breaks(gen, tower, encoder):
             assert counter.frame_count == graphs + (grid is OTHER_MAXIMA)
     finally:
         handle.unpatch()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_encoder_encode_compiles_on_the_gpu(gen, tower, backend):
+    """As on the CPU, with the GPU kernels (groups without ``backend`` kernels run "auto") and
+    Inductor: one graph for the grids sharing their longest window and frame."""
+    kernels = KernelConfig.best_effort(backend)
+    encoder = VisionEncoder.from_hf_state_dict(
+        tower.state_dict(), VISION, kernels=kernels, device="cuda"
+    )
+    counter = torch._dynamo.testing.CompileCounterWithBackend("inductor")
+    compiled = torch.compile(encoder.encode, fullgraph=True, dynamic=True, backend=counter)
+    graphs = None
+    for grid in SAME_MAXIMA:
+        layout = encoder.layout(grid)
+        pixels = _pixels(gen, grid).cuda()
+        with torch.no_grad(), qwen_kernels.skip_value_checks():
+            out, eager = compiled(pixels, layout), encoder.encode(pixels, layout)
+        torch.testing.assert_close(out, eager, rtol=1e-3, atol=1e-3)
+        graphs = graphs or counter.frame_count
+        assert counter.frame_count == graphs
