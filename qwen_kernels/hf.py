@@ -54,13 +54,14 @@ class PatchHandle:
         self.parts = parts
         self.kernels = kernels
         self.modules: list[nn.Module] = []
-        # module -> the instance-level forward it had (None: it used its class's forward).
-        self._saved: list[tuple[nn.Module, Callable | None]] = []
+        # (module, attribute, the instance-level value it had: None when it used its class's).
+        self._saved: list[tuple[nn.Module, str, Callable | None]] = []
 
     def _replace(self, module: nn.Module, forward: Callable) -> None:
-        self._saved.append((module, module.__dict__.get("forward")))
+        slot = forward_slot(module)
+        self._saved.append((module, slot, module.__dict__.get(slot)))
         self.modules.append(module)
-        module.forward = forward
+        setattr(module, slot, forward)
 
     @property
     def active(self) -> bool:
@@ -69,16 +70,24 @@ class PatchHandle:
 
     def unpatch(self) -> None:
         """Restore every replaced forward (a no-op once done)."""
-        for module, previous in reversed(self._saved):
+        for module, slot, previous in reversed(self._saved):
             if previous is None:
-                del module.forward
+                delattr(module, slot)
             else:
-                module.forward = previous
+                setattr(module, slot, previous)
         self._saved.clear()
         self.modules.clear()
         for part in self.parts:
             if getattr(part, _MARK, None) is self:
                 delattr(part, _MARK)
+
+
+def forward_slot(module: nn.Module) -> str:
+    """The attribute holding the module's own forward: ``forward``, or ``_old_forward`` under an
+    accelerate hook (``device_map`` splits, offload), whose ``forward`` moves the inputs and
+    then calls ``_old_forward``; replacing that keeps the hook working."""
+    hooked = hasattr(module, "_hf_hook") and "_old_forward" in module.__dict__
+    return "_old_forward" if hooked else "forward"
 
 
 def _structure_error(what: str, found: str) -> ValueError:
@@ -387,7 +396,7 @@ def patch_qwen2_5_vl(
             handle._replace(block.mlp, _mlp_forward(block.mlp, layer))
             handle._replace(block, _block_forward(block, layer))
         handle._replace(tower.merger, _merger_forward(tower.merger, config.merge))
-        handle._replace(tower, _tower_forward(tower, tower.forward))
+        handle._replace(tower, _tower_forward(tower, getattr(tower, forward_slot(tower))))
     if text_layers:
         rotary = _text_rotary(config.rotary)
         for attn, forward in text_layers:

@@ -237,6 +237,32 @@ def test_unpatch_restores_the_exact_forwards(gen, model):
         del tower.blocks[0].mlp.forward
 
 
+def test_accelerate_hooks_keep_working(gen, model):
+    """Under an accelerate hook (its ``forward`` calls ``_old_forward``) the patch replaces
+    ``_old_forward``: the hook still runs, around the qwen ops, and comes back intact."""
+    block = model.model.visual.blocks[0]
+    original, calls = block.forward, []
+
+    def hooked_forward(*args, **kwargs):
+        calls.append(1)
+        return block._old_forward(*args, **kwargs)
+
+    block._hf_hook, block._old_forward, block.forward = object(), original, hooked_forward
+    try:
+        inputs = image_inputs(gen)
+        expected = _logits(model, inputs)
+        handle = patch_qwen2_5_vl(model, "torch")
+        assert block.forward is hooked_forward and block._old_forward is not original
+        with CountQwenOps() as counter:
+            patched = _logits(model, inputs)
+        handle.unpatch()
+        assert block.forward is hooked_forward and block._old_forward is original
+        assert len(calls) == 2 and counter.counts["rms_norm"] == VISION.depth
+        assert rel_err(patched, expected) < FP32_TOL
+    finally:
+        del block._hf_hook, block._old_forward, block.forward
+
+
 def _name(root, module) -> str:
     return next(n for n, m in root.named_modules() if m is module)
 
