@@ -130,7 +130,13 @@ def _parts(model: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
 
 
 def _check_tower(tower: nn.Module) -> None:
-    _require(tower, "visual", ("blocks", "merger", "config", "fullatt_block_indexes"))
+    _require(
+        tower,
+        "visual",
+        ("blocks", "merger", "config", "rotary_pos_emb", "spatial_merge_size", "window_size"),
+    )
+    _require(tower, "visual", ("patch_size", "fullatt_block_indexes"))
+    _require(tower.rotary_pos_emb, "visual.rotary_pos_emb", ("inv_freq",))
     for i, block in enumerate(tower.blocks):
         path = f"visual.blocks[{i}]"
         _require(block, path, ("norm1", "norm2", "attn", "mlp"))
@@ -196,8 +202,16 @@ def _with_rotary(forward: types.FunctionType, rotary: Callable) -> types.Functio
     return functools.update_wrapper(copy, forward)
 
 
+def _rotary_fused(kernels: LayerKernels) -> bool:
+    """Whether the block runs the rotary inside the attention (``qwen.window_attn_rope``): where
+    the package has that op and the layer's config asks for it (``LayerKernels.rotary_fused``,
+    which comes with the op)."""
+    return hasattr(qk, "window_attn_rope") and getattr(kernels, "rotary_fused", False)
+
+
 def _attention_forward(attn: nn.Module, kernels: LayerKernels) -> Callable:
     heads, head_dim, scale = attn.num_heads, attn.head_dim, attn.scaling
+    fused = _rotary_fused(kernels)
 
     # Inference only: the rotary rewrites views of the qkv output in place.
     @torch.no_grad()
@@ -206,16 +220,31 @@ def _attention_forward(attn: nn.Module, kernels: LayerKernels) -> Callable:
         cu_seqlens: Tensor,
         position_embeddings: tuple[Tensor, Tensor] | None = None,
         max_seqlen: int | None = None,
+        qwen_rotary: tuple[Tensor, Tensor, list[int]] | None = None,
         **kwargs: Any,
     ) -> Tensor:
         tokens = hidden_states.shape[0]
-        q, k, v = attn.qkv(hidden_states).view(tokens, 3, heads, head_dim).unbind(1)
-        cos, sin = position_embeddings
-        qk.mrope_(q, k, cos, sin, None, backend=kernels.rotary)
+        qkv = attn.qkv(hidden_states).view(tokens, 3, heads, head_dim)
         if max_seqlen is None:
             # Called outside the patched tower: one read of the segment lengths.
             max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
-        out = qk.window_attn(q, k, v, cu_seqlens, max_seqlen, scale, backend=kernels.attention)
+        if fused and qwen_rotary is not None:
+            positions, inv_freq, section = qwen_rotary
+            out = qk.window_attn_rope(
+                qkv,
+                cu_seqlens,
+                max_seqlen,
+                positions,
+                inv_freq,
+                section,
+                scale,
+                backend=kernels.attention,
+            )
+        else:
+            q, k, v = qkv.unbind(1)
+            cos, sin = position_embeddings
+            qk.mrope_(q, k, cos, sin, None, backend=kernels.rotary)
+            out = qk.window_attn(q, k, v, cu_seqlens, max_seqlen, scale, backend=kernels.attention)
         return attn.proj(out.view(tokens, -1))
 
     return forward
@@ -316,7 +345,28 @@ _GRID_KWARGS = (
 )
 
 
-def _tower_forward(tower: nn.Module, original: Callable) -> Callable:
+def _window_rotary(
+    tower: nn.Module, position_ids: Tensor, window_index: Tensor
+) -> tuple[Tensor, Tensor, list[int]]:
+    """``window_attn_rope``'s rotary inputs: (row, column) of each token in window order
+    ``[2, T]``, the axial frequencies once per axis, and the section that assigns them."""
+    unit = tower.spatial_merge_size**2
+    tokens = position_ids.shape[0]
+    index = window_index.to(position_ids.device)
+    positions = position_ids.view(tokens // unit, unit, 2)[index].reshape(tokens, 2)
+    inv_freq = tower.rotary_pos_emb.inv_freq.float()
+    half = inv_freq.shape[0]
+    return positions.t().contiguous(), torch.cat((inv_freq, inv_freq)), [half, half]
+
+
+def _tower_forward(tower: nn.Module, original: Callable, fused: bool) -> Callable:
+    def with_rotary(kwargs: dict[str, Any]) -> dict[str, Any]:
+        # The blocks pass unknown keyword arguments on to their attention.
+        if fused and "position_ids" in kwargs and "window_index" in kwargs:
+            rotary = _window_rotary(tower, kwargs["position_ids"], kwargs["window_index"])
+            kwargs["qwen_rotary"] = rotary
+        return kwargs
+
     def forward(hidden_states: Tensor, grid_thw: Tensor, **kwargs: Any) -> Any:
         if any(name in kwargs for name in _GRID_KWARGS):
             # The caller's precomputed inputs (e.g. for torch.compile): only the maxima that
@@ -325,7 +375,7 @@ def _tower_forward(tower: nn.Module, original: Callable) -> Callable:
                 _, frame, window = _max_seqlens(tower, grid_thw)
                 kwargs.setdefault("max_seqlen", frame)
                 kwargs.setdefault("max_window_seqlen", window)
-            return original(hidden_states, grid_thw, **kwargs)
+            return original(hidden_states, grid_thw, **with_rotary(kwargs))
         tokens = _max_seqlens(tower, grid_thw)[0]
         if hidden_states.shape[0] != tokens:
             raise ValueError(
@@ -340,7 +390,7 @@ def _tower_forward(tower: nn.Module, original: Callable) -> Callable:
         # The seqlens come from grid_thw and the rows were just counted: the ops need not check
         # cu_seqlens against the device values in every layer.
         with qk.skip_value_checks():
-            return original(hidden_states, grid_thw, **kwargs)
+            return original(hidden_states, grid_thw, **with_rotary(kwargs))
 
     return forward
 
@@ -396,7 +446,9 @@ def patch_qwen2_5_vl(
             handle._replace(block.mlp, _mlp_forward(block.mlp, layer))
             handle._replace(block, _block_forward(block, layer))
         handle._replace(tower.merger, _merger_forward(tower.merger, config.merge))
-        handle._replace(tower, _tower_forward(tower, getattr(tower, forward_slot(tower))))
+        fused = any(_rotary_fused(config.for_layer(i)) for i in range(len(tower.blocks)))
+        original = getattr(tower, forward_slot(tower))
+        handle._replace(tower, _tower_forward(tower, original, fused))
     if text_layers:
         rotary = _text_rotary(config.rotary)
         for attn, forward in text_layers:

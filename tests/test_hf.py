@@ -13,7 +13,7 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLAttenti
 
 import qwen_kernels
 from qwen_kernels.hf import patch_qwen2_5_vl
-from qwen_kernels.model import KernelConfig, VisionConfig, VisionEncoder
+from qwen_kernels.model import KernelConfig, LayerKernels, VisionConfig, VisionEncoder
 from tests.helpers import rel_err
 
 # Real head_dim (80), windows and merge; block 1 attends over whole frames.
@@ -341,6 +341,35 @@ def test_other_module_layouts_are_refused(model):
     finally:
         attn.__class__ = Qwen2_5_VLAttention
     assert all(f is None for f in _instance_forwards(model).values())
+
+
+def test_fused_rotary_attention_where_the_config_asks(gen, model, monkeypatch):
+    """Where the package has ``window_attn_rope`` and a layer's config fuses the rotary
+    (``LayerKernels.rotary_fused``, which come together from the fused-rotary change), the
+    attention calls it with the window-ordered positions; here a stand-in composed of
+    ``mrope_pos`` and ``window_attn`` (its definition) plays the op."""
+    calls = []
+
+    def window_attn_rope(qkv, cu, max_seqlen, positions, inv_freq, section, scale, backend):
+        calls.append(positions.shape)
+        q, k, v = qkv.unbind(1)
+        q, k = qwen_kernels.mrope_pos(q, k, positions, inv_freq, section, backend)
+        return qwen_kernels.window_attn(q, k, v, cu, max_seqlen, scale, backend)
+
+    monkeypatch.setattr(qwen_kernels, "window_attn_rope", window_attn_rope, raising=False)
+    monkeypatch.setattr(LayerKernels, "rotary_fused", property(lambda self: True), raising=False)
+    inputs = image_inputs(gen)
+    expected = _logits(model, inputs)
+    handle = patch_qwen2_5_vl(model, "torch")
+    try:
+        with CountQwenOps() as counter:
+            patched = _logits(model, inputs)
+    finally:
+        handle.unpatch()
+    tokens = 4 * _tokens(IMAGE_GRID)
+    assert calls == [(2, tokens)] * VISION.depth
+    assert counter.counts["mrope_"] == 0 and counter.counts["mrope_pos"] == VISION.depth
+    assert rel_err(patched, expected) < FP32_TOL
 
 
 def test_patched_tower_refuses_a_patch_count_unlike_the_grid(gen, model):
