@@ -7,16 +7,19 @@
 * each vision attention: the 2D rotary runs ``qwen.mrope_`` in place on views of the packed qkv
   projection (with the cos/sin tables the tower already built) and attention runs
   ``qwen.window_attn`` over the tower's ``cu_seqlens`` (no Python loop over windows, no
-  device-to-host read of the segment lengths per layer);
+  device-to-host read of the segment lengths per layer), or both in ``qwen.window_attn_rope``
+  where the package has it and the layer's config fuses the rotary;
 * each vision MLP: ``qwen.swiglu`` on the gate and up projections;
 * the merger: ``qwen.patch_merge`` (RMSNorm and 2x2 concatenation in one op);
-* the vision tower: computes the longest frame and window once per call from ``grid_thw`` and
-  skips the ops' per-layer value checks that the tower's own layout guarantees;
+* the vision tower: computes its grid inputs and the longest frame and window once per call from
+  ``grid_thw``, moves them to the activations' device once, and skips the ops' per-layer value
+  checks that this layout guarantees;
 * each text attention layer: its multimodal rotary runs ``qwen.mrope`` (cos/sin form).
 
 Weights stay where they are (the wrappers read the modules' own parameters); classes are never
-touched, so other instances keep transformers' code. ``PatchHandle.unpatch()`` restores exactly
-the forwards the modules had before.
+touched, so other instances keep transformers' code (under an accelerate hook the hooked
+``_old_forward`` is replaced, so the hook keeps working). ``PatchHandle.unpatch()`` restores
+exactly the forwards the modules had before.
 """
 
 from __future__ import annotations
