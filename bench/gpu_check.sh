@@ -157,6 +157,11 @@ else
     run_step encoder 120 60 "$PYTHON" bench/bench_encoder.py --dry-run --out "$OUT/encoder.json"
 fi
 
+# Host time per op call over a bare custom op, and per forward: CPU time to issue it vs GPU time.
+HOST_FLAGS=()
+((HAVE_GPU)) || HOST_FLAGS=(--tiny)
+run_step host 90 150 "$PYTHON" bench/bench_host.py "${HOST_FLAGS[@]}"
+
 BENCH_FLAGS=(--out "$OUT/bench")
 if ((!HAVE_GPU)); then
     BENCH_FLAGS+=(--dry-run)

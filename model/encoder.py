@@ -279,7 +279,9 @@ class VisionEncoder(nn.Module):
     ) -> Tensor | tuple[Tensor, Tensor]:
         """``forward`` with a prepared ``layout``: no host work, so ``torch.compile`` can trace
         it whole (run it inside ``qwen_kernels.skip_value_checks()`` to avoid syncs)."""
-        expected = (layout.num_tokens, self.config.patch_dim)
+        # The token count is read from an index tensor's size, not from layout.num_tokens: under
+        # torch.compile(dynamic=True) a size stays symbolic, a Python int would be a constant.
+        expected = (layout.token_index.shape[0], self.config.patch_dim)
         if tuple(pixel_values.shape) != expected:
             raise ValueError(
                 f"pixel_values must be [T, patch_dim] = {list(expected)} for grids "
