@@ -27,7 +27,8 @@ def test_tiny_mode_prints_every_row(capsys):
         assert float(numbers[0]) > 0 and numbers[1] == "nan"
         calls[image, impl] = int(numbers[2])
     depth = 4
-    per_forward = 5 * depth + 1  # norms, rotary, attention, SwiGLU per block; the merge
+    # Two norms, rotary-fused attention and SwiGLU per block; the merge.
+    per_forward = 4 * depth + 1
     for image in ("56x56", "112x112"):
         assert calls[image, "VisionEncoder torch"] == per_forward
         assert calls[image, "VisionEncoder auto"] == per_forward
