@@ -10,6 +10,9 @@ can be revisited:
    Workaround: kernels upcast bf16 loads to fp32 before any arithmetic (and ``tl.dot`` operands
    under the interpreter; see triton_kernels/rms_norm_swiglu.py).
 3. ``@triton.autotune`` with several configs fails; kernels pick one config when interpreting.
+4. triton 3.6's interpreter cannot loop over a runtime bound (``range(0, n)`` with ``n`` an
+   argument or a loaded value); 3.8's can. Workaround: kernels that loop over a runtime count
+   take a constexpr trip count instead where ``_common.needs_constexpr_trip_counts()`` says so.
 """
 
 import pytest
@@ -18,7 +21,7 @@ import triton
 import triton.language as tl
 
 from qwen_kernels._backends import runtime_missing
-from qwen_kernels.triton_kernels._common import round_to
+from qwen_kernels.triton_kernels._common import interpreter_loops_over_runtime_bounds, round_to
 
 pytestmark = pytest.mark.skipif(
     runtime_missing("triton", "cpu") is not None, reason=str(runtime_missing("triton", "cpu"))
@@ -132,3 +135,15 @@ def test_quirk_autotune_with_several_configs_fails():
     out = torch.empty_like(x)
     with pytest.raises(RuntimeError, match="active drivers"):
         copy_kernel[lambda meta: (triton.cdiv(64, meta["BLOCK"]),)](x, out, 64)
+
+
+# Infidelity 4, per Triton release: whether the interpreter loops over runtime bounds.
+RUNTIME_LOOPS = {"3.6": False, "3.8": True}
+
+
+def test_quirk_runtime_loop_bounds():
+    """If this fails, record this Triton's behaviour in RUNTIME_LOOPS (and, where it loops over
+    runtime bounds now, the constexpr trip counts are no longer needed with it)."""
+    release = ".".join(triton.__version__.split(".")[:2])
+    assert release in RUNTIME_LOOPS, f"unknown Triton {triton.__version__}: record its behaviour"
+    assert interpreter_loops_over_runtime_bounds() == RUNTIME_LOOPS[release]

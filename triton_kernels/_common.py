@@ -3,6 +3,7 @@ and 2-D row views of inputs."""
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -41,6 +42,39 @@ def as_rows(x: torch.Tensor) -> torch.Tensor:
 def num_warps_for(elements: int) -> int:
     """Warps for a program that touches ``elements`` values: about 8-16 values per thread."""
     return 4 if elements <= 2048 else 8 if elements <= 8192 else 16
+
+
+@functools.cache
+def interpreter_loops_over_runtime_bounds() -> bool:
+    """Whether this Triton's interpreter runs ``range`` over a runtime value (triton 3.6's takes
+    only constexpr trip counts); where it does not, kernels loop over a constexpr count."""
+    bound = torch.tensor([3], dtype=torch.int32)
+    out = torch.zeros(2, dtype=torch.int32)
+    try:
+        _count_kernel[(1,)](bound, out, 4)
+    except Exception:  # the interpreter's own error type differs between versions
+        return False
+    return out.tolist() == [3, 4]
+
+
+def needs_constexpr_trip_counts() -> bool:
+    """True when kernels must loop over constexpr trip counts: under an interpreter that cannot
+    loop over a runtime bound."""
+    return INTERPRETING.value and not interpreter_loops_over_runtime_bounds()
+
+
+@triton.jit
+def _count_kernel(bound_ptr, out_ptr, argument_bound):
+    """Counts to a loaded bound and to an argument bound (the interpreter wraps them apart)."""
+    loaded = tl.load(bound_ptr)
+    count = loaded * 0
+    for _ in range(0, loaded):
+        count += 1
+    tl.store(out_ptr, count)
+    count = loaded * 0
+    for _ in range(0, argument_bound):
+        count += 1
+    tl.store(out_ptr + 1, count)
 
 
 def vector_alignment(itemsize: int, *offsets: int) -> int:

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import num_warps_for, round_to
+from ._common import needs_constexpr_trip_counts, num_warps_for, round_to
 
 # Values per half-tile one program aims to hold (x1 and x2 each): 4-16 per thread.
 _ELEMENTS_PER_TILE = 2048
@@ -71,35 +71,73 @@ def _rotate_heads(
     HALF: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
     BLOCK_HEADS: tl.constexpr,
+    HEAD_TILES: tl.constexpr,
 ):
     """Rotate every head of the given tokens: ``rows_*`` are the token offsets [T], cos/sin
-    [T, BLOCK_HALF] for the first (1) and second (2) half of the head."""
+    [T, BLOCK_HALF] for the first (1) and second (2) half of the head. ``HEAD_TILES`` > 0 loops
+    over that constexpr count of head tiles (for interpreters that cannot loop over a runtime
+    bound; tiles past the heads are masked), 0 over the heads there are."""
+    if HEAD_TILES > 0:
+        for tile in range(HEAD_TILES):
+            _rotate_head_tile(
+                x_ptr, out_ptr, n_heads, tile * BLOCK_HEADS, rows_x, rows_out, token_mask,
+                stride_h, stride_d, out_stride_h, out_stride_d, cos1, sin1, cos2, sin2,
+                HALF, BLOCK_HALF, BLOCK_HEADS,
+            )  # fmt: skip
+    else:
+        for first in range(0, n_heads, BLOCK_HEADS):
+            _rotate_head_tile(
+                x_ptr, out_ptr, n_heads, first, rows_x, rows_out, token_mask,
+                stride_h, stride_d, out_stride_h, out_stride_d, cos1, sin1, cos2, sin2,
+                HALF, BLOCK_HALF, BLOCK_HEADS,
+            )  # fmt: skip
+
+
+@triton.jit
+def _rotate_head_tile(
+    x_ptr,
+    out_ptr,
+    n_heads,
+    first_head,
+    rows_x,
+    rows_out,
+    token_mask,
+    stride_h,
+    stride_d,
+    out_stride_h,
+    out_stride_d,
+    cos1,
+    sin1,
+    cos2,
+    sin2,
+    HALF: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+    BLOCK_HEADS: tl.constexpr,
+):
+    """Heads ``first_head`` .. ``first_head + BLOCK_HEADS`` (those that exist) of the tokens."""
     cols = tl.arange(0, BLOCK_HALF)
     col_mask = cols < HALF
     dtype: tl.constexpr = out_ptr.dtype.element_ty
-    for h0 in range(0, n_heads, BLOCK_HEADS):
-        heads = h0 + tl.arange(0, BLOCK_HEADS)
-        mask = (
-            token_mask[:, None, None] & (heads < n_heads)[None, :, None] & col_mask[None, None, :]
-        )
-        x_offsets = (
-            rows_x[:, None, None]
-            + heads.to(tl.int64)[None, :, None] * stride_h
-            + cols[None, None, :] * stride_d
-        )
-        out_offsets = (
-            rows_out[:, None, None]
-            + heads.to(tl.int64)[None, :, None] * out_stride_h
-            + cols[None, None, :] * out_stride_d
-        )
-        x1 = tl.load(x_ptr + x_offsets, mask=mask, other=0.0).to(tl.float32)
-        x2 = tl.load(x_ptr + x_offsets + HALF * stride_d, mask=mask, other=0.0).to(tl.float32)
-        # x * cos + rotate_half(x) * sin with rotate_half([a, b]) = [-b, a]; products rounded
-        # separately, as the reference does (the launch turns off FMA contraction).
-        out1 = x1 * cos1[:, None, :] - x2 * sin1[:, None, :]
-        out2 = x2 * cos2[:, None, :] + x1 * sin2[:, None, :]
-        tl.store(out_ptr + out_offsets, round_to(out1, dtype), mask=mask)
-        tl.store(out_ptr + out_offsets + HALF * out_stride_d, round_to(out2, dtype), mask=mask)
+    heads = first_head + tl.arange(0, BLOCK_HEADS)
+    mask = token_mask[:, None, None] & (heads < n_heads)[None, :, None] & col_mask[None, None, :]
+    x_offsets = (
+        rows_x[:, None, None]
+        + heads.to(tl.int64)[None, :, None] * stride_h
+        + cols[None, None, :] * stride_d
+    )
+    out_offsets = (
+        rows_out[:, None, None]
+        + heads.to(tl.int64)[None, :, None] * out_stride_h
+        + cols[None, None, :] * out_stride_d
+    )
+    x1 = tl.load(x_ptr + x_offsets, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(x_ptr + x_offsets + HALF * stride_d, mask=mask, other=0.0).to(tl.float32)
+    # x * cos + rotate_half(x) * sin with rotate_half([a, b]) = [-b, a]; products rounded
+    # separately, as the reference does (the launch turns off FMA contraction).
+    out1 = x1 * cos1[:, None, :] - x2 * sin1[:, None, :]
+    out2 = x2 * cos2[:, None, :] + x1 * sin2[:, None, :]
+    tl.store(out_ptr + out_offsets, round_to(out1, dtype), mask=mask)
+    tl.store(out_ptr + out_offsets + HALF * out_stride_d, round_to(out2, dtype), mask=mask)
 
 
 @triton.jit
@@ -151,6 +189,7 @@ def _mrope_kernel(
     BLOCK_HALF: tl.constexpr,
     BLOCK_TOKENS: tl.constexpr,
     BLOCK_HEADS: tl.constexpr,
+    HEAD_TILES: tl.constexpr,
 ):
     tokens = tl.program_id(0).to(tl.int64) * BLOCK_TOKENS + tl.arange(0, BLOCK_TOKENS)
     token_mask = tokens < n_tokens
@@ -167,10 +206,10 @@ def _mrope_kernel(
     # fmt: off
     _rotate_heads(q_ptr, q_out_ptr, q_heads, b * sq_b + s * sq_s, b * sqo_b + s * sqo_s,
                   token_mask, sq_h, sq_d, sqo_h, sqo_d, cos1, sin1, cos2, sin2,
-                  HALF, BLOCK_HALF, BLOCK_HEADS)
+                  HALF, BLOCK_HALF, BLOCK_HEADS, HEAD_TILES)
     _rotate_heads(k_ptr, k_out_ptr, k_heads, b * sk_b + s * sk_s, b * sko_b + s * sko_s,
                   token_mask, sk_h, sk_d, sko_h, sko_d, cos1, sin1, cos2, sin2,
-                  HALF, BLOCK_HALF, BLOCK_HEADS)
+                  HALF, BLOCK_HALF, BLOCK_HEADS, HEAD_TILES)
     # fmt: on
 
 
@@ -212,6 +251,7 @@ def _mrope_pos_kernel(
     BLOCK_HALF: tl.constexpr,
     BLOCK_TOKENS: tl.constexpr,
     BLOCK_HEADS: tl.constexpr,
+    HEAD_TILES: tl.constexpr,
 ):
     tokens = tl.program_id(0).to(tl.int64) * BLOCK_TOKENS + tl.arange(0, BLOCK_TOKENS)
     token_mask = tokens < n_tokens
@@ -229,10 +269,10 @@ def _mrope_pos_kernel(
     # fmt: off
     _rotate_heads(q_ptr, q_out_ptr, q_heads, b * sq_b + s * sq_s, b * sqo_b + s * sqo_s,
                   token_mask, sq_h, sq_d, sqo_h, sqo_d, cos, sin, cos, sin,
-                  HALF, BLOCK_HALF, BLOCK_HEADS)
+                  HALF, BLOCK_HALF, BLOCK_HEADS, HEAD_TILES)
     _rotate_heads(k_ptr, k_out_ptr, k_heads, b * sk_b + s * sk_s, b * sko_b + s * sko_s,
                   token_mask, sk_h, sk_d, sko_h, sko_d, cos, sin, cos, sin,
-                  HALF, BLOCK_HALF, BLOCK_HEADS)
+                  HALF, BLOCK_HALF, BLOCK_HEADS, HEAD_TILES)
     # fmt: on
 
 
@@ -268,6 +308,9 @@ def _launch(
         return
     config = mrope_config(head_dim, q_heads, k.shape[2])
     grid = (triton.cdiv(n_tokens, config.block_tokens),)
+    head_tiles = 0
+    if needs_constexpr_trip_counts():
+        head_tiles = triton.cdiv(max(q_heads, k.shape[2]), config.block_heads)
     kernel[grid](
         q,
         k,
@@ -288,6 +331,7 @@ def _launch(
         BLOCK_HALF=config.block_half,
         BLOCK_TOKENS=config.block_tokens,
         BLOCK_HEADS=config.block_heads,
+        HEAD_TILES=head_tiles,
         num_warps=config.num_warps,
         # Products and sums rounded one by one, as the eager reference computes them.
         enable_fp_fusion=False,

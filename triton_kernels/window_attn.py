@@ -29,7 +29,6 @@ reading every key block once per block of queries, rotates q and k once in a pre
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 
 import torch
@@ -39,7 +38,7 @@ from triton.language.extra import libdevice
 
 from qwen_kernels._backends import triton_interpreting
 
-from ._common import INTERPRETING, round_to
+from ._common import INTERPRETING, needs_constexpr_trip_counts, round_to
 
 # Segments up to this many tokens take the single-pass window path.
 WINDOW_MAX_SEQLEN = 64
@@ -122,28 +121,6 @@ def attn_config(
     major, minor = torch.cuda.get_device_capability(device)
     stages = 3 if major >= 9 or ((major, minor) == (8, 0) and head_dim <= 80) else 2
     return AttnConfig(block_m, block_n, False, 1, warps, stages)
-
-
-@functools.cache
-def _interpreter_loops_over_runtime_bounds() -> bool:
-    """Whether this Triton's interpreter runs ``range`` over a runtime value (older ones take
-    only constexpr trip counts); the long path then loops over a constexpr block count."""
-    bound = torch.tensor([3], dtype=torch.int32)
-    out = torch.zeros(1, dtype=torch.int32)
-    try:
-        _count_kernel[(1,)](bound, out)
-    except Exception:  # the interpreter's own error type differs between versions
-        return False
-    return int(out[0]) == 3
-
-
-@triton.jit
-def _count_kernel(bound_ptr, out_ptr):
-    n = tl.load(bound_ptr)
-    count = n * 0
-    for _ in range(0, n):
-        count += 1
-    tl.store(out_ptr, count)
 
 
 @triton.jit
@@ -613,11 +590,7 @@ def _launch(
     d_main, d_tail = head_dim_blocks(head_dim)
     m_blocks = 1 if config.one_pass else triton.cdiv(max_seqlen, config.block_m)
     kv_blocks = 0
-    if (
-        not config.one_pass
-        and triton_interpreting()
-        and not _interpreter_loops_over_runtime_bounds()
-    ):
+    if not config.one_pass and needs_constexpr_trip_counts():
         kv_blocks = triton.cdiv(max_seqlen, config.block_n)
     scale = head_dim**-0.5 if softmax_scale is None else softmax_scale
     positions, inv_freq, stride_pa, stride_pt = q, q, 0, 0
