@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import importlib
 import json
 import math
@@ -89,6 +90,7 @@ class Row:
     kernel: str
     variant: str
     arch: str
+    dtype: str  # of the activations: "bf16", "fp16" or "fp32"
     warps: int | None
     registers: int
     stack_bytes: int
@@ -294,10 +296,13 @@ def launches_of(op: str, args: Sequence[Any]) -> list[Launch]:
 def _case_launches(case: Case) -> list[Launch]:
     """The launches for a benchmark case: inputs built shape-only ("meta") where the launcher
     needs no values, as CPU tensors otherwise."""
+    schema = getattr(torch.ops.qwen, case.op).default._schema
+    # The op's arguments after the case's own, at their defaults (softmax_scale=None, ...).
+    defaults = [a.default_value for a in schema.arguments[len(case.args) :] if a.name != "backend"]
     for device in ("meta", "cpu"):
         inputs = case.build(Maker(device, seed=0))
         try:
-            return launches_of(case.op, [inputs[name] for name in case.args])
+            return launches_of(case.op, [*[inputs[name] for name in case.args], *defaults])
         except (NotImplementedError, RuntimeError):
             if device == "cpu":
                 raise
@@ -306,23 +311,34 @@ def _case_launches(case: Case) -> list[Launch]:
 
 @dataclass
 class Call:
-    """Launches of one op for one input set (a benchmark case, or inputs a test chose)."""
+    """One op on one input set (a benchmark case, or inputs a test chose): ``launches`` runs its
+    Triton launcher and returns the launches it makes (called once per target arch, since
+    launchers choose their configurations per GPU generation)."""
 
     op: str
     name: str
-    launches: list[Launch]
+    launches: Callable[[], list[Launch]]
     lengths: Sequence[int] | None = None  # attention: the segment lengths, for the mma share
+
+
+def _capability(arch: str) -> tuple[int, int]:
+    number = round(float(arch.rstrip("a")) * 10)
+    return number // 10, number % 10
 
 
 def triton_rows(
     calls: Sequence[Call], archs: Sequence[str], progress: Callable[[str], None]
 ) -> list[Row]:
     """Compile every distinct Triton launch of ``calls`` for ``archs`` and read its cubin."""
+    from qwen_kernels.triton_kernels._common import offline_target
+
     rows: dict[tuple, Row] = {}
     compiled_variants: dict[tuple, tuple[Any, str]] = {}
     for call in calls:
-        for launch in call.launches:
-            for arch in archs:
+        for arch in archs:
+            with offline_target(_capability(arch)):
+                launches = call.launches()
+            for launch in launches:
                 key = (launch.kernel, arch, _launch_key(launch))
                 if key not in compiled_variants:
                     progress(f"compiling {call.op} {launch.kernel.__name__} for {arch}")
@@ -361,12 +377,14 @@ def _triton_row(op: str, launch: Launch, compiled: Any, variant: str, arch: str)
     warps = compiled.metadata.num_warps
     # Triton allocates its shared memory dynamically: the metadata holds the total.
     shared = max(function.shared_bytes, compiled.metadata.shared)
+    first_tensor = next(a for a in launch.args if isinstance(a, torch.Tensor))
     return Row(
         op=op,
         backend="triton",
         kernel=launch.kernel.__name__,
         variant=variant,
         arch=f"sm_{arch.replace('.', '')}",
+        dtype=_DTYPE_NAMES.get(first_tensor.dtype, str(first_tensor.dtype)),
         warps=warps,
         registers=function.registers,
         stack_bytes=function.stack_bytes,
@@ -400,6 +418,18 @@ _CUDA_KERNEL_OPS = {
     "mrope": "mrope",
     "window_attn": "window_attn",
 }
+
+
+_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+def _cuda_dtype(template_args: str) -> str:
+    """The activation dtype of a CUDA kernel variant: the first of its template arguments that
+    names one (kernels with none, such as the fp32 attention kernel, are fp32)."""
+    found = re.search(r"__nv_bfloat16|__half|float", template_args)
+    return (
+        {"__nv_bfloat16": "bf16", "__half": "fp16"}.get(found.group(0), "fp32") if found else "fp32"
+    )
 
 
 def _cuda_op(kernel: str) -> str:
@@ -477,6 +507,7 @@ def cuda_rows(archs: Sequence[str]) -> list[Row]:
                 kernel=base,
                 variant=variant,
                 arch=arch,
+                dtype=_cuda_dtype(variant),
                 warps=declared.get(name),
                 registers=function.registers,
                 stack_bytes=function.stack_bytes,
@@ -503,7 +534,7 @@ def inspect(
     ``qwen_kernels._C``, compiled or read for each of ``archs`` (e.g. "8.0", "9.0a")."""
     scale = SCALES[scale] if isinstance(scale, str) else scale
     calls = [
-        Call(case.op, case.name, _case_launches(case), case.lengths)
+        Call(case.op, case.name, functools.partial(_case_launches, case), case.lengths)
         for suite in SUITES
         for case in suite.cases(scale)
         if (not ops or case.op in ops) and "triton" in REGISTRY[case.op].impls
@@ -535,7 +566,8 @@ def summary(rows: Sequence[Row]) -> list[str]:
 def markdown(rows: Sequence[Row], command: str) -> str:
     """The report as Markdown: the command, the summary, then one table row per variant."""
     header = (
-        "| op | backend | kernel | arch | variant | warps | regs | spill B | stack B | smem B | "
+        "| op | backend | kernel | arch | dtype | variant | warps | regs | spill B | stack B | "
+        "smem B | "
         "warps/SM A100 | warps/SM H100 | HMMA | HGMMA | LDSM | LDGSTS | LDG.128 | STG.128 | "
         "LDL/STL | useful mma |"
     )
@@ -553,7 +585,8 @@ def markdown(rows: Sequence[Row], command: str) -> str:
         c = r.counts
         useful = f"{r.useful_mma:.0%}" if r.useful_mma is not None else ""
         lines.append(
-            f"| {r.op} | {r.backend} | `{r.kernel}` | {r.arch} | {r.variant} | {r.warps or ''} | "
+            f"| {r.op} | {r.backend} | `{r.kernel}` | {r.arch} | {r.dtype} | {r.variant} | "
+            f"{r.warps or ''} | "
             f"{r.registers} | {r.spill_bytes} | {r.stack_bytes} | {r.shared_bytes} | "
             f"{r.occupancy['A100'] or ''} | "
             f"{r.occupancy['H100'] or ''} | {c['hmma']} | {c['hgmma']} | {c['ldsm']} | "

@@ -3,8 +3,11 @@ and 2-D row views of inputs."""
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import os
+from collections.abc import Iterator
 
 import torch
 import triton
@@ -75,6 +78,34 @@ def _count_kernel(bound_ptr, out_ptr, argument_bound):
     for _ in range(0, argument_bound):
         count += 1
     tl.store(out_ptr + 1, count)
+
+
+_OFFLINE_TARGET: contextvars.ContextVar[tuple[int, int] | None] = contextvars.ContextVar(
+    "offline_target", default=None
+)
+
+
+@contextlib.contextmanager
+def offline_target(capability: tuple[int, int]) -> Iterator[None]:
+    """Inside the block, launchers choose their configurations for a GPU of ``capability``
+    (e.g. (9, 0)) whatever the device of their inputs: what ``qwen-kernels inspect`` compiles
+    without a GPU is then what that GPU would run."""
+    token = _OFFLINE_TARGET.set(capability)
+    try:
+        yield
+    finally:
+        _OFFLINE_TARGET.reset(token)
+
+
+def gpu_capability(device: torch.device) -> tuple[int, int] | None:
+    """The GPU generation a launch is configured for: the offline target when one is set, the
+    device's for CUDA tensors, None for CPU tensors (the interpreter)."""
+    target = _OFFLINE_TARGET.get()
+    if target is not None:
+        return target
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device)
+    return None
 
 
 def vector_alignment(itemsize: int, *offsets: int) -> int:

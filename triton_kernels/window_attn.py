@@ -38,7 +38,7 @@ from triton.language.extra import libdevice
 
 from qwen_kernels._backends import triton_interpreting
 
-from ._common import INTERPRETING, needs_constexpr_trip_counts, round_to
+from ._common import INTERPRETING, gpu_capability, needs_constexpr_trip_counts, round_to
 
 # Segments up to this many tokens take the single-pass window path.
 WINDOW_MAX_SEQLEN = 64
@@ -104,7 +104,8 @@ def attn_config(
     programs run one by one, up to 4 heads per program with the rotary, and one configuration
     (64x64 on the long path: fewer, larger numpy steps) without pipelining.
     """
-    interpreted = triton_interpreting() or device.type != "cuda"
+    capability = None if triton_interpreting() else gpu_capability(device)
+    interpreted = capability is None
     if max_seqlen <= WINDOW_MAX_SEQLEN and (interpreted or dtype != torch.float32):
         block = max(16, triton.next_power_of_2(max_seqlen))
         shared = rotary and interpreted
@@ -118,7 +119,7 @@ def attn_config(
         block_m, block_n, warps = 64, 32, 4
     else:
         block_m, block_n, warps = 128, 64, 8
-    major, minor = torch.cuda.get_device_capability(device)
+    major, minor = capability
     stages = 3 if major >= 9 or ((major, minor) == (8, 0) and head_dim <= 80) else 2
     return AttnConfig(block_m, block_n, False, 1, warps, stages)
 
