@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import importlib
 import json
 import math
 import os
@@ -395,16 +394,40 @@ def _triton_row(op: str, launch: Launch, compiled: Any, variant: str, arch: str)
     )
 
 
+def padded_mma_share(
+    lengths: Sequence[int], head_dim: int, steps: Sequence[tuple[int, int, int]]
+) -> float:
+    """The share of tensor-core work spent on real tokens and head dims when each segment of
+    ``lengths`` runs its products QK^T and PV in tiles: ``steps`` holds, per product, (query rows,
+    keys, head-dim columns) of the smallest unit of work a kernel skips or does whole."""
+    useful = done = 0
+    for length in lengths:
+        for rows, keys, cols in steps:
+            useful += length * length * head_dim
+            done += _round_up(length, rows) * _round_up(length, keys) * _round_up(head_dim, cols)
+    return useful / done if done else 1.0
+
+
+def _round_up(n: int, unit: int) -> int:
+    return -(-n // unit) * unit
+
+
 def _note_useful_share(row: Row, call: Call, launch: Launch) -> None:
-    """For attention kernels whose module declares ``useful_mma_share(kwargs, lengths)`` (the
-    share of tensor-core work spent on real tokens and head dims for those segment lengths)."""
-    if KIND.get(call.op) != "attention" or call.lengths is None:
+    """Triton attention: tiles of BLOCK_M query rows by BLOCK_N keys, the head dim in blocks of
+    D_MAIN + D_TAIL columns, the whole tile computed for every segment."""
+    kwargs = launch.kwargs
+    if KIND.get(call.op) != "attention" or call.lengths is None or "BLOCK_M" not in kwargs:
         return
-    module = importlib.import_module(launch.kernel.fn.__module__)
-    share_of = getattr(module, "useful_mma_share", None)
-    share = share_of(launch.kwargs, call.lengths) if share_of else None
-    if share is not None:
-        row.useful_mma = share if row.useful_mma is None else min(row.useful_mma, share)
+    cols = kwargs["D_MAIN"] + kwargs["D_TAIL"]
+    tile = (kwargs["BLOCK_M"], kwargs["BLOCK_N"], cols)
+    share = padded_mma_share(call.lengths, kwargs["HEAD_DIM"], [tile, tile])
+    row.useful_mma = share if row.useful_mma is None else min(row.useful_mma, share)
+
+
+# The CUDA attention kernels' units of work (csrc/window_attn/kernel_traits.h): a warp per 16
+# query rows, QK^T over 8-key tiles and PV over 16-key steps, each skipped past the segment end;
+# head_dim exactly (k-steps of 16 for 64/80/128).
+CUDA_ATTENTION_STEPS = ((16, 8, 16), (16, 16, 8))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -532,21 +555,31 @@ def inspect(
 ) -> list[Row]:
     """Rows for every Triton launch of the benchmark cases at ``scale`` and every CUDA kernel of
     ``qwen_kernels._C``, compiled or read for each of ``archs`` (e.g. "8.0", "9.0a")."""
-    scale = SCALES[scale] if isinstance(scale, str) else scale
     calls = [
         Call(case.op, case.name, functools.partial(_case_launches, case), case.lengths)
-        for suite in SUITES
-        for case in suite.cases(scale)
-        if (not ops or case.op in ops) and "triton" in REGISTRY[case.op].impls
+        for case in benchmark_cases(scale, ops)
+        if "triton" in REGISTRY[case.op].impls
     ]
     rows = triton_rows(calls, archs, progress)
     rows += [row for row in cuda_rows(archs) if not ops or row.op in ops]
     return rows
 
 
-def summary(rows: Sequence[Row]) -> list[str]:
-    """One line per op: variants, worst registers, spills, tensor-core and vector instructions."""
+def benchmark_cases(scale: Scale | str, ops: Sequence[str] | None = None) -> list[Case]:
+    """The benchmark suite's cases at ``scale`` (of ``ops``, or all)."""
+    scale = SCALES[scale] if isinstance(scale, str) else scale
+    return [case for suite in SUITES for case in suite.cases(scale) if not ops or case.op in ops]
+
+
+def summary(rows: Sequence[Row], cases: Sequence[Case] = ()) -> list[str]:
+    """One line per op: variants, worst registers, spills, tensor-core and vector instructions;
+    for attention cases, the useful share of the CUDA kernels' mma work."""
     lines = []
+    for case in cases:
+        if case.op == "window_attn" and case.lengths:
+            head_dim = int(re.search(r"\[\d+, \d+, (\d+)\]", case.shape).group(1))
+            share = padded_mma_share(case.lengths, head_dim, CUDA_ATTENTION_STEPS)
+            lines.append(f"{case.op} cuda, {case.name}: useful mma share {share:.0%}")
     for op in sorted({row.op for row in rows}):
         mine = [row for row in rows if row.op == op]
         spilled = sum(row.spills for row in mine)
@@ -563,7 +596,7 @@ def summary(rows: Sequence[Row]) -> list[str]:
     return lines
 
 
-def markdown(rows: Sequence[Row], command: str) -> str:
+def markdown(rows: Sequence[Row], command: str, cases: Sequence[Case] = ()) -> str:
     """The report as Markdown: the command, the summary, then one table row per variant."""
     header = (
         "| op | backend | kernel | arch | dtype | variant | warps | regs | spill B | stack B | "
@@ -576,7 +609,7 @@ def markdown(rows: Sequence[Row], command: str) -> str:
         "",
         f"Regenerate with `{command}` (no GPU needed).",
         "",
-        *[f"- {line}" for line in summary(rows)],
+        *[f"- {line}" for line in summary(rows, cases)],
         "",
         header,
         "|" + " --- |" * (header.count("|") - 1),
@@ -607,7 +640,7 @@ def main(
     rows = inspect(
         archs, scale, ops, progress=lambda message: print(f"inspect: {message}", flush=True)
     )
-    text = markdown(rows, command)
+    text = markdown(rows, command, benchmark_cases(scale, ops))
     print(text)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
