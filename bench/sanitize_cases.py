@@ -65,6 +65,27 @@ EDGE_CASES: dict[str, Callable[[], object]] = {
             _bf16(8, 5122)[:, 1:], torch.randn(5121, device="cuda"), 1e-6, None, "cuda"
         )
     ),
+    "window_attn 200+64+1 tokens, head_dim 128 fp16 (long path, partial tiles)": lambda: (
+        qwen_kernels.window_attn(
+            *(torch.randn(265, 2, 128, device="cuda").half() for _ in range(3)),
+            torch.tensor([0, 200, 264, 265], dtype=torch.int32, device="cuda"),
+            200,
+            backend="cuda",
+        )
+    ),
+    "window_attn 64+13 tokens fp32 (the fp32 kernel)": lambda: qwen_kernels.window_attn(
+        *(torch.randn(77, 2, 80, device="cuda") for _ in range(3)),
+        torch.tensor([0, 64, 77], dtype=torch.int32, device="cuda"),
+        64,
+        backend="cuda",
+    ),
+    "window_attn views of a packed qkv, one misaligned (copied)": lambda: qwen_kernels.window_attn(
+        *_bf16(40, 3, 2, 80).unbind(1)[:2],
+        _bf16(40 * 2 * 80 + 1)[1:].view(40, 2, 80),
+        torch.tensor([0, 33, 40], dtype=torch.int32, device="cuda"),
+        33,
+        backend="cuda",
+    ),
 }
 
 

@@ -94,7 +94,7 @@ def run_inspect(args: argparse.Namespace) -> int:
 
     archs = [a.strip() for a in args.arch.split(",") if a.strip()]
     flags = [f"--arch={args.arch}", *[f"--op={op}" for op in args.op or ()]]
-    flags += ["--quick"] * args.quick + ([f"--out={args.out}"] if args.out else [])
+    flags += ["--quick"] * args.quick  # --out does not change the report
     command = shlex.join(["qwen-kernels", "inspect", *flags])
     scale = "quick" if args.quick else "full"
     return inspect_kernels.main(archs, args.out, scale, args.op, command)
