@@ -25,10 +25,12 @@ import argparse
 import functools
 import statistics
 import time
+from collections import Counter
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import qwen_kernels as qk
 from qwen_kernels._backends import REGISTRY
@@ -219,20 +221,35 @@ def forward_cases(config: VisionConfig, device: str) -> dict[str, Callable]:
     }
 
 
+class CountQwenOps(TorchDispatchMode):
+    """Counts the torch.ops.qwen calls that reach the dispatcher, per op and per (op, backend)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: Counter[str] = Counter()
+        self.backends: Counter[tuple[str, str]] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.namespace == "qwen":
+            self.counts[func._opname] += 1
+            self.backends[func._opname, _backend_of(func, args, kwargs)] += 1
+        return func(*args, **kwargs)
+
+
+def _backend_of(func, args, kwargs) -> str:
+    """The ``backend`` argument of a qwen op call (the dispatcher drops it when it is the
+    default)."""
+    names = [a.name for a in func._schema.arguments]
+    index = names.index("backend")
+    return args[index] if index < len(args) else kwargs.get("backend", "auto")
+
+
 def count_qwen_calls(fn: Callable[[], object]) -> int:
     """torch.ops.qwen calls one run of ``fn`` makes."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Count(TorchDispatchMode):
-        calls = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            Count.calls += func.namespace == "qwen"
-            return func(*args, **(kwargs or {}))
-
-    with Count():
+    with CountQwenOps() as counter:
         fn()
-    return Count.calls
+    return sum(counter.counts.values())
 
 
 def time_forward(fn: Callable[[], object], repeats: int, device: str) -> tuple[float, float]:

@@ -42,7 +42,7 @@ def cases(scale: Scale) -> list[Case]:
         ):
             name = f"{visual.name}/{kind}"
             found.append(_case(name, "real", sum(lengths), lengths, heads, head_dim))
-            found.append(_rope_case(name, sum(lengths), lengths, heads, head_dim))
+            found.append(_rope_case(name, lengths, heads, head_dim))
     for tokens in scale.tokens:
         lengths = window_lengths(square_grid(tokens))
         found.append(
@@ -82,13 +82,13 @@ def _case(name: str, series: str, x: int, lengths: list[int], heads: int, head_d
     )
 
 
-def _rope_case(name: str, x: int, lengths: list[int], heads: int, head_dim: int) -> Case:
+def _rope_case(name: str, lengths: list[int], heads: int, head_dim: int) -> Case:
     tokens = sum(lengths)
     return Case(
         op=ROPE_OP,
         name=name,
         series="real",
-        x=x,
+        x=tokens,
         tokens=tokens,
         shape=f"qkv [{tokens}, 3, {heads}, {head_dim}] bf16; positions [2, {tokens}] int32; "
         f"{_segments(lengths)}",
@@ -99,6 +99,7 @@ def _rope_case(name: str, x: int, lengths: list[int], heads: int, head_dim: int)
         flops=4 * sum(n * n for n in lengths) * heads * head_dim,
         args=ROPE_ARGS,
         build=functools.partial(_build_rope, tuple(lengths), heads, head_dim),
+        lengths=tuple(lengths),
     )
 
 
@@ -115,7 +116,6 @@ def _build_rope(lengths: tuple[int, ...], heads: int, head_dim: int, make: Maker
         "inv_freq": make.put(torch.cat([freqs, freqs]), torch.float32),
         "mrope_section": [axial, axial],
         "softmax_scale": None,
-        "lengths": lengths,
     }
 
 

@@ -249,29 +249,33 @@ def captured_launches() -> Iterator[list[Launch]]:
         JITFunction.run = original
 
 
-def _target(arch: str):
+@dataclass(frozen=True)
+class Specialised:
+    """A launch specialised for one arch as the JIT would (Triton's own argument binder: dtypes,
+    divisibility by 16, integer constants): ``key`` is everything that decides the code, as the
+    JIT's cache key; ``variant`` says it briefly for the report."""
+
+    key: tuple
+    variant: str
+    source: Any  # triton.compiler.ASTSource
+    target: Any  # triton.backends.compiler.GPUTarget
+    options: dict
+
+
+def specialise(launch: Launch, arch: str) -> Specialised:
+    """``launch`` as the JIT would compile it for ``arch`` (e.g. "9.0a")."""
     from triton.backends.compiler import GPUTarget
-
-    return GPUTarget("cuda", round(float(arch.rstrip("a")) * 10), 32)
-
-
-def compile_launch(launch: Launch, arch: str) -> tuple[Any, str]:
-    """Compile ``launch`` for ``arch`` with the specialisation the JIT would give it; returns the
-    compiled kernel and a short description of the variant (constexprs, 16-divisible args)."""
-    import triton
     from triton.compiler import ASTSource, make_backend
     from triton.runtime.jit import create_function_from_signature
 
-    target = _target(arch)
+    major, minor = _capability(arch)
+    target = GPUTarget("cuda", major * 10 + minor, 32)
     backend = make_backend(target)
     fn = launch.kernel
     binder = create_function_from_signature(fn.signature, fn.params, backend)
     bound, specialization, options = binder(*launch.args, **launch.kwargs)
     options, signature, constexprs, attrs = fn._pack_args(
         backend, launch.kwargs, bound, specialization, options
-    )
-    compiled = triton.compile(
-        ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__
     )
     names = [p.name for p in fn.params]
     shown = [f"{names[path[0]]}={value}" for path, value in constexprs.items() if len(path) == 1]
@@ -281,7 +285,9 @@ def compile_launch(launch: Launch, arch: str) -> tuple[Any, str]:
     )
     if aligned:
         variant += f"; 16-divisible: {', '.join(aligned)}"
-    return compiled, variant
+    key = (fn.__name__, arch, tuple(signature.items()), variant)
+    source = ASTSource(fn, signature, constexprs, attrs)
+    return Specialised(key, variant, source, target, options.__dict__)
 
 
 def launches_of(op: str, args: Sequence[Any]) -> list[Launch]:
@@ -320,6 +326,11 @@ class Call:
     lengths: Sequence[int] | None = None  # attention: the segment lengths, for the mma share
 
 
+def _sm(arch: str) -> str:
+    """The cubin name of a compute capability: "9.0a" -> "sm_90a"."""
+    return f"sm_{arch.replace('.', '')}"
+
+
 def _capability(arch: str) -> tuple[int, int]:
     number = round(float(arch.rstrip("a")) * 10)
     return number // 10, number % 10
@@ -329,49 +340,39 @@ def triton_rows(
     calls: Sequence[Call], archs: Sequence[str], progress: Callable[[str], None]
 ) -> list[Row]:
     """Compile every distinct Triton launch of ``calls`` for ``archs`` and read its cubin."""
+    import triton
+
     from qwen_kernels.triton_kernels._common import offline_target
 
     rows: dict[tuple, Row] = {}
-    compiled_variants: dict[tuple, tuple[Any, str]] = {}
+    compiled: dict[tuple, Any] = {}  # ops that launch the same variant share its compile
     for call in calls:
         for arch in archs:
             with offline_target(_capability(arch)):
                 launches = call.launches()
             for launch in launches:
-                key = (launch.kernel, arch, _launch_key(launch))
-                if key not in compiled_variants:
+                variant = specialise(launch, arch)
+                row_key = (call.op, *variant.key)
+                if variant.key not in compiled:
                     progress(f"compiling {call.op} {launch.kernel.__name__} for {arch}")
-                    compiled_variants[key] = compile_launch(launch, arch)
-                compiled, variant = compiled_variants[key]
-                row_key = (call.op, launch.kernel.__name__, variant, arch)
+                    compiled[variant.key] = triton.compile(
+                        variant.source, target=variant.target, options=variant.options
+                    )
                 if row_key not in rows:
-                    rows[row_key] = _triton_row(call.op, launch, compiled, variant, arch)
+                    kernel = compiled[variant.key]
+                    rows[row_key] = _triton_row(call.op, launch, kernel, variant.variant, arch)
                 rows[row_key].cases.append(call.name)
                 _note_useful_share(rows[row_key], call, launch)
     return list(rows.values())
 
 
-def _launch_key(launch: Launch) -> str:
-    """What decides the compiled code: argument types, 16-divisibility, constants, options."""
-    parts = []
-    for value in (*launch.args, *sorted(launch.kwargs.items())):
-        if isinstance(value, torch.Tensor):
-            aligned = (value.storage_offset() * value.element_size()) % 16 == 0
-            parts.append(f"{value.dtype}:{aligned}")
-        elif isinstance(value, int) and not isinstance(value, bool):
-            parts.append(f"int:{value % 16 == 0}:{value == 1}:{abs(value) >= 2**31}")
-        else:
-            parts.append(repr(value))
-    return "|".join(parts)
-
-
 def _triton_row(op: str, launch: Launch, compiled: Any, variant: str, arch: str) -> Row:
+    sm = _sm(arch)
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp, "kernel.cubin")
         cubin.write_bytes(compiled.asm["cubin"])
-        functions = read_binary(cubin, f"sm_{arch.replace('.', '')}")
+        functions = read_binary(cubin, sm)
     function = next(iter(functions.values()))
-    sm = f"sm_{arch.replace('.', '')}"
     spills = ptxas_spills(compiled.asm["ptx"], sm)
     warps = compiled.metadata.num_warps
     # Triton allocates its shared memory dynamically: the metadata holds the total.
@@ -382,7 +383,7 @@ def _triton_row(op: str, launch: Launch, compiled: Any, variant: str, arch: str)
         backend="triton",
         kernel=launch.kernel.__name__,
         variant=variant,
-        arch=f"sm_{arch.replace('.', '')}",
+        arch=sm,
         dtype=_DTYPE_NAMES.get(first_tensor.dtype, str(first_tensor.dtype)),
         warps=warps,
         registers=function.registers,
@@ -503,7 +504,7 @@ def cuda_rows(archs: Sequence[str]) -> list[Row]:
     library = cuda_library()
     if library is None:
         return []
-    wanted = {f"sm_{a.replace('.', '')}" for a in archs}
+    wanted = {_sm(a) for a in archs}
     functions = {key: f for key, f in read_binary(library).items() if key[0] in wanted}
     readable = _demangle(sorted({name for _, name in functions}))
     modules = _ptx_modules(library)
@@ -576,8 +577,9 @@ def summary(rows: Sequence[Row], cases: Sequence[Case] = ()) -> list[str]:
     for attention cases, the useful share of the CUDA kernels' mma work."""
     lines = []
     for case in cases:
-        if case.op == "window_attn" and case.lengths:
-            head_dim = int(re.search(r"\[\d+, \d+, (\d+)\]", case.shape).group(1))
+        if KIND.get(case.op) == "attention" and case.lengths:
+            # q (or the packed qkv) on "meta": its shape, nothing allocated.
+            head_dim = case.build(Maker("meta", seed=0))[case.args[0]].shape[-1]
             share = padded_mma_share(case.lengths, head_dim, CUDA_ATTENTION_STEPS)
             lines.append(f"{case.op} cuda, {case.name}: useful mma share {share:.0%}")
     for op in sorted({row.op for row in rows}):

@@ -255,7 +255,7 @@ class LayerKernels:
     def __post_init__(self) -> None:
         for group in LAYER_GROUPS:
             _check_backend(group, getattr(self, group))
-        for flag in ("fuse_rotary", "fuse_mlp_norm"):
+        for flag in _LAYER_FLAGS:
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"{flag} must be a bool, got {getattr(self, flag)!r}")
 

@@ -95,11 +95,6 @@ def window_index(grid: Grid, merge_size: int, window_units: int) -> tuple[Tensor
     return torch.cat(indices), torch.cat(sizes)
 
 
-def unit_order_positions(grid: Grid, merge_size: int) -> Tensor:
-    """int64 ``[2, T]``: (row, column) in its frame of each patch, in unit order."""
-    return vision_positions(grid, merge_size)
-
-
 def rotary_inv_freq(config: VisionConfig) -> Tensor:
     """fp32 ``[head_dim/2]``: the head_dim/4 axial frequencies, for the row then the column."""
     # Each axis rotates half the head: a rotary of width head_dim/2 with head_dim/4 frequencies.
@@ -135,7 +130,7 @@ def build_layout(config: VisionConfig, grid: Grid, device: torch.device) -> Grid
     num_tokens = sum(t * h * w for t, h, w in grid)
     units, window_sizes = window_index(grid, merge, config.window_units)
     token_index = (units[:, None] * unit + torch.arange(unit)).reshape(-1)
-    positions = unit_order_positions(grid, merge)[:, token_index]
+    positions = vision_positions(grid, merge)[:, token_index]  # (row, column), unit order
     frames = torch.tensor([h * w for _, h, w in grid]).repeat_interleave(
         torch.tensor([t for t, _, _ in grid])
     )

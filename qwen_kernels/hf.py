@@ -205,16 +205,9 @@ def _with_rotary(forward: types.FunctionType, rotary: Callable) -> types.Functio
     return functools.update_wrapper(copy, forward)
 
 
-def _rotary_fused(kernels: LayerKernels) -> bool:
-    """Whether the block runs the rotary inside the attention (``qwen.window_attn_rope``): where
-    the package has that op and the layer's config asks for it (``LayerKernels.rotary_fused``,
-    which comes with the op)."""
-    return hasattr(qk, "window_attn_rope") and getattr(kernels, "rotary_fused", False)
-
-
 def _attention_forward(attn: nn.Module, kernels: LayerKernels) -> Callable:
     heads, head_dim, scale = attn.num_heads, attn.head_dim, attn.scaling
-    fused = _rotary_fused(kernels)
+    fused = kernels.rotary_fused
 
     # Inference only: the rotary rewrites views of the qkv output in place.
     @torch.no_grad()
@@ -316,6 +309,12 @@ def vision_kwargs(tower: nn.Module, grid_thw: Tensor) -> dict[str, Any]:
     ``torch.compile(tower, fullgraph=True)`` traces it whole:
     ``compiled(pixel_values, grid_thw, **vision_kwargs(tower, grid_thw))``.
     """
+    _, frame, window = _max_seqlens(tower, grid_thw)
+    return _vision_kwargs(tower, grid_thw, frame, window)
+
+
+def _vision_kwargs(tower: nn.Module, grid_thw: Tensor, frame: int, window: int) -> dict[str, Any]:
+    """``vision_kwargs`` with the longest frame and window already known."""
     from transformers.vision_utils import (
         get_vision_attention_seqlens,
         get_vision_position_ids,
@@ -323,7 +322,6 @@ def vision_kwargs(tower: nn.Module, grid_thw: Tensor) -> dict[str, Any]:
     )
 
     merge = tower.spatial_merge_size
-    _, frame, window = _max_seqlens(tower, grid_thw)
     window_index, cu_window_seqlens = get_vision_window_index(
         grid_thw, merge, tower.window_size, tower.patch_size
     )
@@ -359,7 +357,9 @@ def _window_rotary(
     positions = position_ids.view(tokens // unit, unit, 2)[index].reshape(tokens, 2)
     inv_freq = tower.rotary_pos_emb.inv_freq.float()
     half = inv_freq.shape[0]
-    return positions.t().contiguous(), torch.cat((inv_freq, inv_freq)), [half, half]
+    # int32 once here, not converted by the kernels in every layer (row/column indices fit).
+    rows_columns = positions.t().to(torch.int32, memory_format=torch.contiguous_format)
+    return rows_columns, torch.cat((inv_freq, inv_freq)), [half, half]
 
 
 def _tower_forward(tower: nn.Module, original: Callable, fused: bool) -> Callable:
@@ -379,7 +379,7 @@ def _tower_forward(tower: nn.Module, original: Callable, fused: bool) -> Callabl
                 kwargs.setdefault("max_seqlen", frame)
                 kwargs.setdefault("max_window_seqlen", window)
             return original(hidden_states, grid_thw, **with_rotary(kwargs))
-        tokens = _max_seqlens(tower, grid_thw)[0]
+        tokens, frame, window = _max_seqlens(tower, grid_thw)
         if hidden_states.shape[0] != tokens:
             raise ValueError(
                 f"qwen_kernels.hf: the vision tower's hidden_states must have one row per "
@@ -388,7 +388,7 @@ def _tower_forward(tower: nn.Module, original: Callable, fused: bool) -> Callabl
         # Computed once per call and moved to the activations' device once (grid_thw may be on
         # the CPU), instead of read back from the device in every layer.
         device = hidden_states.device
-        for name, value in vision_kwargs(tower, grid_thw).items():
+        for name, value in _vision_kwargs(tower, grid_thw, frame, window).items():
             kwargs[name] = value.to(device) if isinstance(value, Tensor) else value
         # The seqlens come from grid_thw and the rows were just counted: the ops need not check
         # cu_seqlens against the device values in every layer.
@@ -449,7 +449,7 @@ def patch_qwen2_5_vl(
             handle._replace(block.mlp, _mlp_forward(block.mlp, layer))
             handle._replace(block, _block_forward(block, layer))
         handle._replace(tower.merger, _merger_forward(tower.merger, config.merge))
-        fused = any(_rotary_fused(config.for_layer(i)) for i in range(len(tower.blocks)))
+        fused = any(config.for_layer(i).rotary_fused for i in range(len(tower.blocks)))
         original = getattr(tower, forward_slot(tower))
         handle._replace(tower, _tower_forward(tower, original, fused))
     if text_layers:

@@ -3,15 +3,13 @@ same logits and generated tokens patched and unpatched on an image and a video, 
 against VisionEncoder, exact restoration by unpatch, the qwen ops really running (counted), the
 kernel backends of this machine, and clear errors for models it does not know."""
 
-from collections import Counter
-
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLAttention
 
 import qwen_kernels
+from qwen_kernels.bench.bench_host import CountQwenOps
 from qwen_kernels.hf import patch_qwen2_5_vl
 from qwen_kernels.model import KernelConfig, LayerKernels, VisionConfig, VisionEncoder
 from tests.helpers import rel_err
@@ -92,30 +90,6 @@ def video_inputs(gen: torch.Generator) -> dict:
 def _logits(model, inputs) -> torch.Tensor:
     with torch.no_grad():
         return model(**inputs).logits
-
-
-class CountQwenOps(TorchDispatchMode):
-    """Counts the torch.ops.qwen calls that reach the dispatcher, per op and per (op, backend)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.counts: Counter[str] = Counter()
-        self.backends: Counter[tuple[str, str]] = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func.namespace == "qwen":
-            self.counts[func._opname] += 1
-            self.backends[func._opname, _backend_of(func, args, kwargs)] += 1
-        return func(*args, **kwargs)
-
-
-def _backend_of(func, args, kwargs) -> str:
-    """The ``backend`` argument of a qwen op call (the dispatcher drops it when it is the
-    default)."""
-    names = [a.name for a in func._schema.arguments]
-    index = names.index("backend")
-    return args[index] if index < len(args) else kwargs.get("backend", "auto")
 
 
 def _instance_forwards(model) -> dict[str, object]:

@@ -75,7 +75,7 @@ def check_attention_args(
     max_seqlen: int,
     softmax_scale: float | None,
 ) -> None:
-    """Shape/dtype/device checks of q, k, v and the segments (also used by fused ops)."""
+    """Shape/dtype/device checks of q, k, v and the segments."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_float(op, name, t)
         check_ndim(op, name, t, 3)
@@ -83,6 +83,13 @@ def check_attention_args(
     for name, t in (("k", k), ("v", v)):
         if t.shape != q.shape:
             fail(op, name, f"of q's shape [T, H, D] = {tuple(q.shape)}", tuple(t.shape))
+    check_segment_args(op, q, cu_seqlens, max_seqlen, softmax_scale)
+
+
+def check_segment_args(
+    op: str, q: Tensor, cu_seqlens: Tensor, max_seqlen: int, softmax_scale: float | None
+) -> None:
+    """Shape/dtype/device checks of the segments and the scale (q already checked)."""
     if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype != torch.int32:
         fail(op, "cu_seqlens", "an int32 tensor", getattr(cu_seqlens, "dtype", type(cu_seqlens)))
     check_ndim(op, "cu_seqlens", cu_seqlens, 1)

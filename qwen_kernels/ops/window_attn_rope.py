@@ -16,7 +16,7 @@ from .._checks import check_float, check_ndim, fail
 from .mrope import _check_positions, _check_qk, mrope_pos_reference
 from .window_attn import (
     AUTO_NOTE,
-    check_attention_args,
+    check_segment_args,
     check_segment_values,
     kernel_fits,
     window_attn_reference,
@@ -54,9 +54,10 @@ def _check_args(
     check_ndim(OP, "qkv", qkv, 4)
     if qkv.shape[1] != 3:
         fail(OP, "qkv", "[T, 3, H, D] (q, k, v packed along dim 1)", tuple(qkv.shape))
-    q, k, v = qkv.unbind(1)
+    # q, k and v are views of the checked qkv: one dtype, device and shape.
+    q, k, _ = qkv.unbind(1)
     _check_qk(OP, q, k)
-    check_attention_args(OP, q, k, v, cu_seqlens, max_seqlen, softmax_scale)
+    check_segment_args(OP, q, cu_seqlens, max_seqlen, softmax_scale)
     _check_positions(OP, q, positions, inv_freq, mrope_section)
 
 
