@@ -117,24 +117,6 @@ struct PositionSource {
   }
 };
 
-template <class T, int VEC>
-QK_DEVICE void load_half(const T* p, Pack<T, VEC>& v) {
-  if constexpr (VEC == 1) {
-    v.v[0] = p[0];
-  } else {
-    v = load_pack<T, VEC>(p);  // the host picks VEC > 1 only for unit column strides
-  }
-}
-
-template <class T, int VEC>
-QK_DEVICE void store_half(T* p, const Pack<T, VEC>& v) {
-  if constexpr (VEC == 1) {
-    p[0] = v.v[0];
-  } else {
-    store_pack<T, VEC>(p, v);
-  }
-}
-
 template <class T, class Source, int VEC>
 __global__ void __launch_bounds__(MropeTraits::kThreads)
     mrope_kernel(const MropeParams<T> p, const Source source) {
@@ -157,8 +139,9 @@ __global__ void __launch_bounds__(MropeTraits::kThreads)
     const Strided<const T>& x = h < p.q_heads ? p.q : p.k;
     const int head = h < p.q_heads ? h : h - p.q_heads;
     const T* src = x.ptr + b * x.b + s * x.s + head * x.h + col * x.d;
-    load_half<T, VEC>(src, x1[i]);
-    load_half<T, VEC>(src + p.half * x.d, x2[i]);
+    // The host picks VEC > 1 only for unit column strides; VEC 1 is a plain element access.
+    x1[i] = load_pack<T, VEC>(src);
+    x2[i] = load_pack<T, VEC>(src + p.half * x.d);
   }
 #pragma unroll
   for (int i = 0; i < kGroup; ++i) {
@@ -176,8 +159,8 @@ __global__ void __launch_bounds__(MropeTraits::kThreads)
       y1.v[j] = from_float<T>(__fsub_rn(__fmul_rn(a, angle.cos1[j]), __fmul_rn(z, angle.sin1[j])));
       y2.v[j] = from_float<T>(__fadd_rn(__fmul_rn(z, angle.cos2[j]), __fmul_rn(a, angle.sin2[j])));
     }
-    store_half<T, VEC>(dst, y1);
-    store_half<T, VEC>(dst + p.half * out.d, y2);
+    store_pack<T, VEC>(dst, y1);
+    store_pack<T, VEC>(dst + p.half * out.d, y2);
   }
 }
 

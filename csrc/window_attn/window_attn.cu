@@ -476,11 +476,11 @@ bool supported_head_dim(int64_t head_dim) {
 #undef QK_WINDOW_ATTN_IS
 }
 
+// q is 3-D here: window_attn checks it, window_attn_rope selects it from a checked qkv.
 void check_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                 const at::Tensor& cu_seqlens, int64_t max_seqlen, double scale) {
   check_device(q, "q");
   check_dtype(q, "q", {at::kFloat, at::kHalf, at::kBFloat16});
-  check_dim(q, "q", 3);
   QK_CHECK_ARG(supported_head_dim(q.size(2)), "q",
                "a head dim (q.shape[2]) of 64, 80 or 128 (got shape ", q.sizes(), ")");
   for (const auto& [t, name] : {std::pair{&k, "k"}, std::pair{&v, "v"}}) {
