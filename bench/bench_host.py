@@ -1,12 +1,13 @@
 """Host cost of the qwen ops and of whole encoder forwards (the share of a forward spent in Python).
 
-Per op call: the public function on the "torch" and "auto" backends against a bare
-``torch.library.custom_op`` that runs the same eager reference with no checks and no backend
-selection (and the reference called directly), on tiny tensors so that compute is negligible.
-``select auto`` is the part of a call spent in ``OpBackends.select`` (every call selects). On the
-CPU everything runs with one intra-op thread.
-The difference to the bare op is what the qwen op adds: argument checks, ``OpBackends.select``,
-the ``.contiguous()`` of the result and the Python wrapper.
+Per op call: the public function against a bare ``torch.library.custom_op`` taking the same
+arguments, both running the same implementation: a stub that returns a prepared output, so no
+compute hides the difference. That difference is what the qwen op adds: argument checks,
+``OpBackends.select`` (its answers are kept per backend, device and dtype), the ``.contiguous()``
+of the result and the Python wrapper. Measured on the "torch" and "auto" backends, and with
+``skip_value_checks()`` (as inside the encoder), on tiny tensors; each figure is the best of
+several rounds that alternate the bare and the qwen call. On the CPU everything runs with one
+intra-op thread.
 
 Per forward: ``VisionEncoder`` (32 blocks, the released tower's windows and full-attention
 blocks) and transformers' tower, stock and patched with ``qwen_kernels.hf.patch_qwen2_5_vl``,
@@ -22,11 +23,12 @@ attention of the 1344x1344 image is real compute even at these widths.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import statistics
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -35,56 +37,70 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import qwen_kernels as qk
 from qwen_kernels._backends import REGISTRY
 from qwen_kernels.model import KernelConfig, VisionConfig, VisionEncoder
-from qwen_kernels.ops.mrope import mrope_pos_reference
-from qwen_kernels.ops.patch_merge import patch_merge_reference
-from qwen_kernels.ops.rms_norm import add_rms_norm_reference, rms_norm_reference
-from qwen_kernels.ops.swiglu import swiglu_reference
-from qwen_kernels.ops.window_attn import window_attn_reference
 
-# Bare custom ops: the reference inside torch.library.custom_op, nothing else.
+# Bare custom ops: the same schema as the qwen op without `backend`, and nothing inside but the
+# qwen op's "torch" implementation (the reference, or the stub `stubbed` sets). Looked up in the
+# op registry, not in this module: the module may be imported twice (as bench.bench_host and
+# qwen_kernels.bench.bench_host) while the custom ops are registered once.
 _NS = "qwen_host_bench"
+
+
+def _run(op: str) -> Callable:
+    return REGISTRY[op].impls["torch"]
 
 
 @torch.library.custom_op(f"{_NS}::rms_norm", mutates_args=())
 def _bare_rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    return rms_norm_reference(x, weight, eps)
+    return _run("rms_norm")(x, weight, eps)
 
 
 @torch.library.custom_op(f"{_NS}::add_rms_norm", mutates_args=())
 def _bare_add_rms_norm(
     x: Tensor, residual: Tensor, weight: Tensor, eps: float
 ) -> tuple[Tensor, Tensor]:
-    return add_rms_norm_reference(x, residual, weight, eps)
+    return _run("add_rms_norm")(x, residual, weight, eps)
 
 
 @torch.library.custom_op(f"{_NS}::swiglu", mutates_args=())
 def _bare_swiglu(gate_up: Tensor) -> Tensor:
-    return swiglu_reference(gate_up)
+    return _run("swiglu")(gate_up)
 
 
 @torch.library.custom_op(f"{_NS}::mrope_pos_", mutates_args=("q", "k"))
 def _bare_mrope_pos_(
     q: Tensor, k: Tensor, positions: Tensor, inv_freq: Tensor, mrope_section: list[int]
 ) -> None:
-    q_out, k_out = mrope_pos_reference(q, k, positions, inv_freq, mrope_section)
-    q.copy_(q_out)
-    k.copy_(k_out)
+    _run("mrope_pos_")(q, k, positions, inv_freq, mrope_section)
 
 
 @torch.library.custom_op(f"{_NS}::window_attn", mutates_args=())
 def _bare_window_attn(
     q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int
 ) -> Tensor:
-    return window_attn_reference(q, k, v, cu_seqlens, max_seqlen, None)
+    return _run("window_attn")(q, k, v, cu_seqlens, max_seqlen, None)
+
+
+@torch.library.custom_op(f"{_NS}::window_attn_rope", mutates_args=())
+def _bare_window_attn_rope(
+    qkv: Tensor,
+    cu_seqlens: Tensor,
+    max_seqlen: int,
+    positions: Tensor,
+    inv_freq: Tensor,
+    mrope_section: list[int],
+) -> Tensor:
+    return _run("window_attn_rope")(
+        qkv, cu_seqlens, max_seqlen, positions, inv_freq, mrope_section, None
+    )
 
 
 @torch.library.custom_op(f"{_NS}::patch_merge", mutates_args=())
 def _bare_patch_merge(x: Tensor, weight: Tensor, eps: float, unit_index: Tensor) -> Tensor:
-    return patch_merge_reference(x, weight, eps, unit_index)
+    return _run("patch_merge")(x, weight, eps, unit_index)
 
 
-def op_cases(device: str) -> dict[str, tuple[Callable, Callable, Callable]]:
-    """op -> (reference call, bare custom op call, qwen op call taking a backend), tiny inputs."""
+def op_cases(device: str) -> dict[str, tuple[Callable, Callable]]:
+    """op -> (bare custom op call, qwen op call taking a backend), tiny inputs."""
     gen = torch.Generator(device).manual_seed(0)
 
     def randn(*shape: int) -> Tensor:
@@ -92,7 +108,8 @@ def op_cases(device: str) -> dict[str, tuple[Callable, Callable, Callable]]:
 
     x, res, w = randn(8, 16), randn(8, 16), randn(16)
     gate_up = randn(8, 32)
-    q, k, v = randn(8, 2, 8), randn(8, 2, 8), randn(8, 2, 8)
+    qkv = randn(8, 3, 2, 8)
+    q, k, v = qkv.unbind(1)
     positions = torch.randint(0, 4, (2, 8), generator=gen, device=device, dtype=torch.int32)
     inv_freq, section = randn(4).abs(), [2, 2]
     cu = torch.tensor([0, 4, 8], dtype=torch.int32, device=device)
@@ -100,55 +117,64 @@ def op_cases(device: str) -> dict[str, tuple[Callable, Callable, Callable]]:
     bare = getattr(torch.ops, _NS)
     return {
         "rms_norm": (
-            lambda: rms_norm_reference(x, w, 1e-6),
             lambda: bare.rms_norm(x, w, 1e-6),
             lambda b: qk.rms_norm(x, w, 1e-6, backend=b),
         ),
         "add_rms_norm": (
-            lambda: add_rms_norm_reference(x, res, w, 1e-6),
             lambda: bare.add_rms_norm(x, res, w, 1e-6),
             lambda b: qk.add_rms_norm(x, res, w, 1e-6, backend=b),
         ),
         "swiglu": (
-            lambda: swiglu_reference(gate_up),
             lambda: bare.swiglu(gate_up),
             lambda b: qk.swiglu(gate_up, backend=b),
         ),
         "mrope_pos_": (
-            lambda: mrope_pos_reference(q, k, positions, inv_freq, section),
             lambda: bare.mrope_pos_(q, k, positions, inv_freq, section),
             lambda b: qk.mrope_pos_(q, k, positions, inv_freq, section, backend=b),
         ),
         "window_attn": (
-            lambda: window_attn_reference(q, k, v, cu, 4, None),
             lambda: bare.window_attn(q, k, v, cu, 4),
             lambda b: qk.window_attn(q, k, v, cu, 4, backend=b),
         ),
+        "window_attn_rope": (
+            lambda: bare.window_attn_rope(qkv, cu, 4, positions, inv_freq, section),
+            lambda b: qk.window_attn_rope(qkv, cu, 4, positions, inv_freq, section, backend=b),
+        ),
         "patch_merge": (
-            lambda: patch_merge_reference(x, w, 1e-6, units),
             lambda: bare.patch_merge(x, w, 1e-6, units),
             lambda b: qk.patch_merge(x, w, 1e-6, units, backend=b),
         ),
     }
 
 
-def per_call_us(fn: Callable[[], object], seconds: float, repeats: int) -> float:
-    """Best of ``repeats`` averages over batches of calls lasting about ``seconds``, in
-    microseconds (host time: the tensors are tiny; on a GPU the queue is drained after each
-    batch)."""
-    fn()
+@contextlib.contextmanager
+def stubbed(op: str, stub: Callable) -> Iterator[None]:
+    """Every backend of ``op`` (and so the bare op) runs ``stub`` inside this block."""
+    table = REGISTRY[op]
+    saved = dict(table.impls)
+    try:
+        for backend in saved:
+            table.register(backend, stub)
+        yield
+    finally:
+        for backend, impl in saved.items():
+            table.register(backend, impl)
+
+
+def _returning(output: object) -> Callable:
+    """A stub implementation: ignores its arguments and returns ``output``."""
+    return lambda *args: output
+
+
+def per_call_us(fn: Callable[[], object], calls: int) -> float:
+    """Microseconds per call over ``calls`` calls (host time: the tensors are tiny; on a GPU the
+    queue is drained before and after)."""
+    _sync()
     start = time.perf_counter()
-    fn()
-    calls = max(3, int(seconds / max(time.perf_counter() - start, 1e-7)))
-    best = float("inf")
-    for _ in range(repeats):
-        _sync()
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        _sync()
-        best = min(best, (time.perf_counter() - start) / calls)
-    return best * 1e6
+    for _ in range(calls):
+        fn()
+    _sync()
+    return (time.perf_counter() - start) / calls * 1e6
 
 
 def _sync() -> None:
@@ -156,25 +182,29 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def bench_ops(device: str, seconds: float, repeats: int) -> list[dict[str, float | str]]:
-    """Per op: microseconds per call of the reference, the bare custom op and the qwen op."""
+def bench_ops(device: str, calls: int, rounds: int) -> list[dict[str, float | str]]:
+    """Per op: microseconds per call of the bare custom op and of the qwen op ("torch", "auto",
+    "auto" with value checks skipped), all running one stub; each the best of ``rounds``."""
     rows = []
-    # select looks at the device and dtype of the op's first tensor only (all cases are fp32).
-    like = torch.ones(1, device=device)
     with torch.no_grad():
-        for op, (reference, bare, qwen) in op_cases(device).items():
-            row: dict[str, float | str] = {"op": op}
-            row["reference"] = per_call_us(reference, seconds, repeats)
-            row["bare"] = per_call_us(bare, seconds, repeats)
-            for backend in ("torch", "auto"):
-                row[backend] = per_call_us(functools.partial(qwen, backend), seconds, repeats)
-            with qk.skip_value_checks():
-                row["torch+skip"] = per_call_us(functools.partial(qwen, "torch"), seconds, repeats)
-            # The share of OpBackends.select, which every call runs inside the op.
-            row["select auto"] = per_call_us(
-                functools.partial(REGISTRY[op].select, "auto", like), seconds, repeats
-            )
-            rows.append(row)
+        for op, (bare, qwen) in op_cases(device).items():
+            # The stub returns what the op returns, so the qwen op's .contiguous() runs as usual.
+            output = bare()
+            runs = {
+                "bare": bare,
+                "torch": functools.partial(qwen, "torch"),
+                "auto": functools.partial(qwen, "auto"),
+            }
+            best = dict.fromkeys([*runs, "auto skip"], float("inf"))
+            with stubbed(op, _returning(output)):
+                for fn in runs.values():
+                    fn()  # first calls resolve backends and warm caches
+                for _ in range(rounds):
+                    for name, fn in runs.items():
+                        best[name] = min(best[name], per_call_us(fn, calls))
+                    with qk.skip_value_checks():
+                        best["auto skip"] = min(best["auto skip"], per_call_us(runs["auto"], calls))
+            rows.append({"op": op, **best})
     return rows
 
 
@@ -318,16 +348,20 @@ def main(argv: list[str] | None = None) -> int:
 
 def report(device: str, tiny: bool) -> None:
     """Measure and print both tables."""
-    seconds, repeats = (0.002, 2) if tiny else (0.02, 15)
+    calls, rounds = (200, 3) if tiny else (2000, 15)
     depth = 4 if tiny else 32
     images = {"56x56": 56, "112x112": 112} if tiny else {"448x448": 448, "1344x1344": 1344}
 
-    print(f"device {device}, torch {torch.__version__}; microseconds per call, tiny tensors")
-    header = ["op", "reference", "bare", "torch", "auto", "torch+skip", "select auto"]
-    print(f"{header[0]:<14}" + "".join(f"{h:>13}" for h in header[1:]) + f"{'torch - bare':>14}")
-    for row in bench_ops(device, seconds, repeats):
-        cells = "".join(f"{row[h]:>13.2f}" for h in header[1:])
-        print(f"{row['op']:<14}{cells}{row['torch'] - row['bare']:>14.2f}")
+    print(
+        f"device {device}, torch {torch.__version__}; microseconds per call, tiny tensors, every "
+        "call running the same stub; + columns: added over the bare custom op"
+    )
+    header = ["op", "bare", "torch", "auto", "auto skip", "+torch", "+auto", "+auto skip"]
+    print(f"{header[0]:<18}" + "".join(f"{h:>11}" for h in header[1:]))
+    for row in bench_ops(device, calls, rounds):
+        added = [row[name] - row["bare"] for name in ("torch", "auto", "auto skip")]
+        cells = [row[name] for name in header[1:5]] + added
+        print(f"{row['op']:<18}" + "".join(f"{value:>11.2f}" for value in cells))
 
     print(
         f"\nforward of a {depth}-block tower with widths of 16; host ms is the time to issue it "

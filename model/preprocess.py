@@ -4,7 +4,8 @@ Matches transformers' ``Qwen2VLImageProcessorPil``: RGB (transparency composited
 bicubic resize (Pillow) to sides that are multiples of 28 with the pixel count kept within
 [min_pixels, max_pixels], rescale to [0, 1], CLIP mean/std, each image repeated to the 2 frames of a
 temporal patch, and patches flattened in merge-unit order. Videos are sampled at a dynamic frame
-rate as qwen-vl-utils does (frames chosen by time, an even count).
+rate as qwen-vl-utils does (frames chosen by time, an even count) and resized as transformers'
+``Qwen2VLVideoProcessor`` does (antialiased bicubic on uint8 tensors).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
@@ -33,6 +35,7 @@ VIDEO_MAX_PIXELS = 768 * 28 * 28
 VIDEO_FPS = 2.0
 VIDEO_MIN_FRAMES = 4
 VIDEO_MAX_FRAMES = 768
+FRAME_SPACINGS = ("qwen-vl-utils", "transformers")
 
 ImageLike = Image.Image | np.ndarray
 
@@ -95,14 +98,33 @@ def to_rgb(image: ImageLike) -> Image.Image:
 
 
 def _normalize(image: Image.Image, height: int, width: int) -> np.ndarray:
-    """Bicubic resize, rescale to [0, 1] and CLIP-normalise: fp32 ``[3, height, width]``."""
+    """Bicubic resize (Pillow), rescale to [0, 1], CLIP-normalise: fp32 ``[3, height, width]``."""
     if image.size != (width, height):
         image = image.resize((width, height), resample=Image.Resampling.BICUBIC)
+    return _rescale_and_normalize(np.asarray(image)).transpose(2, 0, 1)
+
+
+def _rescale_and_normalize(pixels: np.ndarray) -> np.ndarray:
+    """uint8 ``[..., 3]`` to fp32 CLIP-normalised values, channels last."""
     # Same rounding steps as transformers: rescale in fp64, store fp32, normalise in fp32.
-    pixels = (np.asarray(image, dtype=np.float64) * (1 / 255)).astype(np.float32)
+    scaled = (pixels.astype(np.float64) * (1 / 255)).astype(np.float32)
     mean = np.asarray(CLIP_MEAN, dtype=np.float32)
     std = np.asarray(CLIP_STD, dtype=np.float32)
-    return ((pixels - mean) / std).transpose(2, 0, 1)
+    return (scaled - mean) / std
+
+
+def _resize_frames(frames: np.ndarray, height: int, width: int) -> np.ndarray:
+    """uint8 ``[F, H, W, 3]`` frames to ``[F, height, width, 3]`` with torch's antialiased bicubic
+    on uint8: what torchvision's resize runs for qwen-vl-utils and transformers' video processor
+    (it differs from Pillow's bicubic by up to a few uint8 levels where one side shrinks and the
+    other grows)."""
+    if frames.shape[1:3] == (height, width):
+        return frames
+    channels_first = torch.from_numpy(frames).permute(0, 3, 1, 2).contiguous()
+    resized = F.interpolate(
+        channels_first, size=(height, width), mode="bicubic", align_corners=False, antialias=True
+    )
+    return resized.permute(0, 2, 3, 1).numpy()
 
 
 def patchify(frames: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int]]:
@@ -170,10 +192,18 @@ def sample_frame_indices(
     sample_fps: float = VIDEO_FPS,
     min_frames: int = VIDEO_MIN_FRAMES,
     max_frames: int = VIDEO_MAX_FRAMES,
+    spacing: str = "qwen-vl-utils",
 ) -> list[int]:
     """Frames to keep from a video of ``num_frames`` at ``fps``: about ``sample_fps`` per second,
     an even number of them (whole temporal patches) between ``min_frames`` and ``max_frames``,
-    spread evenly over the video's duration."""
+    spread evenly over the video's duration.
+
+    ``spacing`` says how they are spread: "qwen-vl-utils" (the reference pipeline: ``linspace(0,
+    N-1, n)`` rounded, first and last frame kept) or "transformers" (``Qwen2VLVideoProcessor``
+    with ``do_sample_frames=True``: ``arange(0, N, N/n)`` truncated). Both keep the same count.
+    """
+    if spacing not in FRAME_SPACINGS:
+        raise ValueError(f"spacing must be one of {FRAME_SPACINGS}, got {spacing!r}")
     if num_frames < TEMPORAL_PATCH_SIZE:
         raise ValueError(f"a video needs at least {TEMPORAL_PATCH_SIZE} frames, got {num_frames}")
     if fps <= 0 or sample_fps <= 0:
@@ -182,6 +212,8 @@ def sample_frame_indices(
     wanted = num_frames / fps * sample_fps
     count = min(max(wanted, min_frames), max_frames, num_frames)
     count = max(step, int(count // step) * step)
+    if spacing == "transformers":
+        return torch.arange(0, num_frames, num_frames / count).int().tolist()[:count]
     return torch.linspace(0, num_frames - 1, count).round().long().tolist()
 
 
@@ -193,6 +225,7 @@ def preprocess_video(
     max_pixels: int = VIDEO_MAX_PIXELS,
     min_frames: int = VIDEO_MIN_FRAMES,
     max_frames: int = VIDEO_MAX_FRAMES,
+    spacing: str = "qwen-vl-utils",
 ) -> VideoInputs:
     """Sample a video at a dynamic frame rate and cut it into patches.
 
@@ -203,23 +236,25 @@ def preprocess_video(
         sample_fps: frames kept per second of video (before the min/max frame bounds).
         min_pixels, max_pixels: bounds of each resized frame's pixel count.
         min_frames, max_frames: bounds of the number of sampled frames.
+        spacing: which frames: "qwen-vl-utils" or "transformers" (see ``sample_frame_indices``).
 
     Returns:
         A ``VideoInputs``; consecutive sampled frames pair into temporal patches.
 
-    Frames are resized with Pillow's bicubic filter, like images (qwen-vl-utils resizes video
-    tensors with torchvision). Its total pixel budget for long videos is left to the caller:
-    lower ``max_pixels`` for many frames.
+    Frames are resized as qwen-vl-utils and transformers' video processor resize them
+    (torchvision's antialiased bicubic on uint8; images use Pillow's bicubic, as their
+    processors do). The total pixel budget for long videos (transformers'
+    ``cap_pixels_per_frame``) is left to the caller: lower ``max_pixels`` for many frames.
     """
-    indices = sample_frame_indices(len(frames), fps, sample_fps, min_frames, max_frames)
+    indices = sample_frame_indices(len(frames), fps, sample_fps, min_frames, max_frames, spacing)
     picked = [to_rgb(frames[i]) for i in indices]
     sizes = {im.size for im in picked}
     if len(sizes) != 1:
         raise ValueError(f"video frames must share one size, got {sorted(sizes)}")
     width, height = picked[0].size
     height, width = smart_resize(height, width, FACTOR, min_pixels, max_pixels)
-    stacked = np.stack([_normalize(im, height, width) for im in picked])
-    flat, grid = patchify(stacked)
+    resized = _resize_frames(np.stack([np.asarray(im) for im in picked]), height, width)
+    flat, grid = patchify(_rescale_and_normalize(resized).transpose(0, 3, 1, 2))
     # The sampled rate may differ from sample_fps (bounds, rounding to whole patches).
     effective_fps = len(indices) / len(frames) * fps
     return VideoInputs(

@@ -19,6 +19,8 @@ import torch
 
 BACKENDS: tuple[str, ...] = ("torch", "triton", "cuda", "cuda_emu")
 BACKEND_CHOICES: tuple[str, ...] = ("auto", *BACKENDS)
+# Call signatures an op keeps before it starts over (a few hundred bytes each).
+_MAX_SIGNATURES = 4096
 
 # Preference of "auto" per device type.
 _AUTO_ORDER: dict[str, tuple[str, ...]] = {
@@ -121,17 +123,20 @@ class OpBackends:
     impls: dict[str, Callable | str] = field(default_factory=dict)
     # What "auto" runs instead of picking a backend, if set (e.g. a chain of the best kernels).
     auto_impl: Callable | None = None
-    # Whether a kernel backend takes inputs like these (e.g. its head dims): "auto" passes over
-    # the ones that do not, to the next in its order.
-    fits: Callable[[str, torch.Tensor], bool] | None = None
+    # Whether a kernel backend takes inputs whose last dim has this size (e.g. its head dims):
+    # "auto" passes over the ones that do not, to the next in its order.
+    fits: Callable[[str, int], bool] | None = None
     # How "auto" decides for this op, when it is more than the device's order (for `info`).
     auto_note: str = ""
+    # The implementation chosen for each call signature that passed the op's checks.
+    _calls: dict[tuple, Callable] = field(default_factory=dict, init=False, repr=False)
 
     def register(self, backend: str, impl: Callable | str) -> None:
         """Add (or replace) the implementation of ``backend``."""
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
         self.impls[backend] = impl
+        self._calls.clear()
 
     def usable(self, device_type: str | None = None) -> list[str]:
         """Backends that have code for this op and can run here (on ``device_type``)."""
@@ -145,21 +150,43 @@ class OpBackends:
             self.impls[backend] = impl
         return impl
 
+    def resolve(
+        self, signature: tuple, backend: str, like: torch.Tensor, check: Callable, *args
+    ) -> Callable:
+        """The implementation for a call: ``check(*args)`` (the op's argument checks) then
+        ``select(backend, like)``, once per call signature.
+
+        Checks and selection together cost more host time than the custom op call itself, so an
+        op keys both by a signature holding all they read: the backend name, each tensor's
+        ``tensor_key`` and the other arguments. Checks of tensor values are not part of it; the
+        op runs them on every call. What a backend can run does not change while the process
+        runs, and a failed check raises before anything is kept.
+        """
+        impl = self._calls.get(signature)
+        if impl is None:
+            check(*args)
+            impl = self.select(backend, like)
+            if len(self._calls) >= _MAX_SIGNATURES:
+                self._calls.clear()  # shapes can vary without bound in serving: start over
+            self._calls[signature] = impl
+        return impl
+
     def select(self, backend: str, like: torch.Tensor) -> Callable:
-        """Resolve ``backend`` (possibly "auto") for inputs like ``like`` (its device and dtype).
-        Returns the implementation to call; raises if the backend cannot run these inputs here."""
+        """Resolve ``backend`` (possibly "auto") for inputs like ``like`` (its device, dtype and,
+        where ``fits`` reads it, last dim). Returns the implementation to call; raises if the
+        backend cannot run these inputs here."""
+        if backend == "auto" and like.numel() == 0:
+            return self._load("torch")  # nothing to compute: no launch, no failure
         device = like.device
         # Kernels compute in fp32 at most; fp64 exists to build references on "torch".
         kernel_dtype = like.dtype != torch.float64
-        if backend == "auto" and like.numel() == 0:
-            return self._load("torch")  # nothing to compute: no launch, no failure
         if backend == "auto" and self.auto_impl is not None:
             return self.auto_impl
         if backend == "auto":
             for name in _AUTO_ORDER.get(device.type, ("torch",)):
                 usable = name in self.impls and runtime_missing(name, device.type) is None
                 fits = name == "torch" or (
-                    kernel_dtype and (self.fits is None or self.fits(name, like))
+                    kernel_dtype and (self.fits is None or self.fits(name, like.shape[-1]))
                 )
                 if usable and fits:
                     return self._load(name)
@@ -182,6 +209,12 @@ class OpBackends:
                 "float64 (only the 'torch' reference runs in float64)"
             )
         return self._load(backend)
+
+
+def tensor_key(t: torch.Tensor | None) -> tuple | None:
+    """The part of a call signature (``OpBackends.cached``) a tensor argument contributes: its
+    dtype, shape and device (strides are not checked by any op: kernels take any)."""
+    return None if t is None else (t.dtype, t.shape, t.device)
 
 
 class NativeOp:

@@ -8,12 +8,24 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Iterator, Sequence
+from collections.abc import Set as AbstractSet
 
 import torch
 
 # The kernels take fp16, bf16 and fp32; the "torch" backend also runs in float64: that is how
-# tests build their references.
-REFERENCE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# tests build their references. Sets: a membership test on a tuple of dtypes costs several
+# rich comparisons, and these checks run on every call (see bench/bench_host.py).
+REFERENCE_DTYPES = frozenset((torch.float16, torch.bfloat16, torch.float32, torch.float64))
+INDEX_DTYPES = frozenset((torch.int32, torch.int64))
+# The order dtypes are named in messages.
+_DTYPE_ORDER = (
+    torch.float16,
+    torch.bfloat16,
+    torch.float32,
+    torch.float64,
+    torch.int32,
+    torch.int64,
+)
 
 _state = threading.local()
 
@@ -44,29 +56,34 @@ def fail(op: str, arg: str, expected: str, got: object) -> None:
 
 
 def check_float(
-    op: str, name: str, t: torch.Tensor, dtypes: Sequence[torch.dtype] = REFERENCE_DTYPES
+    op: str, name: str, t: torch.Tensor, dtypes: AbstractSet[torch.dtype] = REFERENCE_DTYPES
 ) -> None:
-    """``t`` is a tensor of one of ``dtypes``."""
+    """``t`` is a tensor of one of ``dtypes`` (a set, e.g. ``REFERENCE_DTYPES``)."""
     if not isinstance(t, torch.Tensor):
         fail(op, name, "a tensor", type(t).__name__)
     if t.dtype not in dtypes:
-        names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+        names = ", ".join(str(d).removeprefix("torch.") for d in _DTYPE_ORDER if d in dtypes)
         fail(op, name, f"of dtype {names}", t.dtype)
 
 
-def check_same(op: str, ref_name: str, ref: torch.Tensor, **others: torch.Tensor | None) -> None:
-    """Every tensor in ``others`` lies on ``ref``'s device and has its dtype."""
-    check_device(op, ref_name, ref, **others)
-    for name, t in others.items():
-        if t is not None and t.dtype != ref.dtype:
-            fail(op, name, f"of dtype {ref.dtype} like `{ref_name}`", t.dtype)
+def check_same(
+    op: str, ref_name: str, ref: torch.Tensor, name: str, t: torch.Tensor | None
+) -> None:
+    """``t`` (if not None) lies on ``ref``'s device and has its dtype."""
+    if t is None:
+        return
+    check_device(op, ref_name, ref, name, t)
+    if t.dtype != ref.dtype:
+        fail(op, name, f"of dtype {ref.dtype} like `{ref_name}`", t.dtype)
 
 
-def check_device(op: str, ref_name: str, ref: torch.Tensor, **others: torch.Tensor | None) -> None:
-    """Every tensor in ``others`` lies on ``ref``'s device (dtypes may differ)."""
-    for name, t in others.items():
-        if t is not None and t.device != ref.device:
-            fail(op, name, f"on {ref.device} like `{ref_name}`", t.device)
+def check_device(
+    op: str, ref_name: str, ref: torch.Tensor, name: str, t: torch.Tensor | None
+) -> None:
+    """``t`` (if not None) lies on ``ref``'s device (dtypes may differ). One tensor per call:
+    keyword arguments would cost a dict per call."""
+    if t is not None and t.device != ref.device:
+        fail(op, name, f"on {ref.device} like `{ref_name}`", t.device)
 
 
 def check_ndim(op: str, name: str, t: torch.Tensor, ndim: int | tuple[int, ...]) -> None:
@@ -82,7 +99,7 @@ def check_section(op: str, section: Sequence[int] | None, parts: int | None, tot
     """``section`` lists ``parts`` positive ints summing to ``total``."""
     if section is None:
         fail(op, "mrope_section", "a list of ints", None)
-    if any(int(s) <= 0 for s in section):
+    if section and min(section) <= 0:
         fail(op, "mrope_section", "positive sizes", list(section))
     if parts is not None and len(section) != parts:
         fail(op, "mrope_section", f"{parts} parts (one per position axis)", list(section))

@@ -16,8 +16,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .._backends import op_backends, register_native
+from .._backends import op_backends, register_native, tensor_key
 from .._checks import (
+    INDEX_DTYPES,
     check_device,
     check_float,
     check_ndim,
@@ -26,6 +27,8 @@ from .._checks import (
     fail,
 )
 from .rms_norm import compute_dtype
+
+_FREQ_DTYPES = frozenset((torch.float32, torch.float64))
 
 
 def compose_tables(table: Tensor, mrope_section: Sequence[int]) -> Tensor:
@@ -87,40 +90,47 @@ def _in_place(reference):
 
 
 def _check_qk(op: str, q: Tensor, k: Tensor) -> None:
-    for name, t in (("q", q), ("k", k)):
-        check_float(op, name, t)
-        check_ndim(op, name, t, (3,))
-    check_same(op, "q", q, k=k)
-    head_dim = q.shape[-1]
+    check_float(op, "q", q)
+    check_float(op, "k", k)
+    check_ndim(op, "q", q, (3,))
+    check_ndim(op, "k", k, (3,))
+    check_same(op, "q", q, "k", k)
+    q_shape, k_shape = q.shape, k.shape
+    head_dim = q_shape[-1]
     if head_dim % 2:
-        fail(op, "q", "[..., S, H, D] with an even head_dim D", tuple(q.shape))
-    if k.shape[-1] != head_dim or k.shape[:-2] != q.shape[:-2]:
+        fail(op, "q", "[..., S, H, D] with an even head_dim D", tuple(q_shape))
+    if k_shape[-1] != head_dim or k_shape[:-2] != q_shape[:-2]:
         fail(
             op,
             "k",
-            f"[..., S, H_k, D] with q's leading dims, S and D = {tuple(q.shape[:-2])}, {head_dim}",
-            tuple(k.shape),
+            f"[..., S, H_k, D] with q's leading dims, S and D = {tuple(q_shape[:-2])}, {head_dim}",
+            tuple(k_shape),
         )
 
 
-def _check_broadcast(op: str, name: str, q: Tensor, leading: Sequence[int], got: object) -> None:
-    """``leading`` (a table's batch dims) broadcasts to q's batch dims without growing them."""
-    batch = tuple(q.shape[:-3])
+def _check_broadcast(
+    op: str, name: str, batch: Sequence[int], leading: Sequence[int], got: object
+) -> None:
+    """``leading`` (a table's batch dims) broadcasts to q's ``batch`` dims without growing them."""
+    if tuple(leading) == tuple(batch):
+        return  # the common case, without the cost of broadcast_shapes
     try:
-        fits = tuple(torch.broadcast_shapes(batch, tuple(leading))) == batch
+        fits = tuple(torch.broadcast_shapes(tuple(batch), tuple(leading))) == tuple(batch)
     except RuntimeError:
         fits = False
     if not fits:
-        fail(op, name, f"leading dims that broadcast to q's {batch}", got)
+        fail(op, name, f"leading dims that broadcast to q's {tuple(batch)}", got)
 
 
 def _check_tables(
     op: str, q: Tensor, cos: Tensor, sin: Tensor, mrope_section: Sequence[int] | None
 ) -> None:
-    seq, head_dim = q.shape[-3], q.shape[-1]
+    q_shape = q.shape
+    seq, head_dim = q_shape[-3], q_shape[-1]
     for name, t in (("cos", cos), ("sin", sin)):
         check_float(op, name, t)
-        check_device(op, "q", q, **{name: t})
+    check_device(op, "q", q, "cos", cos)
+    check_device(op, "q", q, "sin", sin)
     if sin.shape != cos.shape:
         fail(op, "sin", f"of cos's shape {tuple(cos.shape)}", tuple(sin.shape))
     per_axis = mrope_section is not None
@@ -129,24 +139,64 @@ def _check_tables(
         fail(op, "cos", f"[..., S={seq}, D={head_dim}]", tuple(cos.shape))
     if per_axis:
         check_section(op, mrope_section, cos.shape[0], head_dim // 2)
-    _check_broadcast(op, "cos", q, cos.shape[1 if per_axis else 0 : -2], tuple(cos.shape))
+    _check_broadcast(
+        op, "cos", q_shape[:-3], cos.shape[1 if per_axis else 0 : -2], tuple(cos.shape)
+    )
 
 
 def _check_positions(
-    op: str, q: Tensor, positions: Tensor, inv_freq: Tensor, mrope_section: Sequence[int]
+    op: str,
+    q_name: str,
+    q: Tensor,
+    q_shape: Sequence[int],
+    positions: Tensor,
+    inv_freq: Tensor,
+    mrope_section: Sequence[int],
 ) -> None:
-    seq, head_dim = q.shape[-3], q.shape[-1]
-    if positions.dtype not in (torch.int32, torch.int64):
+    """The position arguments of a rotation of ``q_shape`` = ``[..., S, H, D]`` (the shape of
+    ``q``, or of the q part of a packed ``q_name``) on ``q``'s device."""
+    seq, head_dim = q_shape[-3], q_shape[-1]
+    if positions.dtype not in INDEX_DTYPES:
         fail(op, "positions", "int32 or int64", positions.dtype)
     check_ndim(op, "positions", positions, (2,))
-    check_device(op, "q", q, positions=positions, inv_freq=inv_freq)
-    if positions.shape[-1] != seq:
-        fail(op, "positions", f"[A, ..., S={seq}]", tuple(positions.shape))
-    _check_broadcast(op, "positions", q, positions.shape[1:-1], tuple(positions.shape))
-    check_section(op, mrope_section, positions.shape[0], head_dim // 2)
-    check_float(op, "inv_freq", inv_freq, (torch.float32, torch.float64))
+    check_device(op, q_name, q, "positions", positions)
+    check_device(op, q_name, q, "inv_freq", inv_freq)
+    positions_shape = positions.shape
+    if positions_shape[-1] != seq:
+        fail(op, "positions", f"[A, ..., S={seq}]", tuple(positions_shape))
+    _check_broadcast(op, "positions", q_shape[:-3], positions_shape[1:-1], tuple(positions_shape))
+    check_section(op, mrope_section, positions_shape[0], head_dim // 2)
+    check_float(op, "inv_freq", inv_freq, _FREQ_DTYPES)
     if tuple(inv_freq.shape) != (head_dim // 2,):
         fail(op, "inv_freq", f"[D/2 = {head_dim // 2}]", tuple(inv_freq.shape))
+
+
+def _check_table_args(
+    op: str, q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, mrope_section: Sequence[int] | None
+) -> None:
+    _check_qk(op, q, k)
+    _check_tables(op, q, cos, sin, mrope_section)
+
+
+def _check_position_args(
+    op: str,
+    q: Tensor,
+    k: Tensor,
+    positions: Tensor,
+    inv_freq: Tensor,
+    mrope_section: Sequence[int],
+) -> None:
+    _check_qk(op, q, k)
+    _check_positions(op, "q", q, q.shape, positions, inv_freq, mrope_section)
+
+
+def _table_signature(
+    backend: str, q: Tensor, k: Tensor, a: Tensor, b: Tensor, mrope_section: Sequence[int] | None
+) -> tuple:
+    """The call signature (``OpBackends.resolve``) of any of the four forms: q, k, the two
+    angle sources (cos/sin tables or positions/inv_freq) and the section."""
+    section = None if mrope_section is None else tuple(mrope_section)
+    return (backend, section, tensor_key(q), tensor_key(k), tensor_key(a), tensor_key(b))
 
 
 def _new_like(t: Tensor) -> Tensor:
@@ -178,17 +228,16 @@ def _mrope_op(
     mrope_section: list[int] | None = None,
     backend: str = "auto",
 ) -> tuple[Tensor, Tensor]:
-    _check_qk("mrope", q, k)
-    _check_tables("mrope", q, cos, sin, mrope_section)
-    impl = MROPE.select(backend, q)
+    signature = _table_signature(backend, q, k, cos, sin, mrope_section)
+    args = ("mrope", q, k, cos, sin, mrope_section)
+    impl = MROPE.resolve(signature, backend, q, _check_table_args, *args)
     q_out, k_out = impl(q, k, cos, sin, mrope_section)
     return q_out.contiguous(), k_out.contiguous()
 
 
 @_mrope_op.register_fake
 def _(q, k, cos, sin, mrope_section=None, backend="auto"):
-    _check_qk("mrope", q, k)
-    _check_tables("mrope", q, cos, sin, mrope_section)
+    _check_table_args("mrope", q, k, cos, sin, mrope_section)
     return _new_like(q), _new_like(k)
 
 
@@ -206,16 +255,15 @@ def _mrope_inplace_op(
     mrope_section: list[int] | None = None,
     backend: str = "auto",
 ) -> None:
-    _check_qk("mrope_", q, k)
-    _check_tables("mrope_", q, cos, sin, mrope_section)
-    impl = MROPE_INPLACE.select(backend, q)
+    signature = _table_signature(backend, q, k, cos, sin, mrope_section)
+    args = ("mrope_", q, k, cos, sin, mrope_section)
+    impl = MROPE_INPLACE.resolve(signature, backend, q, _check_table_args, *args)
     impl(q, k, cos, sin, mrope_section)
 
 
 @_mrope_inplace_op.register_fake
 def _(q, k, cos, sin, mrope_section=None, backend="auto"):
-    _check_qk("mrope_", q, k)
-    _check_tables("mrope_", q, cos, sin, mrope_section)
+    _check_table_args("mrope_", q, k, cos, sin, mrope_section)
 
 
 @torch.library.custom_op(
@@ -232,17 +280,16 @@ def _mrope_pos_op(
     mrope_section: list[int],
     backend: str = "auto",
 ) -> tuple[Tensor, Tensor]:
-    _check_qk("mrope_pos", q, k)
-    _check_positions("mrope_pos", q, positions, inv_freq, mrope_section)
-    impl = MROPE_POS.select(backend, q)
+    signature = _table_signature(backend, q, k, positions, inv_freq, mrope_section)
+    args = ("mrope_pos", q, k, positions, inv_freq, mrope_section)
+    impl = MROPE_POS.resolve(signature, backend, q, _check_position_args, *args)
     q_out, k_out = impl(q, k, positions, inv_freq, mrope_section)
     return q_out.contiguous(), k_out.contiguous()
 
 
 @_mrope_pos_op.register_fake
 def _(q, k, positions, inv_freq, mrope_section, backend="auto"):
-    _check_qk("mrope_pos", q, k)
-    _check_positions("mrope_pos", q, positions, inv_freq, mrope_section)
+    _check_position_args("mrope_pos", q, k, positions, inv_freq, mrope_section)
     return _new_like(q), _new_like(k)
 
 
@@ -260,16 +307,15 @@ def _mrope_pos_inplace_op(
     mrope_section: list[int],
     backend: str = "auto",
 ) -> None:
-    _check_qk("mrope_pos_", q, k)
-    _check_positions("mrope_pos_", q, positions, inv_freq, mrope_section)
-    impl = MROPE_POS_INPLACE.select(backend, q)
+    signature = _table_signature(backend, q, k, positions, inv_freq, mrope_section)
+    args = ("mrope_pos_", q, k, positions, inv_freq, mrope_section)
+    impl = MROPE_POS_INPLACE.resolve(signature, backend, q, _check_position_args, *args)
     impl(q, k, positions, inv_freq, mrope_section)
 
 
 @_mrope_pos_inplace_op.register_fake
 def _(q, k, positions, inv_freq, mrope_section, backend="auto"):
-    _check_qk("mrope_pos_", q, k)
-    _check_positions("mrope_pos_", q, positions, inv_freq, mrope_section)
+    _check_position_args("mrope_pos_", q, k, positions, inv_freq, mrope_section)
 
 
 def mrope(

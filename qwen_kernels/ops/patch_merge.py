@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._backends import op_backends, register_native
-from .._checks import check_device, check_ndim, fail, value_checks_enabled
+from .._backends import op_backends, register_native, tensor_key
+from .._checks import INDEX_DTYPES, check_device, check_ndim, fail, value_checks_enabled
 from .rms_norm import check_rms_norm_args, rms_norm_reference
 
 OP = "patch_merge"
@@ -32,10 +32,10 @@ def _check_args(x: Tensor, weight: Tensor, eps: float, unit_index: Tensor | None
     if x.shape[0] % UNIT:
         fail(OP, "x", f"[T, C] with T a multiple of {UNIT} (whole 2x2 merge units)", tuple(x.shape))
     if unit_index is not None:
-        if unit_index.dtype not in (torch.int32, torch.int64):
+        if unit_index.dtype not in INDEX_DTYPES:
             fail(OP, "unit_index", "int32 or int64", unit_index.dtype)
         check_ndim(OP, "unit_index", unit_index, 1)
-        check_device(OP, "x", x, unit_index=unit_index)
+        check_device(OP, "x", x, "unit_index", unit_index)
 
 
 def _check_values(x: Tensor, unit_index: Tensor | None) -> None:
@@ -66,9 +66,9 @@ register_native(PATCH_MERGE)
 def _patch_merge_op(
     x: Tensor, weight: Tensor, eps: float, unit_index: Tensor | None = None, backend: str = "auto"
 ) -> Tensor:
-    _check_args(x, weight, eps, unit_index)
+    signature = (backend, eps, tensor_key(x), tensor_key(weight), tensor_key(unit_index))
+    impl = PATCH_MERGE.resolve(signature, backend, x, _check_args, x, weight, eps, unit_index)
     _check_values(x, unit_index)
-    impl = PATCH_MERGE.select(backend, x)
     return impl(x, weight, eps, unit_index).contiguous()
 
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._backends import op_backends, register_native
-from .._checks import check_device, check_float, check_ndim, check_same, fail
+from .._backends import op_backends, register_native, tensor_key
+from .._checks import check_device, check_float, check_same, fail
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -38,16 +38,16 @@ def add_rms_norm_reference(
 def check_rms_norm_args(op: str, x: Tensor, weight: Tensor, eps: float) -> None:
     """Shape/dtype/device checks shared by the RMSNorm family (also used by fused ops)."""
     check_float(op, "x", x)
-    check_ndim(op, "x", x, (1,))
-    if x.shape[-1] == 0:
-        fail(op, "x", "a non-empty last dim (the normalised features)", tuple(x.shape))
+    shape = x.shape
+    if not shape or shape[-1] == 0:
+        expected = "at least 1-D with a non-empty last dim (the normalised features)"
+        fail(op, "x", expected, f"shape {tuple(shape)}")
     # The model's weight has the activations' dtype; fp32 master weights are common too.
-    check_float(op, "weight", weight, tuple(dict.fromkeys((x.dtype, torch.float32))))
-    check_device(op, "x", x, weight=weight)
-    if weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
-        fail(
-            op, "weight", f"1-D of size x.shape[-1] = {x.shape[-1]}", f"shape {tuple(weight.shape)}"
-        )
+    if weight.dtype != x.dtype:
+        check_float(op, "weight", weight, frozenset((x.dtype, torch.float32)))
+    check_device(op, "x", x, "weight", weight)
+    if weight.dim() != 1 or weight.shape[0] != shape[-1]:
+        fail(op, "weight", f"1-D of size x.shape[-1] = {shape[-1]}", f"shape {tuple(weight.shape)}")
     if not eps >= 0.0:
         fail(op, "eps", "a non-negative float", eps)
 
@@ -62,8 +62,8 @@ register_native(ADD_RMS_NORM)
 
 @torch.library.custom_op("qwen::rms_norm", mutates_args=())
 def _rms_norm_op(x: Tensor, weight: Tensor, eps: float, backend: str = "auto") -> Tensor:
-    check_rms_norm_args("rms_norm", x, weight, eps)
-    impl = RMS_NORM.select(backend, x)
+    signature = (backend, eps, tensor_key(x), tensor_key(weight))
+    impl = RMS_NORM.resolve(signature, backend, x, check_rms_norm_args, "rms_norm", x, weight, eps)
     return impl(x, weight, eps).contiguous()
 
 
@@ -77,8 +77,8 @@ def _(x: Tensor, weight: Tensor, eps: float, backend: str = "auto") -> Tensor:
 def _add_rms_norm_op(
     x: Tensor, residual: Tensor, weight: Tensor, eps: float, backend: str = "auto"
 ) -> tuple[Tensor, Tensor]:
-    _check_add_args(x, residual, weight, eps)
-    impl = ADD_RMS_NORM.select(backend, x)
+    signature = (backend, eps, tensor_key(x), tensor_key(residual), tensor_key(weight))
+    impl = ADD_RMS_NORM.resolve(signature, backend, x, _check_add_args, x, residual, weight, eps)
     out, residual_out = impl(x, residual, weight, eps)
     return out.contiguous(), residual_out.contiguous()
 
@@ -95,7 +95,7 @@ def _(
 def _check_add_args(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> None:
     check_rms_norm_args("add_rms_norm", x, weight, eps)
     check_float("add_rms_norm", "residual", residual)
-    check_same("add_rms_norm", "x", x, residual=residual)
+    check_same("add_rms_norm", "x", x, "residual", residual)
     if residual.shape != x.shape:
         fail("add_rms_norm", "residual", f"of x's shape {tuple(x.shape)}", tuple(residual.shape))
 

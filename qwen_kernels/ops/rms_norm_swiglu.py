@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._backends import op_backends
+from .._backends import op_backends, tensor_key
 from .._checks import check_float, check_same, fail
 from .rms_norm import check_rms_norm_args, rms_norm_reference
 from .swiglu import swiglu_reference
@@ -30,7 +30,8 @@ def _check_args(
 ) -> None:
     check_rms_norm_args(OP, x, norm_weight, eps)
     check_float(OP, "gate_up_weight", gate_up_weight)
-    check_same(OP, "x", x, gate_up_weight=gate_up_weight, gate_up_bias=gate_up_bias)
+    check_same(OP, "x", x, "gate_up_weight", gate_up_weight)
+    check_same(OP, "x", x, "gate_up_bias", gate_up_bias)
     channels = x.shape[-1]
     if gate_up_weight.dim() != 2 or gate_up_weight.shape[1] != channels:
         fail(OP, "gate_up_weight", f"[2I, {channels}]", f"shape {tuple(gate_up_weight.shape)}")
@@ -72,8 +73,11 @@ def _rms_norm_swiglu_op(
     eps: float,
     backend: str = "auto",
 ) -> Tensor:
-    _check_args(x, norm_weight, gate_up_weight, gate_up_bias, eps)
-    impl = RMS_NORM_SWIGLU.select(backend, x)
+    tensors = (x, norm_weight, gate_up_weight, gate_up_bias)
+    signature = (backend, eps, *map(tensor_key, tensors))
+    impl = RMS_NORM_SWIGLU.resolve(
+        signature, backend, x, _check_args, x, norm_weight, gate_up_weight, gate_up_bias, eps
+    )
     return impl(x, norm_weight, gate_up_weight, gate_up_bias, eps).contiguous()
 
 

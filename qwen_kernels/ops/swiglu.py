@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._backends import op_backends, register_native
+from .._backends import op_backends, register_native, tensor_key
 from .._checks import check_float, check_ndim, fail
 from .rms_norm import compute_dtype
 
@@ -44,8 +44,8 @@ register_native(SWIGLU)
 
 @torch.library.custom_op("qwen::swiglu", mutates_args=())
 def _swiglu_op(gate_up: Tensor, backend: str = "auto") -> Tensor:
-    check_swiglu_args(gate_up)
-    impl = SWIGLU.select(backend, gate_up)
+    signature = (backend, tensor_key(gate_up))
+    impl = SWIGLU.resolve(signature, backend, gate_up, check_swiglu_args, gate_up)
     return impl(gate_up).contiguous()
 
 

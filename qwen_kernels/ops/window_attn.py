@@ -11,8 +11,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._backends import op_backends, register_native
-from .._checks import check_float, check_ndim, check_same, fail, value_checks_enabled
+from .._backends import op_backends, register_native, tensor_key
+from .._checks import (
+    check_device,
+    check_float,
+    check_ndim,
+    check_same,
+    fail,
+    value_checks_enabled,
+)
 from .rms_norm import compute_dtype
 
 OP = "window_attn"
@@ -76,39 +83,43 @@ def check_attention_args(
     softmax_scale: float | None,
 ) -> None:
     """Shape/dtype/device checks of q, k, v and the segments."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        check_float(op, name, t)
-        check_ndim(op, name, t, 3)
-    check_same(op, "q", q, k=k, v=v)
+    check_float(op, "q", q)
+    check_ndim(op, "q", q, 3)
+    check_same(op, "q", q, "k", k)
+    check_same(op, "q", q, "v", v)
+    shape = q.shape
     for name, t in (("k", k), ("v", v)):
-        if t.shape != q.shape:
-            fail(op, name, f"of q's shape [T, H, D] = {tuple(q.shape)}", tuple(t.shape))
-    check_segment_args(op, q, cu_seqlens, max_seqlen, softmax_scale)
+        if t.shape != shape:
+            fail(op, name, f"of q's shape [T, H, D] = {tuple(shape)}", tuple(t.shape))
+    check_segment_args(op, "q", q, cu_seqlens, max_seqlen, softmax_scale)
 
 
 def check_segment_args(
-    op: str, q: Tensor, cu_seqlens: Tensor, max_seqlen: int, softmax_scale: float | None
+    op: str,
+    q_name: str,
+    q: Tensor,
+    cu_seqlens: Tensor,
+    max_seqlen: int,
+    softmax_scale: float | None,
 ) -> None:
-    """Shape/dtype/device checks of the segments and the scale (q already checked)."""
+    """Shape/dtype/device checks of the segments and the scale (``q_name`` already checked)."""
     if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype != torch.int32:
         fail(op, "cu_seqlens", "an int32 tensor", getattr(cu_seqlens, "dtype", type(cu_seqlens)))
     check_ndim(op, "cu_seqlens", cu_seqlens, 1)
     if cu_seqlens.shape[0] < 2:
         fail(op, "cu_seqlens", "[S+1] with at least one segment", tuple(cu_seqlens.shape))
-    if cu_seqlens.device != q.device:
-        fail(op, "cu_seqlens", f"on {q.device} like `q`", cu_seqlens.device)
+    check_device(op, q_name, q, "cu_seqlens", cu_seqlens)
     if max_seqlen < 1:
         fail(op, "max_seqlen", "a positive int (the longest segment)", max_seqlen)
     if softmax_scale is not None and not softmax_scale > 0:
         fail(op, "softmax_scale", "a positive float or None (1/sqrt(D))", softmax_scale)
 
 
-def check_segment_values(op: str, q: Tensor, cu_seqlens: Tensor, max_seqlen: int) -> None:
-    """``cu_seqlens`` runs from 0 to T without decreasing and no segment exceeds ``max_seqlen``:
-    one device-to-host sync, skipped inside ``skip_value_checks()``."""
+def check_segment_values(op: str, tokens: int, cu_seqlens: Tensor, max_seqlen: int) -> None:
+    """``cu_seqlens`` runs from 0 to ``tokens`` without decreasing and no segment exceeds
+    ``max_seqlen``: one device-to-host sync, skipped inside ``skip_value_checks()``."""
     if not value_checks_enabled():
         return
-    tokens = q.shape[0]
     lengths = cu_seqlens[1:] - cu_seqlens[:-1]
     first, last = cu_seqlens[0], cu_seqlens[-1]
     bad = (first != 0) | (last != tokens) | (lengths < 0).any() | (lengths > max_seqlen).any()
@@ -133,11 +144,10 @@ CUDA_HEAD_DIMS = (64, 80, 128)
 TRITON_MAX_HEAD_DIM = 256
 
 
-def kernel_fits(backend: str, like: Tensor) -> bool:
-    """Whether ``backend`` holds the head dim of ``like`` (q, or the packed qkv): what "auto"
-    checks before it picks the CUDA kernels (then Triton, then the reference) for CUDA tensors.
-    No peer kernel is routed to until a benchmark shows a case it wins."""
-    head_dim = like.shape[-1]
+def kernel_fits(backend: str, head_dim: int) -> bool:
+    """Whether ``backend`` holds ``head_dim`` (the last dim of q, or of the packed qkv): what
+    "auto" checks before it picks the CUDA kernels (then Triton, then the reference) for CUDA
+    tensors. No peer kernel is routed to until a benchmark shows a case it wins."""
     if backend in ("cuda", "cuda_emu"):
         return head_dim in CUDA_HEAD_DIMS
     return backend != "triton" or head_dim <= TRITON_MAX_HEAD_DIM
@@ -167,9 +177,22 @@ def _window_attn_op(
     softmax_scale: float | None = None,
     backend: str = "auto",
 ) -> Tensor:
-    check_attention_args(OP, q, k, v, cu_seqlens, max_seqlen, softmax_scale)
-    check_segment_values(OP, q, cu_seqlens, max_seqlen)
-    impl = WINDOW_ATTN.select(backend, q)
+    tensors = (q, k, v, cu_seqlens)
+    signature = (backend, max_seqlen, softmax_scale, *map(tensor_key, tensors))
+    impl = WINDOW_ATTN.resolve(
+        signature,
+        backend,
+        q,
+        check_attention_args,
+        OP,
+        q,
+        k,
+        v,
+        cu_seqlens,
+        max_seqlen,
+        softmax_scale,
+    )
+    check_segment_values(OP, q.shape[0], cu_seqlens, max_seqlen)
     return impl(q, k, v, cu_seqlens, max_seqlen, softmax_scale).contiguous()
 
 

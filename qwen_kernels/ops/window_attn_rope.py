@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._backends import op_backends, register_native
+from .._backends import op_backends, register_native, tensor_key
 from .._checks import check_float, check_ndim, fail
-from .mrope import _check_positions, _check_qk, mrope_pos_reference
+from .mrope import _check_positions, mrope_pos_reference
 from .window_attn import (
     AUTO_NOTE,
     check_segment_args,
@@ -52,13 +52,15 @@ def _check_args(
 ) -> None:
     check_float(OP, "qkv", qkv)
     check_ndim(OP, "qkv", qkv, 4)
-    if qkv.shape[1] != 3:
-        fail(OP, "qkv", "[T, 3, H, D] (q, k, v packed along dim 1)", tuple(qkv.shape))
-    # q, k and v are views of the checked qkv: one dtype, device and shape.
-    q, k, _ = qkv.unbind(1)
-    _check_qk(OP, q, k)
-    check_segment_args(OP, q, cu_seqlens, max_seqlen, softmax_scale)
-    _check_positions(OP, q, positions, inv_freq, mrope_section)
+    shape = qkv.shape
+    if shape[1] != 3:
+        fail(OP, "qkv", "[T, 3, H, D] (q, k, v packed along dim 1)", tuple(shape))
+    if shape[3] % 2:
+        fail(OP, "qkv", "[T, 3, H, D] with an even head_dim D", tuple(shape))
+    # q, k and v are views of the checked qkv: one dtype and device, and q's shape is [T, H, D].
+    check_segment_args(OP, "qkv", qkv, cu_seqlens, max_seqlen, softmax_scale)
+    q_shape = (shape[0], shape[2], shape[3])
+    _check_positions(OP, "qkv", qkv, q_shape, positions, inv_freq, mrope_section)
 
 
 WINDOW_ATTN_ROPE = op_backends(
@@ -85,9 +87,16 @@ def _window_attn_rope_op(
     backend: str = "auto",
 ) -> Tensor:
     args = (qkv, cu_seqlens, max_seqlen, positions, inv_freq, mrope_section, softmax_scale)
-    _check_args(*args)
-    check_segment_values(OP, qkv[:, 0], cu_seqlens, max_seqlen)
-    impl = WINDOW_ATTN_ROPE.select(backend, qkv)
+    tensors = (qkv, cu_seqlens, positions, inv_freq)
+    signature = (
+        backend,
+        max_seqlen,
+        softmax_scale,
+        tuple(mrope_section),
+        *map(tensor_key, tensors),
+    )
+    impl = WINDOW_ATTN_ROPE.resolve(signature, backend, qkv, _check_args, *args)
+    check_segment_values(OP, qkv.shape[0], cu_seqlens, max_seqlen)
     return impl(*args).contiguous()
 
 

@@ -185,9 +185,11 @@ def test_video_patch_order_and_timing(gen):
 
 
 def test_video_of_one_repeated_frame_equals_the_image(gen):
-    frame = random_image(gen, 70, 100)
-    video = preprocess_video([frame, frame], fps=2.0, min_pixels=56 * 56, max_pixels=28 * 28 * 64)
-    pixels, grid = preprocess_image(frame, min_pixels=56 * 56, max_pixels=28 * 28 * 64)
+    """Without a resize (images resize with Pillow, videos as torchvision does) a video of one
+    repeated frame is that image."""
+    frame = random_image(gen, 84, 112)
+    video = preprocess_video([frame, frame], fps=2.0, min_pixels=56 * 56)
+    pixels, grid = preprocess_image(frame, min_pixels=56 * 56)
     assert video.grid_thw.tolist() == grid.tolist()
     torch.testing.assert_close(video.pixel_values, pixels, rtol=0, atol=0)
 
@@ -199,3 +201,48 @@ def test_bad_videos(gen):
         preprocess_video([random_image(gen, 56, 56), random_image(gen, 56, 84)], fps=2.0)
     with pytest.raises(ValueError, match="must be positive"):
         sample_frame_indices(10, fps=0.0)
+
+
+def _hf_video_processor(**kwargs):
+    """transformers' Qwen2VLVideoProcessor (it resizes with torchvision: skipped without it)."""
+    pytest.importorskip("torchvision")
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+
+    return Qwen2VLVideoProcessor(cap_pixels_per_frame=False, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "height, width", [(112, 168), (56, 84), (100, 150), (57, 250), (300, 200), (500, 333)]
+)
+def test_video_matches_transformers_video_processor(gen, height, width):
+    """Same grid and patches as transformers' video processor given the same frames (by default
+    it takes every frame it is given): frames that need no resize, that shrink, grow, or shrink
+    on one side and grow on the other (where Pillow's bicubic would differ by many levels)."""
+    frames = np.stack([random_image(gen, height, width) for _ in range(6)])
+    bounds = {"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 64}
+    hf = _hf_video_processor()(videos=[frames], size=bounds, return_tensors="pt")
+    # Sampling at the source rate keeps every frame, as transformers does here.
+    ours = preprocess_video(
+        frames, fps=2.0, sample_fps=2.0, min_pixels=56 * 56, max_pixels=28 * 28 * 64
+    )
+    assert ours.frame_indices == list(range(6))
+    assert ours.grid_thw.tolist() == hf["video_grid_thw"].tolist()
+    # Equal up to the rounding of the fp32 normalisation (a uint8 level is 0.0145 here).
+    torch.testing.assert_close(ours.pixel_values, hf["pixel_values_videos"], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("source_fps", [1.0, 2.0, 3.0, 24.0, 29.97])
+def test_frame_sampling_matches_transformers(source_fps):
+    """``spacing="transformers"`` picks the frames transformers' video processor samples with
+    ``do_sample_frames=True``; the default (qwen-vl-utils) picks as many, spread to the last
+    frame."""
+    from transformers.video_utils import VideoMetadata
+
+    processor = _hf_video_processor()
+    for num_frames in (2, 3, 5, 8, 13, 48, 61, 100, 257, 1000, 2001):
+        metadata = VideoMetadata(total_num_frames=num_frames, fps=source_fps)
+        expected = processor.sample_frames(metadata, fps=2.0).tolist()
+        ours = sample_frame_indices(num_frames, source_fps, 2.0, spacing="transformers")
+        assert ours == expected, (num_frames, source_fps)
+        default = sample_frame_indices(num_frames, source_fps, 2.0)
+        assert len(default) == len(expected) and default[-1] == num_frames - 1
