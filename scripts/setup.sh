@@ -7,6 +7,10 @@ cd "$(dirname "$0")/.."
 
 PYTHON="${PYTHON:-python3}"
 TORCH_SPEC="${QK_TORCH_SPEC:-torch==2.14.1}"
+# The torchvision release built for that torch; only the tests use it (transformers' video
+# processor, which the video preprocessing is compared with, resizes through it). Set it to the
+# release matching QK_TORCH_SPEC, or to "" to leave torchvision out (those tests then skip).
+TORCHVISION_SPEC="${QK_TORCHVISION_SPEC-torchvision==0.29.1}"
 
 if [ ! -x .venv/bin/python ]; then
   echo "setup: creating .venv"
@@ -16,16 +20,18 @@ fi
 . .venv/bin/activate
 
 stamp=.venv/.qwen-kernels-build
-digest="$( (echo "$TORCH_SPEC ${QK_BUILD_CUDA-} ${QK_CUDA_ARCHS-}"; cat setup.py pyproject.toml; \
+digest="$( (echo "$TORCH_SPEC $TORCHVISION_SPEC ${QK_BUILD_CUDA-} ${QK_CUDA_ARCHS-}"; \
+  cat setup.py pyproject.toml; \
   find csrc -type f | sort | xargs cat) | sha256sum | cut -d' ' -f1)"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$digest" ]; then
   echo "setup: .venv is up to date"
   exit 0
 fi
 
-echo "setup: installing $TORCH_SPEC and the build tools"
+echo "setup: installing $TORCH_SPEC $TORCHVISION_SPEC and the build tools"
 python -m pip install -q --upgrade pip
-python -m pip install -q "$TORCH_SPEC" setuptools wheel ninja pybind11 numpy
+python -m pip install -q "$TORCH_SPEC" ${TORCHVISION_SPEC:+"$TORCHVISION_SPEC"} setuptools wheel \
+  ninja pybind11 numpy
 echo "setup: building qwen-kernels (the CUDA extension takes a few minutes where nvcc exists)"
 start=$SECONDS
 # A stale extension from an earlier build must not stand in for one that fails to build now.
