@@ -128,15 +128,16 @@ class OpBackends:
     fits: Callable[[str, int], bool] | None = None
     # How "auto" decides for this op, when it is more than the device's order (for `info`).
     auto_note: str = ""
-    # The implementation chosen for each call signature that passed the op's checks.
-    _calls: dict[tuple, Callable] = field(default_factory=dict, init=False, repr=False)
+    # The implementation chosen for each call signature that passed the op's checks: ops look a
+    # call up here and `resolve` it on a miss.
+    resolved: dict[tuple, Callable] = field(default_factory=dict, init=False, repr=False)
 
     def register(self, backend: str, impl: Callable | str) -> None:
         """Add (or replace) the implementation of ``backend``."""
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
         self.impls[backend] = impl
-        self._calls.clear()
+        self.resolved.clear()
 
     def usable(self, device_type: str | None = None) -> list[str]:
         """Backends that have code for this op and can run here (on ``device_type``)."""
@@ -153,22 +154,21 @@ class OpBackends:
     def resolve(
         self, signature: tuple, backend: str, like: torch.Tensor, check: Callable, *args
     ) -> Callable:
-        """The implementation for a call: ``check(*args)`` (the op's argument checks) then
-        ``select(backend, like)``, once per call signature.
+        """Run the op's argument checks ``check(*args)``, then ``select(backend, like)``, and keep
+        the answer in ``resolved`` under the call's ``signature``.
 
         Checks and selection together cost more host time than the custom op call itself, so an
-        op keys both by a signature holding all they read: the backend name, each tensor's
-        ``tensor_key`` and the other arguments. Checks of tensor values are not part of it; the
-        op runs them on every call. What a backend can run does not change while the process
-        runs, and a failed check raises before anything is kept.
+        op looks its calls up in ``resolved`` first (``resolved.get(signature) or resolve(...)``)
+        by a signature that holds all they read: the backend name, each tensor's ``tensor_key``
+        and the other arguments. Checks of tensor values are not part of it; the op runs them on
+        every call. What a backend can run does not change while the process runs, and a failed
+        check raises before anything is kept.
         """
-        impl = self._calls.get(signature)
-        if impl is None:
-            check(*args)
-            impl = self.select(backend, like)
-            if len(self._calls) >= _MAX_SIGNATURES:
-                self._calls.clear()  # shapes can vary without bound in serving: start over
-            self._calls[signature] = impl
+        check(*args)
+        impl = self.select(backend, like)
+        if len(self.resolved) >= _MAX_SIGNATURES:
+            self.resolved.clear()  # shapes can vary without bound in serving: start over
+        self.resolved[signature] = impl
         return impl
 
     def select(self, backend: str, like: torch.Tensor) -> Callable:

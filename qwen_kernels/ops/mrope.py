@@ -230,7 +230,9 @@ def _mrope_op(
 ) -> tuple[Tensor, Tensor]:
     signature = _table_signature(backend, q, k, cos, sin, mrope_section)
     args = ("mrope", q, k, cos, sin, mrope_section)
-    impl = MROPE.resolve(signature, backend, q, _check_table_args, *args)
+    impl = MROPE.resolved.get(signature) or MROPE.resolve(
+        signature, backend, q, _check_table_args, *args
+    )
     q_out, k_out = impl(q, k, cos, sin, mrope_section)
     return q_out.contiguous(), k_out.contiguous()
 
@@ -257,7 +259,9 @@ def _mrope_inplace_op(
 ) -> None:
     signature = _table_signature(backend, q, k, cos, sin, mrope_section)
     args = ("mrope_", q, k, cos, sin, mrope_section)
-    impl = MROPE_INPLACE.resolve(signature, backend, q, _check_table_args, *args)
+    impl = MROPE_INPLACE.resolved.get(signature) or MROPE_INPLACE.resolve(
+        signature, backend, q, _check_table_args, *args
+    )
     impl(q, k, cos, sin, mrope_section)
 
 
@@ -282,7 +286,9 @@ def _mrope_pos_op(
 ) -> tuple[Tensor, Tensor]:
     signature = _table_signature(backend, q, k, positions, inv_freq, mrope_section)
     args = ("mrope_pos", q, k, positions, inv_freq, mrope_section)
-    impl = MROPE_POS.resolve(signature, backend, q, _check_position_args, *args)
+    impl = MROPE_POS.resolved.get(signature) or MROPE_POS.resolve(
+        signature, backend, q, _check_position_args, *args
+    )
     q_out, k_out = impl(q, k, positions, inv_freq, mrope_section)
     return q_out.contiguous(), k_out.contiguous()
 
@@ -309,7 +315,9 @@ def _mrope_pos_inplace_op(
 ) -> None:
     signature = _table_signature(backend, q, k, positions, inv_freq, mrope_section)
     args = ("mrope_pos_", q, k, positions, inv_freq, mrope_section)
-    impl = MROPE_POS_INPLACE.resolve(signature, backend, q, _check_position_args, *args)
+    impl = MROPE_POS_INPLACE.resolved.get(signature) or MROPE_POS_INPLACE.resolve(
+        signature, backend, q, _check_position_args, *args
+    )
     impl(q, k, positions, inv_freq, mrope_section)
 
 

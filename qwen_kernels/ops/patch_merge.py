@@ -67,7 +67,9 @@ def _patch_merge_op(
     x: Tensor, weight: Tensor, eps: float, unit_index: Tensor | None = None, backend: str = "auto"
 ) -> Tensor:
     signature = (backend, eps, tensor_key(x), tensor_key(weight), tensor_key(unit_index))
-    impl = PATCH_MERGE.resolve(signature, backend, x, _check_args, x, weight, eps, unit_index)
+    impl = PATCH_MERGE.resolved.get(signature) or PATCH_MERGE.resolve(
+        signature, backend, x, _check_args, x, weight, eps, unit_index
+    )
     _check_values(x, unit_index)
     return impl(x, weight, eps, unit_index).contiguous()
 

@@ -63,7 +63,9 @@ register_native(ADD_RMS_NORM)
 @torch.library.custom_op("qwen::rms_norm", mutates_args=())
 def _rms_norm_op(x: Tensor, weight: Tensor, eps: float, backend: str = "auto") -> Tensor:
     signature = (backend, eps, tensor_key(x), tensor_key(weight))
-    impl = RMS_NORM.resolve(signature, backend, x, check_rms_norm_args, "rms_norm", x, weight, eps)
+    impl = RMS_NORM.resolved.get(signature) or RMS_NORM.resolve(
+        signature, backend, x, check_rms_norm_args, "rms_norm", x, weight, eps
+    )
     return impl(x, weight, eps).contiguous()
 
 
@@ -78,7 +80,9 @@ def _add_rms_norm_op(
     x: Tensor, residual: Tensor, weight: Tensor, eps: float, backend: str = "auto"
 ) -> tuple[Tensor, Tensor]:
     signature = (backend, eps, tensor_key(x), tensor_key(residual), tensor_key(weight))
-    impl = ADD_RMS_NORM.resolve(signature, backend, x, _check_add_args, x, residual, weight, eps)
+    impl = ADD_RMS_NORM.resolved.get(signature) or ADD_RMS_NORM.resolve(
+        signature, backend, x, _check_add_args, x, residual, weight, eps
+    )
     out, residual_out = impl(x, residual, weight, eps)
     return out.contiguous(), residual_out.contiguous()
 

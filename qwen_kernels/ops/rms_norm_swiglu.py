@@ -73,9 +73,15 @@ def _rms_norm_swiglu_op(
     eps: float,
     backend: str = "auto",
 ) -> Tensor:
-    tensors = (x, norm_weight, gate_up_weight, gate_up_bias)
-    signature = (backend, eps, *map(tensor_key, tensors))
-    impl = RMS_NORM_SWIGLU.resolve(
+    signature = (
+        backend,
+        eps,
+        tensor_key(x),
+        tensor_key(norm_weight),
+        tensor_key(gate_up_weight),
+        tensor_key(gate_up_bias),
+    )
+    impl = RMS_NORM_SWIGLU.resolved.get(signature) or RMS_NORM_SWIGLU.resolve(
         signature, backend, x, _check_args, x, norm_weight, gate_up_weight, gate_up_bias, eps
     )
     return impl(x, norm_weight, gate_up_weight, gate_up_bias, eps).contiguous()

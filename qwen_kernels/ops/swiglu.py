@@ -45,7 +45,9 @@ register_native(SWIGLU)
 @torch.library.custom_op("qwen::swiglu", mutates_args=())
 def _swiglu_op(gate_up: Tensor, backend: str = "auto") -> Tensor:
     signature = (backend, tensor_key(gate_up))
-    impl = SWIGLU.resolve(signature, backend, gate_up, check_swiglu_args, gate_up)
+    impl = SWIGLU.resolved.get(signature) or SWIGLU.resolve(
+        signature, backend, gate_up, check_swiglu_args, gate_up
+    )
     return impl(gate_up).contiguous()
 
 

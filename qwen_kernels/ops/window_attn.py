@@ -177,23 +177,21 @@ def _window_attn_op(
     softmax_scale: float | None = None,
     backend: str = "auto",
 ) -> Tensor:
-    tensors = (q, k, v, cu_seqlens)
-    signature = (backend, max_seqlen, softmax_scale, *map(tensor_key, tensors))
-    impl = WINDOW_ATTN.resolve(
-        signature,
+    signature = (
         backend,
-        q,
-        check_attention_args,
-        OP,
-        q,
-        k,
-        v,
-        cu_seqlens,
         max_seqlen,
         softmax_scale,
+        tensor_key(q),
+        tensor_key(k),
+        tensor_key(v),
+        tensor_key(cu_seqlens),
+    )
+    args = (q, k, v, cu_seqlens, max_seqlen, softmax_scale)
+    impl = WINDOW_ATTN.resolved.get(signature) or WINDOW_ATTN.resolve(
+        signature, backend, q, check_attention_args, OP, *args
     )
     check_segment_values(OP, q.shape[0], cu_seqlens, max_seqlen)
-    return impl(q, k, v, cu_seqlens, max_seqlen, softmax_scale).contiguous()
+    return impl(*args).contiguous()
 
 
 @_window_attn_op.register_fake

@@ -87,15 +87,19 @@ def _window_attn_rope_op(
     backend: str = "auto",
 ) -> Tensor:
     args = (qkv, cu_seqlens, max_seqlen, positions, inv_freq, mrope_section, softmax_scale)
-    tensors = (qkv, cu_seqlens, positions, inv_freq)
     signature = (
         backend,
         max_seqlen,
         softmax_scale,
         tuple(mrope_section),
-        *map(tensor_key, tensors),
+        tensor_key(qkv),
+        tensor_key(cu_seqlens),
+        tensor_key(positions),
+        tensor_key(inv_freq),
     )
-    impl = WINDOW_ATTN_ROPE.resolve(signature, backend, qkv, _check_args, *args)
+    impl = WINDOW_ATTN_ROPE.resolved.get(signature) or WINDOW_ATTN_ROPE.resolve(
+        signature, backend, qkv, _check_args, *args
+    )
     check_segment_values(OP, qkv.shape[0], cu_seqlens, max_seqlen)
     return impl(*args).contiguous()
 

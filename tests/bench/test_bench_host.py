@@ -17,8 +17,10 @@ def test_tiny_mode_prints_every_row(capsys):
     assert set(ops) == set(bench_host.op_cases("cpu"))
     for cells in ops.values():
         values = [float(c) for c in cells]
+        # Times per call (bare, torch, auto, auto skip), then the three differences to the bare
+        # op, which noise can make negative.
         assert len(values) == 7 and all(math.isfinite(v) for v in values)
-        assert all(v > 0 for v in values[:6])
+        assert all(v > 0 for v in values[:4])
     forwards = [line for line in lines if line.startswith(("56x56", "112x112"))]
     calls = {}
     for line in forwards:
