@@ -6,8 +6,9 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import itertools
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 import triton
@@ -119,3 +120,24 @@ def vector_alignment(itemsize: int, *offsets: int) -> int:
     while align > 1 and any(offset % align for offset in offsets):
         align //= 2
     return align
+
+
+# Position axes the Triton rotaries take (vision 2, text 3): three band boundaries as constexprs.
+MAX_ROTARY_AXES = 4
+
+
+def band_bounds(op: str, mrope_section: Sequence[int] | None, half: int) -> list[int]:
+    """The first frequency of position axes 1, 2 and 3 (``half`` where there is no such axis):
+    the band boundaries a Triton rotary receives as constexprs. None means one axis.
+
+    Raises:
+        ValueError: more than ``MAX_ROTARY_AXES`` axes.
+    """
+    sections = list(mrope_section or [half])
+    if len(sections) > MAX_ROTARY_AXES:
+        raise ValueError(
+            f"qwen.{op}: `mrope_section` must have at most {MAX_ROTARY_AXES} parts on the "
+            f"triton backend, got {sections}"
+        )
+    bounds = list(itertools.accumulate(sections[:-1]))
+    return bounds + [half] * (MAX_ROTARY_AXES - 1 - len(bounds))

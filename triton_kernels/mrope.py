@@ -24,12 +24,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import needs_constexpr_trip_counts, num_warps_for, round_to
+from ._common import band_bounds, needs_constexpr_trip_counts, num_warps_for, round_to
 
 # Values per half-tile one program aims to hold (x1 and x2 each): 4-16 per thread.
 _ELEMENTS_PER_TILE = 2048
-# At most this many axes in mrope_section (vision 2, text 3): three band boundaries.
-MAX_AXES = 4
 
 
 @dataclass(frozen=True)
@@ -276,21 +274,6 @@ def _mrope_pos_kernel(
     # fmt: on
 
 
-def _bounds(mrope_section: Sequence[int] | None, half: int) -> list[int]:
-    """The first frequency of axes 1, 2, 3 (``half`` where there is no such axis)."""
-    sections = list(mrope_section or [half])
-    if len(sections) > MAX_AXES:
-        raise ValueError(
-            f"qwen.mrope: `mrope_section` must have at most {MAX_AXES} parts on the triton "
-            f"backend, got {sections}"
-        )
-    bounds, total = [], 0
-    for size in sections[:-1]:
-        total += size
-        bounds.append(total)
-    return bounds + [half] * (MAX_AXES - 1 - len(bounds))
-
-
 def _launch(
     kernel,
     q: torch.Tensor,
@@ -368,7 +351,7 @@ def _outputs(q: torch.Tensor, k: torch.Tensor, in_place: bool):
 
 def _rotate_tables(q, k, cos, sin, mrope_section, in_place):
     half = q.shape[-1] // 2
-    bounds = _bounds(mrope_section, half)
+    bounds = band_bounds("mrope_" if in_place else "mrope", mrope_section, half)
     if mrope_section is None:
         cos, sin = cos.unsqueeze(0), sin.unsqueeze(0)
     batch = tuple(q.shape[:-3])
@@ -385,7 +368,7 @@ def _rotate_tables(q, k, cos, sin, mrope_section, in_place):
 
 def _rotate_positions(q, k, positions, inv_freq, mrope_section, in_place):
     half = q.shape[-1] // 2
-    bounds = _bounds(mrope_section, half)
+    bounds = band_bounds("mrope_pos_" if in_place else "mrope_pos", mrope_section, half)
     positions = _expand(positions, tuple(q.shape[:-3]), 1)
     inv_freq = inv_freq.to(torch.float32).contiguous()
     q_out, k_out = _outputs(q, k, in_place)

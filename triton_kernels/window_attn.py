@@ -38,14 +38,18 @@ from triton.language.extra import libdevice
 
 from qwen_kernels._backends import triton_interpreting
 
-from ._common import INTERPRETING, gpu_capability, needs_constexpr_trip_counts, round_to
+from ._common import (
+    INTERPRETING,
+    band_bounds,
+    gpu_capability,
+    needs_constexpr_trip_counts,
+    round_to,
+)
 
 # Segments up to this many tokens take the single-pass window path.
 WINDOW_MAX_SEQLEN = 64
 # Widest head the kernel's registers hold (main block + tail block).
 MAX_HEAD_DIM = 256
-# Position axes the fused rotary takes (Qwen2.5-VL uses 2 in the tower, 3 in the text model).
-MAX_ROTARY_AXES = 4
 LOG2_E = math.log2(math.e)
 
 
@@ -521,8 +525,7 @@ def _rotary_args(
 ) -> tuple[torch.Tensor, torch.Tensor, int, int, dict[str, int]]:
     """positions, fp32 inv_freq, the positions' strides and the band constexprs of a rotary."""
     positions, inv_freq, section = rotary
-    ends = [sum(section[: i + 1]) for i in range(len(section) - 1)]
-    bounds = [*ends, *[head_dim // 2] * 3][:3]
+    bounds = band_bounds("window_attn_rope", section, head_dim // 2)
     bands = dict(zip(("BOUND_1", "BOUND_2", "BOUND_3"), bounds, strict=True), AXES=len(section))
     inv_freq = inv_freq.to(torch.float32).contiguous()
     return positions, inv_freq, positions.stride(0), positions.stride(1), bands
@@ -659,11 +662,6 @@ def window_attn_rope(
 ) -> torch.Tensor:
     """``window_attn`` of ``qkv``'s q, k (rotated as ``mrope_pos`` would) and v (inputs validated
     by the op): rotated while loading on the window path, by a pre-pass on the long path."""
-    if len(mrope_section) > MAX_ROTARY_AXES:
-        raise ValueError(
-            f"qwen.window_attn_rope: `mrope_section` must have at most {MAX_ROTARY_AXES} parts "
-            f"on the triton backend, got {list(mrope_section)}"
-        )
     q, k, v = qkv.unbind(1)
     return _launch(
         q, k, v, cu_seqlens, max_seqlen, softmax_scale, (positions, inv_freq, mrope_section)
