@@ -17,6 +17,7 @@ import functools
 
 import torch
 
+from qwen_kernels.model.layout import axial_inv_freq
 from qwen_kernels.ops.mrope import mrope_pos_reference, mrope_reference
 
 from .harness import Case, Impl, Inputs, Maker, Suite, compile_peer, missing_module
@@ -24,7 +25,6 @@ from .shapes import Dims, Scale, short_count
 
 MROPE_ARGS = ("q", "k", "cos", "sin", "mrope_section")
 MROPE_POS_ARGS = ("q", "k", "positions", "inv_freq", "mrope_section")
-ROPE_THETA = 10000.0
 TEXT_ROPE_THETA = 1_000_000.0
 
 
@@ -122,13 +122,12 @@ def _build_positions(tokens: int, heads: int, head_dim: int, make: Maker) -> Inp
     q, k = _packed_qk(make, tokens, heads, head_dim)
     # The vision tower's rotary: head_dim/4 frequencies per axis, rows first, then columns.
     axial = head_dim // 4
-    freqs = 1.0 / ROPE_THETA ** (torch.arange(0, 2 * axial, 2, dtype=torch.float64) / (2 * axial))
     side = max(1, int(tokens**0.5))
     return {
         "q": q,
         "k": k,
         "positions": make.randint(side, 2, tokens),
-        "inv_freq": make.put(torch.cat([freqs, freqs]), torch.float32),
+        "inv_freq": make.put(axial_inv_freq(head_dim), torch.float32),
         "mrope_section": [axial, axial],
     }
 

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import qwen_kernels
+from qwen_kernels.model.layout import axial_inv_freq
 from qwen_kernels.ops.window_attn_rope import window_attn_rope_reference
 
 from .harness import Case, Impl, Inputs, Maker, Suite, compile_peer, missing_module
@@ -28,7 +29,6 @@ OP = "window_attn"
 ARGS = ("q", "k", "v", "cu_seqlens", "max_seqlen")
 ROPE_OP = "window_attn_rope"
 ROPE_ARGS = ("qkv", "cu_seqlens", "max_seqlen", "positions", "inv_freq", "mrope_section")
-ROPE_THETA = 10000.0
 
 
 def cases(scale: Scale) -> list[Case]:
@@ -107,13 +107,12 @@ def _build_rope(lengths: tuple[int, ...], heads: int, head_dim: int, make: Maker
     """The tower's inputs: one packed projection, (row, column) positions, axial frequencies."""
     tokens = sum(lengths)
     axial = head_dim // 4
-    freqs = 1.0 / ROPE_THETA ** (torch.arange(0, 2 * axial, 2, dtype=torch.float64) / (2 * axial))
     return {
         "qkv": make.randn(tokens, 3, heads, head_dim),
         "cu_seqlens": make.put(cu_seqlens(list(lengths)), torch.int32),
         "max_seqlen": max(lengths),
         "positions": make.randint(max(2, int(tokens**0.5)), 2, tokens),
-        "inv_freq": make.put(torch.cat([freqs, freqs]), torch.float32),
+        "inv_freq": make.put(axial_inv_freq(head_dim), torch.float32),
         "mrope_section": [axial, axial],
         "softmax_scale": None,
     }

@@ -97,9 +97,15 @@ def window_index(grid: Grid, merge_size: int, window_units: int) -> tuple[Tensor
 
 def rotary_inv_freq(config: VisionConfig) -> Tensor:
     """fp32 ``[head_dim/2]``: the head_dim/4 axial frequencies, for the row then the column."""
+    return axial_inv_freq(config.head_dim, config.rope_theta)
+
+
+def axial_inv_freq(head_dim: int, theta: float = 10000.0) -> Tensor:
+    """fp32 ``[head_dim/2]``: the vision tower's 2D rotary frequencies for heads of ``head_dim``
+    (``mrope_section`` ``[head_dim/4] * 2``), for the row then the column."""
     # Each axis rotates half the head: a rotary of width head_dim/2 with head_dim/4 frequencies.
-    axis_dim = config.head_dim // 2
-    freq = 1.0 / config.rope_theta ** (torch.arange(0, axis_dim, 2, dtype=torch.float) / axis_dim)
+    axis_dim = head_dim // 2
+    freq = 1.0 / theta ** (torch.arange(0, axis_dim, 2, dtype=torch.float) / axis_dim)
     return torch.cat([freq, freq])
 
 
