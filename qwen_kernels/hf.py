@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 import qwen_kernels as qk
-from qwen_kernels.model.config import KernelConfig, LayerKernels
+from qwen_kernels.model.config import KernelConfig, LayerKernels, op_backends
 
 # Set on the patched vision tower and text model so that a second patch (of the same model or of
 # a part of it) is refused instead of stacking wrappers.
@@ -398,9 +398,23 @@ def _tower_forward(tower: nn.Module, original: Callable, fused: bool) -> Callabl
     return forward
 
 
+# The rotaries the patch runs besides the encoder's ops (validated by KernelConfig): transformers
+# passes cos/sin tables, so the vision rotary runs the in-place table form and the text one the
+# out-of-place form.
+_TABLE_ROTARY_OPS = ("mrope_", "mrope")
+
+
 def _coerce_kernels(kernels: str | KernelConfig | Mapping[str, Any], depth: int) -> KernelConfig:
     config = KernelConfig.coerce(kernels)
     config.validate(depth)
+    rotaries = {config.rotary, *(config.for_layer(index).rotary for index in range(depth))}
+    for backend in sorted(rotaries - {"auto"}):
+        for op in _TABLE_ROTARY_OPS:
+            if backend not in op_backends(op):
+                raise ValueError(
+                    f"patch_qwen2_5_vl: 'rotary' = {backend!r} runs qwen.{op} here, which has "
+                    f"no {backend!r} kernel (it has: {', '.join(op_backends(op))})"
+                )
     fused = [i for i in range(depth) if config.for_layer(i).fuse_mlp_norm]
     if fused:
         raise ValueError(

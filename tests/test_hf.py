@@ -3,6 +3,8 @@ same logits and generated tokens patched and unpatched on an image and a video, 
 against VisionEncoder, exact restoration by unpatch, the qwen ops really running (counted), the
 kernel backends of this machine, and clear errors for models it does not know."""
 
+import dataclasses
+
 import pytest
 import torch
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
@@ -284,6 +286,21 @@ def test_per_layer_kernels(gen, model):
         patch_qwen2_5_vl(model, KernelConfig(layers={5: {"norm": "torch"}}))
     with pytest.raises(ValueError, match="fuse_mlp_norm is set for blocks \\[2\\]"):
         patch_qwen2_5_vl(model, KernelConfig(layers={2: {"fuse_mlp_norm": True}}))
+    assert all(f is None for f in _instance_forwards(model).values())
+
+
+def test_rotary_backends_the_table_forms_lack_are_refused(model, monkeypatch):
+    """The patch runs the table rotaries (transformers passes cos/sin), which the encoder's
+    config check does not cover: a rotary backend one of them lacks is refused before anything
+    is replaced."""
+    table = qwen_kernels._backends.REGISTRY["mrope_"]
+    without_triton = {b: impl for b, impl in table.impls.items() if b != "triton"}
+    monkeypatch.setitem(
+        qwen_kernels._backends.REGISTRY, "mrope_", dataclasses.replace(table, impls=without_triton)
+    )
+    kernels = KernelConfig(layers={1: {"rotary": "triton", "fuse_rotary": False}})
+    with pytest.raises(ValueError, match=r"'rotary' = 'triton' runs qwen\.mrope_ here"):
+        patch_qwen2_5_vl(model, kernels)
     assert all(f is None for f in _instance_forwards(model).values())
 
 
