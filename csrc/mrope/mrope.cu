@@ -19,6 +19,7 @@
 #include "common/dispatch.h"
 #include "common/kernel.h"
 #include "common/numeric.h"
+#include "common/rope.h"
 #include "common/torch_utils.h"
 #include "mrope/mrope.h"
 
@@ -108,8 +109,7 @@ struct PositionSource {
     for (int j = 0; j < VEC; ++j) {
       const int64_t axis = axis_of(bounds, col + j);
       const P position = positions.ptr[axis * positions.a + b * positions.b + s * positions.s];
-      const float angle = __fmul_rn(static_cast<float>(position), inv_freq[col + j]);
-      sincosf(angle, &r.sin1[j], &r.cos1[j]);
+      rope_sincos(static_cast<float>(position), inv_freq[col + j], &r.sin1[j], &r.cos1[j]);
       r.sin2[j] = r.sin1[j];
       r.cos2[j] = r.cos1[j];
     }
@@ -153,11 +153,10 @@ __global__ void __launch_bounds__(MropeTraits::kThreads)
     Pack<T, VEC> y1, y2;
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
-      const float a = to_float(x1[i].v[j]), z = to_float(x2[i].v[j]);
-      // x * cos + rotate_half(x) * sin, rotate_half([a, z]) = [-z, a]; each product rounded on
-      // its own (no FMA contraction), as the eager reference computes it.
-      y1.v[j] = from_float<T>(__fsub_rn(__fmul_rn(a, angle.cos1[j]), __fmul_rn(z, angle.sin1[j])));
-      y2.v[j] = from_float<T>(__fadd_rn(__fmul_rn(z, angle.cos2[j]), __fmul_rn(a, angle.sin2[j])));
+      float a = to_float(x1[i].v[j]), z = to_float(x2[i].v[j]);
+      rotate_half_pair(a, z, angle.cos1[j], angle.sin1[j], angle.cos2[j], angle.sin2[j]);
+      y1.v[j] = from_float<T>(a);
+      y2.v[j] = from_float<T>(z);
     }
     store_pack<T, VEC>(dst, y1);
     store_pack<T, VEC>(dst + p.half * out.d, y2);

@@ -12,6 +12,7 @@
 #include "common/dispatch.h"
 #include "common/kernel.h"
 #include "common/numeric.h"
+#include "common/row_groups.h"
 #include "common/torch_utils.h"
 #include "patch_merge/patch_merge.h"
 
@@ -19,9 +20,6 @@ namespace qk {
 namespace {
 
 constexpr int kUnit = 4;  // tokens per 2x2 merge unit
-constexpr int kWarpsPerBlock = 8;
-// Vectors per thread a token row aims for before it takes more warps.
-constexpr int kVectorsPerThread = 4;
 
 template <class T, class W, class I>
 struct PatchMergeParams {
@@ -64,12 +62,11 @@ QK_DEVICE void load_weight(const W* weight, bool packed, float (&w)[VEC]) {
 
 template <class T, class W, class I, int VEC>
 __global__ void patch_merge_kernel(const PatchMergeParams<T, W, I> p) {
-  __shared__ float warp_sums[kWarpsPerBlock];
-  const int warp = threadIdx.x / 32;
-  const int group = warp / p.warps_per_row;  // this thread's token row within the block
+  __shared__ float warp_sums[kRowBlockWarps];
+  const int group = threadIdx.x / 32 / p.warps_per_row;  // this thread's token row within the block
   const int rank = threadIdx.x % (32 * p.warps_per_row);
   const int step = 32 * p.warps_per_row * VEC;
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * (kWarpsPerBlock / p.warps_per_row) + group;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * (kRowBlockWarps / p.warps_per_row) + group;
   const bool active = row < p.out_rows;  // tail rows still reach the barrier below
   const int64_t unit = !active        ? 0
                        : p.unit_index ? static_cast<int64_t>(p.unit_index[row / kUnit])
@@ -86,14 +83,8 @@ __global__ void patch_merge_kernel(const PatchMergeParams<T, W, I> p) {
 #pragma unroll
     for (int j = 0; j < VEC; ++j) square_sum += to_float(a.v[j]) * to_float(a.v[j]);
   }
-  square_sum = warp_sum(square_sum);
-  if (threadIdx.x % 32 == 0) warp_sums[warp] = square_sum;
-  __syncthreads();
+  const float total = row_group_sum(square_sum, warp_sums, group, p.warps_per_row);
   if (!active) return;
-  float total = 0.0f;
-  for (int w = group * p.warps_per_row; w < (group + 1) * p.warps_per_row; ++w) {
-    total += warp_sums[w];
-  }
   const float rstd =
       valid ? rsqrtf(total / static_cast<float>(p.cols) + p.eps) : __int_as_float(0x7fc00000);
 
@@ -115,14 +106,6 @@ __global__ void patch_merge_kernel(const PatchMergeParams<T, W, I> p) {
     }
     store_pack<T, VEC>(out_row + i, y);
   }
-}
-
-// Warps per token row: enough that each thread moves about kVectorsPerThread vectors, a power of
-// two dividing the block.
-int warps_per_row(int64_t vectors) {
-  int warps = 1;
-  while (warps < kWarpsPerBlock && vectors > int64_t{32} * warps * kVectorsPerThread) warps *= 2;
-  return warps;
 }
 
 void check_args(const at::Tensor& x, const at::Tensor& weight, double eps,
@@ -161,12 +144,12 @@ void launch(const at::Tensor& x_rows, const W* weight, const I* unit_index, doub
                               false};
   const int vec = vector_width(sizeof(T), p.cols, {p.x, p.out}, {p.x_stride});
   p.warps_per_row = warps_per_row(p.cols / vec);
-  const int64_t rows_per_block = kWarpsPerBlock / p.warps_per_row;
+  const int64_t rows_per_block = kRowBlockWarps / p.warps_per_row;
   const dim3 grid(static_cast<unsigned>((p.out_rows + rows_per_block - 1) / rows_per_block));
   QK_DISPATCH_VEC(vec, VEC, [&] {
     constexpr std::uintptr_t kWeightBytes = sizeof(Pack<W, weight_vec<W, VEC>()>);
     p.weight_packed = reinterpret_cast<std::uintptr_t>(weight) % kWeightBytes == 0;
-    QK_LAUNCH((patch_merge_kernel<T, W, I, VEC>), grid, dim3(32 * kWarpsPerBlock), 0,
+    QK_LAUNCH((patch_merge_kernel<T, W, I, VEC>), grid, dim3(32 * kRowBlockWarps), 0,
               current_stream(x_rows), p);
   });
 }

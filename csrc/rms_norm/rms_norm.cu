@@ -11,15 +11,12 @@
 #include "common/dispatch.h"
 #include "common/kernel.h"
 #include "common/numeric.h"
+#include "common/row_groups.h"
 #include "common/torch_utils.h"
 #include "rms_norm/rms_norm.h"
 
 namespace qk {
 namespace {
-
-constexpr int kWarpsPerBlock = 8;
-// Vectors per thread a row group aims for before it takes more warps.
-constexpr int kVectorsPerThread = 4;
 
 template <class T, class W, int VEC, bool ADD>
 __global__ void rms_norm_kernel(const T* __restrict__ x, int64_t x_stride,
@@ -27,12 +24,11 @@ __global__ void rms_norm_kernel(const T* __restrict__ x, int64_t x_stride,
                                 const W* __restrict__ weight, T* __restrict__ out,
                                 T* __restrict__ residual_out, int64_t rows, int cols, float eps,
                                 int warps_per_row) {
-  __shared__ float warp_sums[kWarpsPerBlock];
-  const int warp = threadIdx.x / 32;
-  const int group = warp / warps_per_row;  // this thread's row within the block
+  __shared__ float warp_sums[kRowBlockWarps];
+  const int group = threadIdx.x / 32 / warps_per_row;  // this thread's row within the block
   const int rank = threadIdx.x % (32 * warps_per_row);
   const int step = 32 * warps_per_row * VEC;
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * (kWarpsPerBlock / warps_per_row) + group;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * (kRowBlockWarps / warps_per_row) + group;
   const bool active = row < rows;  // tail rows still reach the barrier below
   const T* x_row = x + row * x_stride;
   T* out_row = out + row * cols;
@@ -51,12 +47,8 @@ __global__ void rms_norm_kernel(const T* __restrict__ x, int64_t x_stride,
 #pragma unroll
     for (int j = 0; j < VEC; ++j) square_sum += to_float(a.v[j]) * to_float(a.v[j]);
   }
-  square_sum = warp_sum(square_sum);
-  if (threadIdx.x % 32 == 0) warp_sums[warp] = square_sum;
-  __syncthreads();
+  const float total = row_group_sum(square_sum, warp_sums, group, warps_per_row);
   if (!active) return;
-  float total = 0.0f;
-  for (int w = group * warps_per_row; w < (group + 1) * warps_per_row; ++w) total += warp_sums[w];
   const float rstd = rsqrtf(total / static_cast<float>(cols) + eps);
 
   const T* source = ADD ? summed_row : x_row;
@@ -70,14 +62,6 @@ __global__ void rms_norm_kernel(const T* __restrict__ x, int64_t x_stride,
     }
     store_pack<T, VEC>(out_row + i, y);
   }
-}
-
-// Warps per row: enough that each thread moves about kVectorsPerThread vectors, a power of two
-// dividing the block.
-int warps_per_row(int64_t vectors) {
-  int warps = 1;
-  while (warps < kWarpsPerBlock && vectors > int64_t{32} * warps * kVectorsPerThread) warps *= 2;
-  return warps;
 }
 
 at::Tensor as_rows(const at::Tensor& t) {
@@ -116,9 +100,9 @@ void launch(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& w
                                   add ? residual_out.data_ptr() : out.data_ptr()},
                                  {x_rows.stride(0), residual_rows.stride(0)});
     const int row_warps = warps_per_row(cols / vec);
-    const int64_t rows_per_block = kWarpsPerBlock / row_warps;
+    const int64_t rows_per_block = kRowBlockWarps / row_warps;
     const dim3 grid(static_cast<unsigned>((rows + rows_per_block - 1) / rows_per_block));
-    const dim3 block(32 * kWarpsPerBlock);
+    const dim3 block(32 * kRowBlockWarps);
     auto run = [&](auto* w_ptr) {
       using W = std::remove_const_t<std::remove_pointer_t<decltype(w_ptr)>>;
       QK_DISPATCH_VEC(vec, VEC, [&] {

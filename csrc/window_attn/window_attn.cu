@@ -24,6 +24,7 @@
 #include "common/dispatch.h"
 #include "common/kernel.h"
 #include "common/numeric.h"
+#include "common/rope.h"
 #include "common/torch_utils.h"
 #include "window_attn/kernel_traits.h"
 #include "window_attn/params.h"
@@ -114,11 +115,12 @@ QK_DEVICE void rotate_tile(T* tile, int rows, int first_token, const WindowAttnP
     while (axis + 1 < p.rope_axes && i >= p.rope_section_end[axis]) ++axis;
     const float position = static_cast<float>(p.positions[axis * p.tokens + first_token + row]);
     float sin_a, cos_a;
-    sincosf(__fmul_rn(position, p.inv_freq[i]), &sin_a, &cos_a);
+    rope_sincos(position, p.inv_freq[i], &sin_a, &cos_a);
     T* x = tile + row * Traits::kRowStride;
-    const float x0 = to_float(x[i]), x1 = to_float(x[i + kHalf]);
-    x[i] = from_float<T>(__fadd_rn(__fmul_rn(x0, cos_a), __fmul_rn(-x1, sin_a)));
-    x[i + kHalf] = from_float<T>(__fadd_rn(__fmul_rn(x1, cos_a), __fmul_rn(x0, sin_a)));
+    float x0 = to_float(x[i]), x1 = to_float(x[i + kHalf]);
+    rotate_half_pair(x0, x1, cos_a, sin_a, cos_a, sin_a);
+    x[i] = from_float<T>(x0);
+    x[i + kHalf] = from_float<T>(x1);
   }
 }
 

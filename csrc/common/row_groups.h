@@ -1,0 +1,38 @@
+// Row groups: the block layout of the RMSNorm kernels (rms_norm, patch_merge). A block of
+// kRowBlockWarps warps normalises kRowBlockWarps / warps_per_row rows: short rows get one warp each
+// (a shuffle-only reduction), long rows up to the whole block, so every thread moves a few
+// vectors whatever the row length.
+#pragma once
+
+#include <cstdint>
+
+#include "common/kernel.h"
+#include "common/numeric.h"
+
+namespace qk {
+
+constexpr int kRowBlockWarps = 8;
+// Vectors per thread a row group aims for before it takes more warps.
+constexpr int kVectorsPerThread = 4;
+
+// Warps per row of `vectors` vectors: enough that each thread moves about kVectorsPerThread of
+// them, a power of two dividing the block.
+inline int warps_per_row(int64_t vectors) {
+  int warps = 1;
+  while (warps < kRowBlockWarps && vectors > int64_t{32} * warps * kVectorsPerThread) warps *= 2;
+  return warps;
+}
+
+// The sum of `partial` over the threads of row group `group`, returned to every thread of the
+// block. Every thread must call it (it synchronises the block), tail rows included;
+// `warp_sums` is the block's __shared__ float[kRowBlockWarps].
+QK_DEVICE float row_group_sum(float partial, float* warp_sums, int group, int warps_per_row) {
+  partial = warp_sum(partial);
+  if (threadIdx.x % 32 == 0) warp_sums[threadIdx.x / 32] = partial;
+  __syncthreads();
+  float total = 0.0f;
+  for (int w = group * warps_per_row; w < (group + 1) * warps_per_row; ++w) total += warp_sums[w];
+  return total;
+}
+
+}  // namespace qk
