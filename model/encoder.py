@@ -267,7 +267,8 @@ class VisionEncoder(nn.Module):
         """
         layout = self.layout(grid_thw)
         # The layout was validated when it was built: skip the per-op checks that would read
-        # cu_seqlens back from the device in every layer.
+        # cu_seqlens back from the device in every layer. The ops' other checks and their backend
+        # choice run once per call signature; the layers' later calls look them up.
         with qk.skip_value_checks():
             return self.encode(pixel_values, layout, return_hidden)
 
