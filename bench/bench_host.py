@@ -2,12 +2,12 @@
 
 Per op call: the public function against a bare ``torch.library.custom_op`` taking the same
 arguments, both running the same implementation: a stub that returns a prepared output, so no
-compute hides the difference. That difference is what the qwen op adds: argument checks,
-``OpBackends.select`` (its answers are kept per backend, device and dtype), the ``.contiguous()``
-of the result and the Python wrapper. Measured on the "torch" and "auto" backends, and with
-``skip_value_checks()`` (as inside the encoder), on tiny tensors; each figure is the best of
-several rounds that alternate the bare and the qwen call. On the CPU everything runs with one
-intra-op thread.
+compute hides the difference. That difference is what the qwen op adds: the lookup of its call
+signature (argument checks and ``OpBackends.select`` run once per signature), value checks, the
+``.contiguous()`` of the result and the Python wrapper. Measured on the "torch" and "auto"
+backends, and with ``skip_value_checks()`` (as inside the encoder), on tiny tensors; each figure
+is the best of several rounds that alternate the bare and the qwen call. On the CPU everything
+runs with one intra-op thread.
 
 Per forward: ``VisionEncoder`` (32 blocks, the released tower's windows and full-attention
 blocks) and transformers' tower, stock and patched with ``qwen_kernels.hf.patch_qwen2_5_vl``,

@@ -161,8 +161,9 @@ class OpBackends:
         op looks its calls up in ``resolved`` first (``resolved.get(signature) or resolve(...)``)
         by a signature that holds all they read: the backend name, each tensor's ``tensor_key``
         and the other arguments. Checks of tensor values are not part of it; the op runs them on
-        every call. What a backend can run does not change while the process runs, and a failed
-        check raises before anything is kept.
+        every call. What a backend can run is taken to be fixed for the process (Triton too reads
+        TRITON_INTERPRET once), implementations change only through ``register``, which clears
+        ``resolved``, and a failed check raises before anything is kept.
         """
         check(*args)
         impl = self.select(backend, like)
@@ -212,7 +213,7 @@ class OpBackends:
 
 
 def tensor_key(t: torch.Tensor | None) -> tuple | None:
-    """The part of a call signature (``OpBackends.cached``) a tensor argument contributes: its
+    """The part of a call signature (``OpBackends.resolve``) a tensor argument contributes: its
     dtype, shape and device (strides are not checked by any op: kernels take any)."""
     return None if t is None else (t.dtype, t.shape, t.device)
 

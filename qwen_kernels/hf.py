@@ -398,23 +398,23 @@ def _tower_forward(tower: nn.Module, original: Callable, fused: bool) -> Callabl
     return forward
 
 
-# The rotaries the patch runs besides the encoder's ops (validated by KernelConfig): transformers
-# passes cos/sin tables, so the vision rotary runs the in-place table form and the text one the
-# out-of-place form.
-_TABLE_ROTARY_OPS = ("mrope_", "mrope")
-
-
-def _coerce_kernels(kernels: str | KernelConfig | Mapping[str, Any], depth: int) -> KernelConfig:
+def _coerce_kernels(
+    kernels: str | KernelConfig | Mapping[str, Any], depth: int, text: bool
+) -> KernelConfig:
     config = KernelConfig.coerce(kernels)
     config.validate(depth)
-    rotaries = {config.rotary, *(config.for_layer(index).rotary for index in range(depth))}
-    for backend in sorted(rotaries - {"auto"}):
-        for op in _TABLE_ROTARY_OPS:
-            if backend not in op_backends(op):
-                raise ValueError(
-                    f"patch_qwen2_5_vl: 'rotary' = {backend!r} runs qwen.{op} here, which has "
-                    f"no {backend!r} kernel (it has: {', '.join(op_backends(op))})"
-                )
+    # The rotaries the patch runs besides the encoder's ops (which validate covers): transformers
+    # passes cos/sin tables, so the vision blocks run the in-place table form and the text model
+    # the out-of-place one, on the top-level rotary backend.
+    table_rotaries = {(config.for_layer(index).rotary, "mrope_") for index in range(depth)}
+    if text:
+        table_rotaries.add((config.rotary, "mrope"))
+    for backend, op in sorted(table_rotaries):
+        if backend != "auto" and backend not in op_backends(op):
+            raise ValueError(
+                f"patch_qwen2_5_vl: 'rotary' = {backend!r} runs qwen.{op} here, which has "
+                f"no {backend!r} kernel (it has: {', '.join(op_backends(op))})"
+            )
     fused = [i for i in range(depth) if config.for_layer(i).fuse_mlp_norm]
     if fused:
         raise ValueError(
@@ -453,7 +453,8 @@ def patch_qwen2_5_vl(
         _check_tower(tower)
     # Structure checks first: nothing is replaced unless the whole model is understood.
     text_layers = _text_layers(text) if text is not None else []
-    config = _coerce_kernels(kernels, len(tower.blocks) if tower is not None else 0)
+    depth = len(tower.blocks) if tower is not None else 0
+    config = _coerce_kernels(kernels, depth, text=bool(text_layers))
 
     handle = PatchHandle(parts, config)
     if tower is not None:

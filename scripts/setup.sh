@@ -7,10 +7,13 @@ cd "$(dirname "$0")/.."
 
 PYTHON="${PYTHON:-python3}"
 TORCH_SPEC="${QK_TORCH_SPEC:-torch==2.14.1}"
-# The torchvision release built for that torch; only the tests use it (transformers' video
-# processor, which the video preprocessing is compared with, resizes through it). Set it to the
-# release matching QK_TORCH_SPEC, or to "" to leave torchvision out (those tests then skip).
-TORCHVISION_SPEC="${QK_TORCHVISION_SPEC-torchvision==0.29.1}"
+# The torchvision release built for the default torch; only the tests use it (transformers'
+# video processor, which the video preprocessing is compared with, resizes through it). With
+# another QK_TORCH_SPEC name its matching release in QK_TORCHVISION_SPEC, or none is installed
+# (those tests then skip) rather than one that would pull in a different torch.
+default_torchvision="torchvision==0.29.1"
+[ -z "${QK_TORCH_SPEC:-}" ] || default_torchvision=""
+TORCHVISION_SPEC="${QK_TORCHVISION_SPEC-$default_torchvision}"
 
 if [ ! -x .venv/bin/python ]; then
   echo "setup: creating .venv"

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import qwen_kernels
-from tests.helpers import randn
+from qwen_kernels.ops.rms_norm import rms_norm_reference
+from tests.helpers import assert_close_to_reference, randn, targets
 
 EPS = 1e-6
 
@@ -74,3 +75,18 @@ def test_register_forgets_resolved_signatures(gen):
     finally:
         table.register("torch", reference)
     torch.testing.assert_close(qwen_kernels.swiglu(gate_up, backend="torch"), first)
+
+
+@pytest.mark.parametrize(("backend", "device"), targets("rms_norm"))
+def test_strided_views_share_a_signature_with_contiguous_inputs(gen, backend, device):
+    """Strides are not in the signature: a kernel backend resolved for contiguous rows must give
+    right results for a strided view of the same shape, and the reverse."""
+    dtype = torch.bfloat16
+    wide = randn(gen, 6, 2 * 40, dtype=dtype).to(device)
+    x_strided, x_contiguous = wide[:, ::2], wide[:, ::2].contiguous()
+    weight = randn(gen, 40, dtype=dtype).to(device)
+    for x in (x_contiguous, x_strided, x_contiguous):
+        out = qwen_kernels.rms_norm(x, weight, EPS, backend=backend)
+        ref64 = rms_norm_reference(x.cpu().double(), weight.cpu().double(), EPS)
+        eager = rms_norm_reference(x.cpu(), weight.cpu(), EPS)
+        assert_close_to_reference(out.cpu(), ref64, eager)
