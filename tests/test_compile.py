@@ -12,11 +12,10 @@ from qwen_kernels.hf import patch_qwen2_5_vl, vision_kwargs
 from qwen_kernels.model import KernelConfig, VisionEncoder
 from tests.test_hf import VISION, tiny_config
 
-# Same longest frame (128 patches) and longest window (64) in each batch; different patch counts,
-# frame counts, window counts and batch sizes.
-SAME_MAXIMA = [[(2, 8, 16)], [(3, 16, 8)], [(1, 8, 8), (2, 16, 8)]]
-# A smaller image: its longest window (3x5 merge units) and frame differ.
-OTHER_MAXIMA = [(1, 6, 10)]
+# Different patch counts, frame counts, window counts and batch sizes with the same longest frame
+# (128 patches) and longest window (64); then a smaller image whose longest window (3x5 merge
+# units) and frame differ.
+GRIDS = [[(2, 8, 16)], [(3, 16, 8)], [(1, 8, 8), (2, 16, 8)], [(1, 6, 10)]]
 
 
 def _pixels(gen, grid) -> torch.Tensor:
@@ -37,29 +36,21 @@ def encoder(tower):
     return VisionEncoder.from_hf_state_dict(tower.state_dict(), VISION, kernels="torch")
 
 
-def test_encoder_encode_compiles_once_per_longest_window_and_frame(gen, encoder):
-    """``encode(pixel_values, layout)`` traces whole, and grids differing only in their patch,
-    frame and window counts reuse the graph (the token count is a symbolic size).
-
-    A grid with another longest window or frame compiles once more: ``window_attn`` declares
-    ``int max_seqlen`` in its schema, and Dynamo specialises plain ``int`` arguments of custom
-    ops (a ``SymInt`` schema would keep them symbolic); the kernels size their tiles by it.
-    """
+def test_encoder_encode_compiles_once_for_every_grid(gen, encoder):
+    """``encode(pixel_values, layout)`` traces whole, and every grid reuses the graph: the token
+    count is a symbolic size, and the longest window and frame are symbolic too (``max_seqlen``
+    is a ``SymInt`` in the attention ops' schemas; the kernels size their tiles by its value at
+    run time)."""
     counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(encoder.encode, fullgraph=True, dynamic=True, backend=counter)
     graphs = None
-    for grid in SAME_MAXIMA:
+    for grid in GRIDS:
         layout = encoder.layout(grid)
         pixels = _pixels(gen, grid)
         with torch.no_grad(), qwen_kernels.skip_value_checks():
             torch.testing.assert_close(compiled(pixels, layout), encoder.encode(pixels, layout))
         graphs = graphs or counter.frame_count
         assert counter.frame_count == graphs
-    layout = encoder.layout(OTHER_MAXIMA)
-    pixels = _pixels(gen, OTHER_MAXIMA)
-    with torch.no_grad(), qwen_kernels.skip_value_checks():
-        torch.testing.assert_close(compiled(pixels, layout), encoder.encode(pixels, layout))
-    assert counter.frame_count == graphs + 1
 
 
 def test_encoder_module_compiles_per_grid(gen, encoder):
@@ -72,7 +63,7 @@ def test_encoder_module_compiles_per_grid(gen, encoder):
     counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(encoder, fullgraph=True, dynamic=True, backend=counter)
     counts = []
-    for grid in SAME_MAXIMA[:2]:
+    for grid in GRIDS[:2]:
         encoder.layout(grid)
         pixels = _pixels(gen, grid)
         with torch.no_grad():
@@ -84,15 +75,14 @@ def test_encoder_module_compiles_per_grid(gen, encoder):
 
 def test_patched_tower_compiles_without_graph_breaks(gen, tower, encoder):
     """The patched transformers tower, given its grid-dependent inputs precomputed
-    (``vision_kwargs``), traces as one graph and matches eager and VisionEncoder; grids with the
-    same longest window and frame share it, another longest window compiles once more (the
-    ``max_seqlen`` of ``window_attn``, as above)."""
+    (``vision_kwargs``), traces as one graph and matches eager and VisionEncoder, and every grid
+    shares it (as above)."""
     handle = patch_qwen2_5_vl(tower, "torch")
     try:
         counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
         compiled = torch.compile(tower, fullgraph=True, dynamic=True, backend=counter)
         graphs = None
-        for grid in [*SAME_MAXIMA, OTHER_MAXIMA]:
+        for grid in GRIDS:
             grid_thw = torch.tensor(grid)
             pixels = _pixels(gen, grid)
             with torch.no_grad():
@@ -102,7 +92,7 @@ def test_patched_tower_compiles_without_graph_breaks(gen, tower, encoder):
             torch.testing.assert_close(out, eager)
             torch.testing.assert_close(out, reference, rtol=1e-4, atol=1e-5)
             graphs = graphs or counter.frame_count
-            assert counter.frame_count == graphs + (grid is OTHER_MAXIMA)
+            assert counter.frame_count == graphs
     finally:
         handle.unpatch()
 
@@ -111,7 +101,7 @@ def test_patched_tower_compiles_without_graph_breaks(gen, tower, encoder):
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 def test_encoder_encode_compiles_on_the_gpu(gen, tower, backend):
     """As on the CPU, with the GPU kernels (groups without ``backend`` kernels run "auto") and
-    Inductor: one graph for the grids sharing their longest window and frame."""
+    Inductor: one graph for every grid."""
     kernels = KernelConfig.best_effort(backend)
     encoder = VisionEncoder.from_hf_state_dict(
         tower.state_dict(), VISION, kernels=kernels, device="cuda"
@@ -119,7 +109,7 @@ def test_encoder_encode_compiles_on_the_gpu(gen, tower, backend):
     counter = torch._dynamo.testing.CompileCounterWithBackend("inductor")
     compiled = torch.compile(encoder.encode, fullgraph=True, dynamic=True, backend=counter)
     graphs = None
-    for grid in SAME_MAXIMA:
+    for grid in GRIDS:
         layout = encoder.layout(grid)
         pixels = _pixels(gen, grid).cuda()
         with torch.no_grad(), qwen_kernels.skip_value_checks():

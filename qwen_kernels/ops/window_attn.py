@@ -165,7 +165,7 @@ register_native(WINDOW_ATTN)
 @torch.library.custom_op(
     "qwen::window_attn",
     mutates_args=(),
-    schema="(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, int max_seqlen, "
+    schema="(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, SymInt max_seqlen, "
     'float? softmax_scale=None, str backend="auto") -> Tensor',
 )
 def _window_attn_op(

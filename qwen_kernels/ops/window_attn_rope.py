@@ -73,7 +73,7 @@ register_native(WINDOW_ATTN_ROPE)
 @torch.library.custom_op(
     "qwen::window_attn_rope",
     mutates_args=(),
-    schema="(Tensor qkv, Tensor cu_seqlens, int max_seqlen, Tensor positions, Tensor inv_freq, "
+    schema="(Tensor qkv, Tensor cu_seqlens, SymInt max_seqlen, Tensor positions, Tensor inv_freq, "
     'int[] mrope_section, float? softmax_scale=None, str backend="auto") -> Tensor',
 )
 def _window_attn_rope_op(
