@@ -14,7 +14,7 @@ import torch
 
 # The kernels take fp16, bf16 and fp32; the "torch" backend also runs in float64: that is how
 # tests build their references. Sets: a membership test on a tuple of dtypes costs several
-# rich comparisons, and these checks run on every call (see bench/bench_host.py).
+# rich comparisons (the checks run once per new call signature, see OpBackends.resolve).
 REFERENCE_DTYPES = frozenset((torch.float16, torch.bfloat16, torch.float32, torch.float64))
 INDEX_DTYPES = frozenset((torch.int32, torch.int64))
 # The order dtypes are named in messages.
@@ -80,8 +80,7 @@ def check_same(
 def check_device(
     op: str, ref_name: str, ref: torch.Tensor, name: str, t: torch.Tensor | None
 ) -> None:
-    """``t`` (if not None) lies on ``ref``'s device (dtypes may differ). One tensor per call:
-    keyword arguments would cost a dict per call."""
+    """``t`` (if not None) lies on ``ref``'s device (dtypes may differ)."""
     if t is not None and t.device != ref.device:
         fail(op, name, f"on {ref.device} like `{ref_name}`", t.device)
 

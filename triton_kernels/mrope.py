@@ -150,8 +150,8 @@ def _mrope_kernel(
     k_ptr,
     q_out_ptr,
     k_out_ptr,
-    cos_ptr,
-    sin_ptr,
+    angle_a_ptr,
+    angle_b_ptr,
     n_tokens,
     seq,
     q_heads,
@@ -172,35 +172,49 @@ def _mrope_kernel(
     sko_s,
     sko_h,
     sko_d,
-    sc_a,
-    sc_b,
-    sc_s,
-    sc_d,
-    ss_a,
-    ss_b,
-    ss_s,
-    ss_d,
+    sa_a,
+    sa_b,
+    sa_s,
+    sa_d,
+    sb_a,
+    sb_b,
+    sb_s,
+    sb_d,
     bound1,
     bound2,
     bound3,
+    FROM_POSITIONS: tl.constexpr,
     HALF: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
     BLOCK_TOKENS: tl.constexpr,
     BLOCK_HEADS: tl.constexpr,
     HEAD_TILES: tl.constexpr,
 ):
+    """The angle sources ``a``/``b`` are the cos/sin tables ``[A, B, S, D]``, or with
+    ``FROM_POSITIONS`` the positions ``[A, B, S]`` (``sa_d`` unused) and the contiguous fp32
+    frequencies (``sb_*`` unused)."""
     tokens = tl.program_id(0).to(tl.int64) * BLOCK_TOKENS + tl.arange(0, BLOCK_TOKENS)
     token_mask = tokens < n_tokens
     b, s = tokens // seq, tokens % seq
     cols = tl.arange(0, BLOCK_HALF)
-    mask = token_mask[:, None] & (cols < HALF)[None, :]
+    col_mask = cols < HALF
+    mask = token_mask[:, None] & col_mask[None, :]
     axis = _axis_of(cols, bound1, bound2, bound3)[None, :]
-    c_rows = (b * sc_b + s * sc_s)[:, None] + axis * sc_a + cols[None, :] * sc_d
-    s_rows = (b * ss_b + s * ss_s)[:, None] + axis * ss_a + cols[None, :] * ss_d
-    cos1 = tl.load(cos_ptr + c_rows, mask=mask, other=0.0).to(tl.float32)
-    cos2 = tl.load(cos_ptr + c_rows + HALF * sc_d, mask=mask, other=0.0).to(tl.float32)
-    sin1 = tl.load(sin_ptr + s_rows, mask=mask, other=0.0).to(tl.float32)
-    sin2 = tl.load(sin_ptr + s_rows + HALF * ss_d, mask=mask, other=0.0).to(tl.float32)
+    if FROM_POSITIONS:
+        position = tl.load(angle_a_ptr + (b * sa_b + s * sa_s)[:, None] + axis * sa_a, mask=mask)
+        inv_freq = tl.load(angle_b_ptr + cols, mask=col_mask, other=0.0)
+        # As the reference: the position rounded to fp32, times the fp32 frequency, then
+        # cos/sin (precise, with full range reduction: positions reach 10^6).
+        angle = position.to(tl.float32) * inv_freq[None, :]
+        cos1, sin1 = tl.cos(angle), tl.sin(angle)
+        cos2, sin2 = cos1, sin1
+    else:
+        c_rows = (b * sa_b + s * sa_s)[:, None] + axis * sa_a + cols[None, :] * sa_d
+        s_rows = (b * sb_b + s * sb_s)[:, None] + axis * sb_a + cols[None, :] * sb_d
+        cos1 = tl.load(angle_a_ptr + c_rows, mask=mask, other=0.0).to(tl.float32)
+        cos2 = tl.load(angle_a_ptr + c_rows + HALF * sa_d, mask=mask, other=0.0).to(tl.float32)
+        sin1 = tl.load(angle_b_ptr + s_rows, mask=mask, other=0.0).to(tl.float32)
+        sin2 = tl.load(angle_b_ptr + s_rows + HALF * sb_d, mask=mask, other=0.0).to(tl.float32)
     # fmt: off
     _rotate_heads(q_ptr, q_out_ptr, q_heads, b * sq_b + s * sq_s, b * sqo_b + s * sqo_s,
                   token_mask, sq_h, sq_d, sqo_h, sqo_d, cos1, sin1, cos2, sin2,
@@ -211,71 +225,7 @@ def _mrope_kernel(
     # fmt: on
 
 
-@triton.jit
-def _mrope_pos_kernel(
-    q_ptr,
-    k_ptr,
-    q_out_ptr,
-    k_out_ptr,
-    positions_ptr,
-    inv_freq_ptr,
-    n_tokens,
-    seq,
-    q_heads,
-    k_heads,
-    sq_b,
-    sq_s,
-    sq_h,
-    sq_d,
-    sk_b,
-    sk_s,
-    sk_h,
-    sk_d,
-    sqo_b,
-    sqo_s,
-    sqo_h,
-    sqo_d,
-    sko_b,
-    sko_s,
-    sko_h,
-    sko_d,
-    sp_a,
-    sp_b,
-    sp_s,
-    bound1,
-    bound2,
-    bound3,
-    HALF: tl.constexpr,
-    BLOCK_HALF: tl.constexpr,
-    BLOCK_TOKENS: tl.constexpr,
-    BLOCK_HEADS: tl.constexpr,
-    HEAD_TILES: tl.constexpr,
-):
-    tokens = tl.program_id(0).to(tl.int64) * BLOCK_TOKENS + tl.arange(0, BLOCK_TOKENS)
-    token_mask = tokens < n_tokens
-    b, s = tokens // seq, tokens % seq
-    cols = tl.arange(0, BLOCK_HALF)
-    col_mask = cols < HALF
-    mask = token_mask[:, None] & col_mask[None, :]
-    axis = _axis_of(cols, bound1, bound2, bound3)[None, :]
-    position = tl.load(positions_ptr + (b * sp_b + s * sp_s)[:, None] + axis * sp_a, mask=mask)
-    inv_freq = tl.load(inv_freq_ptr + cols, mask=col_mask, other=0.0)
-    # As the reference: the position rounded to fp32, times the fp32 frequency, then cos/sin
-    # (precise, with full range reduction: positions reach 10^6).
-    angle = position.to(tl.float32) * inv_freq[None, :]
-    cos, sin = tl.cos(angle), tl.sin(angle)
-    # fmt: off
-    _rotate_heads(q_ptr, q_out_ptr, q_heads, b * sq_b + s * sq_s, b * sqo_b + s * sqo_s,
-                  token_mask, sq_h, sq_d, sqo_h, sqo_d, cos, sin, cos, sin,
-                  HALF, BLOCK_HALF, BLOCK_HEADS, HEAD_TILES)
-    _rotate_heads(k_ptr, k_out_ptr, k_heads, b * sk_b + s * sk_s, b * sko_b + s * sko_s,
-                  token_mask, sk_h, sk_d, sko_h, sko_d, cos, sin, cos, sin,
-                  HALF, BLOCK_HALF, BLOCK_HEADS, HEAD_TILES)
-    # fmt: on
-
-
 def _launch(
-    kernel,
     q: torch.Tensor,
     k: torch.Tensor,
     q_out: torch.Tensor,
@@ -283,8 +233,10 @@ def _launch(
     angle_args: list,
     angle_strides: list[int],
     bounds: list[int],
+    from_positions: bool,
 ) -> None:
-    """One launch over ``[B, S, H, D]`` q/k (any strides) and their outputs."""
+    """One launch over ``[B, S, H, D]`` q/k (any strides) and their outputs; ``angle_strides``
+    are the 8 strides of ``_mrope_kernel``'s angle sources."""
     batch, seq, q_heads, head_dim = q.shape
     n_tokens = batch * seq
     if n_tokens == 0:
@@ -294,7 +246,7 @@ def _launch(
     head_tiles = 0
     if needs_constexpr_trip_counts():
         head_tiles = triton.cdiv(max(q_heads, k.shape[2]), config.block_heads)
-    kernel[grid](
+    _mrope_kernel[grid](
         q,
         k,
         q_out,
@@ -310,6 +262,7 @@ def _launch(
         *k_out.stride(),
         *angle_strides,
         *bounds,
+        FROM_POSITIONS=from_positions,
         HALF=head_dim // 2,
         BLOCK_HALF=config.block_half,
         BLOCK_TOKENS=config.block_tokens,
@@ -360,7 +313,7 @@ def _rotate_tables(q, k, cos, sin, mrope_section, in_place):
 
     def run(q4, k4, q4_out, k4_out, angles):
         c, s = angles
-        _launch(_mrope_kernel, q4, k4, q4_out, k4_out, [c, s], [*c.stride(), *s.stride()], bounds)
+        _launch(q4, k4, q4_out, k4_out, [c, s], [*c.stride(), *s.stride()], bounds, False)
 
     _per_batch(run, q, k, q_out, k_out, [cos, sin])
     return q_out, k_out
@@ -375,7 +328,9 @@ def _rotate_positions(q, k, positions, inv_freq, mrope_section, in_place):
 
     def run(q4, k4, q4_out, k4_out, angles):
         (p,) = angles
-        _launch(_mrope_pos_kernel, q4, k4, q4_out, k4_out, [p, inv_freq], list(p.stride()), bounds)
+        # The positions have no column stride, the frequencies are contiguous: zeros, unused.
+        strides = [*p.stride(), 0, 0, 0, 0, 0]
+        _launch(q4, k4, q4_out, k4_out, [p, inv_freq], strides, bounds, True)
 
     _per_batch(run, q, k, q_out, k_out, [positions])
     return q_out, k_out

@@ -221,6 +221,39 @@ def _load_tile(
 
 
 @triton.jit
+def _load_head(
+    ptr,
+    tokens,
+    token_mask,
+    stride_t,
+    cols_a,
+    cols_b,
+    cos_a,
+    sin_a,
+    cos_b,
+    sin_b,
+    HEAD_DIM: tl.constexpr,
+    D_TAIL: tl.constexpr,
+    MASK_COLS: tl.constexpr,
+    ROTATE: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """``_load_tile`` of both column blocks of a head (64 + 16 for head_dim 80); without a tail
+    block the second is the first."""
+    x_a = _load_tile(
+        ptr, tokens, token_mask, stride_t, cols_a, cos_a, sin_a, HEAD_DIM, MASK_COLS, ROTATE,
+        UPCAST,
+    )  # fmt: skip
+    x_b = x_a
+    if D_TAIL > 0:
+        x_b = _load_tile(
+            ptr, tokens, token_mask, stride_t, cols_b, cos_b, sin_b, HEAD_DIM, MASK_COLS, ROTATE,
+            UPCAST,
+        )  # fmt: skip
+    return x_a, x_b
+
+
+@triton.jit
 def _scores(q_a, q_b, k_a, k_b, key_mask, qk_scale, D_TAIL: tl.constexpr, IEEE: tl.constexpr):
     """``q k^T * scale * log2(e)`` over both column blocks, -inf at keys outside the segment."""
     s = _dot(q_a, tl.trans(k_a), tl.zeros((q_a.shape[0], k_a.shape[0]), tl.float32), IEEE)
@@ -258,15 +291,10 @@ def _kv_step(
     keys = n0 + tl.arange(0, BLOCK_N)
     key_mask = keys < seqlen
     tokens = start + keys
-    k_a = _load_tile(
-        k_head, tokens, key_mask, stride_kt, cols_a, 0.0, 0.0, HEAD_DIM, MASK_COLS, False, UPCAST
-    )
-    k_b = k_a
-    if D_TAIL > 0:
-        k_b = _load_tile(
-            k_head, tokens, key_mask, stride_kt, cols_b, 0.0, 0.0, HEAD_DIM, MASK_COLS, False,
-            UPCAST,
-        )  # fmt: skip
+    k_a, k_b = _load_head(
+        k_head, tokens, key_mask, stride_kt, cols_a, cols_b, 0.0, 0.0, 0.0, 0.0, HEAD_DIM,
+        D_TAIL, MASK_COLS, False, UPCAST,
+    )  # fmt: skip
     s = _scores(q_a, q_b, k_a, k_b, key_mask, qk_scale, D_TAIL, IEEE)
     # Keys past the segment are -inf; the block's first key is inside it, so m stays finite.
     m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -276,15 +304,12 @@ def _kv_step(
     p_in = round_to(p, v_head.dtype.element_ty)
     if UPCAST:
         p_in = p_in.to(tl.float32)
-    v_a = _load_tile(
-        v_head, tokens, key_mask, stride_vt, cols_a, 0.0, 0.0, HEAD_DIM, MASK_COLS, False, UPCAST
-    )
+    v_a, v_b = _load_head(
+        v_head, tokens, key_mask, stride_vt, cols_a, cols_b, 0.0, 0.0, 0.0, 0.0, HEAD_DIM,
+        D_TAIL, MASK_COLS, False, UPCAST,
+    )  # fmt: skip
     acc_a = _dot(p_in, v_a, acc_a * alpha[:, None], IEEE)
     if D_TAIL > 0:
-        v_b = _load_tile(
-            v_head, tokens, key_mask, stride_vt, cols_b, 0.0, 0.0, HEAD_DIM, MASK_COLS, False,
-            UPCAST,
-        )  # fmt: skip
         acc_b = _dot(p_in, v_b, acc_b * alpha[:, None], IEEE)
     return acc_a, acc_b, m_new, l_i
 
@@ -361,48 +386,32 @@ def _window_attn_kernel(
         q_head = q_ptr + head * stride_qh
         k_head = k_ptr + head * stride_kh
         v_head = v_ptr + head * stride_vh
-        q_a = _load_tile(
-            q_head, tokens, row_mask, stride_qt, cols_a, cos_a, sin_a, HEAD_DIM, MASK_COLS,
-            ROTARY, UPCAST,
+        q_a, q_b = _load_head(
+            q_head, tokens, row_mask, stride_qt, cols_a, cols_b, cos_a, sin_a, cos_b, sin_b,
+            HEAD_DIM, D_TAIL, MASK_COLS, ROTARY, UPCAST,
         )  # fmt: skip
-        q_b = q_a
-        if D_TAIL > 0:
-            q_b = _load_tile(
-                q_head, tokens, row_mask, stride_qt, cols_b, cos_b, sin_b, HEAD_DIM, MASK_COLS,
-                ROTARY, UPCAST,
-            )  # fmt: skip
         acc_a = tl.zeros((BLOCK_M, D_MAIN), tl.float32)
         acc_b = acc_a
         if D_TAIL > 0:
             acc_b = tl.zeros((BLOCK_M, D_TAIL), tl.float32)
         if ONE_PASS:
             # The whole segment is one K/V tile of the same rows as Q: one softmax pass.
-            k_a = _load_tile(
-                k_head, tokens, row_mask, stride_kt, cols_a, cos_a, sin_a, HEAD_DIM, MASK_COLS,
-                ROTARY, UPCAST,
+            k_a, k_b = _load_head(
+                k_head, tokens, row_mask, stride_kt, cols_a, cols_b, cos_a, sin_a, cos_b, sin_b,
+                HEAD_DIM, D_TAIL, MASK_COLS, ROTARY, UPCAST,
             )  # fmt: skip
-            k_b = k_a
-            if D_TAIL > 0:
-                k_b = _load_tile(
-                    k_head, tokens, row_mask, stride_kt, cols_b, cos_b, sin_b, HEAD_DIM,
-                    MASK_COLS, ROTARY, UPCAST,
-                )  # fmt: skip
             s = _scores(q_a, q_b, k_a, k_b, row_mask, qk_scale, D_TAIL, IEEE)
             p = tl.exp2(s - tl.max(s, 1)[:, None])
             l_i = tl.sum(p, 1)
             p_in = round_to(p, dtype)
             if UPCAST:
                 p_in = p_in.to(tl.float32)
-            v_a = _load_tile(
-                v_head, tokens, row_mask, stride_vt, cols_a, 0.0, 0.0, HEAD_DIM, MASK_COLS,
-                False, UPCAST,
+            v_a, v_b = _load_head(
+                v_head, tokens, row_mask, stride_vt, cols_a, cols_b, 0.0, 0.0, 0.0, 0.0,
+                HEAD_DIM, D_TAIL, MASK_COLS, False, UPCAST,
             )  # fmt: skip
             acc_a = _dot(p_in, v_a, acc_a, IEEE)
             if D_TAIL > 0:
-                v_b = _load_tile(
-                    v_head, tokens, row_mask, stride_vt, cols_b, 0.0, 0.0, HEAD_DIM, MASK_COLS,
-                    False, UPCAST,
-                )  # fmt: skip
                 acc_b = _dot(p_in, v_b, acc_b, IEEE)
         else:
             m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
