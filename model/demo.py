@@ -21,7 +21,7 @@ from torch import Tensor
 
 import qwen_kernels
 
-from .config import BACKEND_NAMES, OP_GROUPS, KernelConfig, VisionConfig
+from .config import BACKEND_NAMES, OP_GROUPS, KernelConfig, VisionConfig, group_ops
 from .encoder import VisionEncoder
 from .preprocess import (
     IMAGE_MAX_PIXELS,
@@ -85,7 +85,8 @@ def _parser() -> argparse.ArgumentParser:
         "--repeat",
         type=int,
         default=None,
-        help="timed forwards per backend (default: 10 after a warm-up on a GPU, 1 on the CPU)",
+        help="timed forwards per backend after an untimed warm-up (default: 10 on a GPU, 3 on "
+        "the CPU)",
     )
     return parser
 
@@ -130,10 +131,11 @@ def _inputs(args: argparse.Namespace) -> tuple[Tensor, Tensor, list[str]]:
 
 
 def _timed(fn: Callable[[], Tensor], device: torch.device, repeat: int) -> tuple[float, Tensor]:
-    """Seconds per call and the last output. On a GPU one untimed call first compiles the
-    kernels and warms the caches; on the CPU (slow, nothing to compile) every call is timed."""
+    """Seconds per call over ``repeat`` calls, and the last output. One untimed call first, on
+    every device, so that each backend is timed without its one-time costs (Triton compiles and
+    caches, the emulation builds, first-touch allocations)."""
+    fn()
     if device.type == "cuda":
-        fn()
         torch.cuda.synchronize(device)
     start = time.perf_counter()
     for _ in range(repeat):
@@ -141,6 +143,24 @@ def _timed(fn: Callable[[], Tensor], device: torch.device, repeat: int) -> tuple
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return (time.perf_counter() - start) / repeat, out
+
+
+def what_runs(encoder: VisionEncoder, dtype: torch.dtype) -> str:
+    """Per op group, the backend that the encoder's first block (and its merger) resolves to on
+    its device and ``dtype``, e.g. "attention torch, rotary torch, ..." for "auto" on CPU
+    tensors: "auto" runs the eager reference there, so it times the same code as "torch"."""
+    device = encoder.patch_embed.weight.device
+    config, layer = encoder.config, encoder.blocks[0].kernels
+    head_dim = config.hidden_size // config.num_heads
+    parts = []
+    for group in OP_GROUPS:
+        backend = encoder.kernels.merge if group == "merge" else getattr(layer, group)
+        ops = group_ops(group, layer.fuse_mlp_norm, layer.rotary_fused)
+        last_dim = head_dim if group in ("attention", "rotary") else config.hidden_size
+        like = torch.empty((1, last_dim), device=device, dtype=dtype)
+        names = {qwen_kernels._backends.REGISTRY[op].select_name(backend, like) for op in ops}
+        parts.append(f"{group} {'/'.join(sorted(names))}")
+    return ", ".join(parts)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown backends {unknown}; expected some of {list(BACKEND_NAMES)}")
     if REFERENCE not in backends:
         backends.append(REFERENCE)
-    repeat = args.repeat if args.repeat is not None else (10 if device.type == "cuda" else 1)
+    repeat = args.repeat if args.repeat is not None else (10 if device.type == "cuda" else 3)
 
     start = time.perf_counter()
     if args.weights is not None:
@@ -201,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
 
     pixel_values = pixel_values.to(device)
     outputs = {}
-    print(f"{'backend':<10} {'s/forward':>10} {'patches/s':>10}")
+    print(f"each backend: one untimed warm-up forward, then the mean of {repeat} timed forwards")
+    print(f"{'backend':<10} {'s/forward':>10} {'patches/s':>10}  what ran, per op group")
     with torch.inference_mode():
         for backend in backends:
             # Ops without a kernel of this backend yet run on "auto", and the line says which.
@@ -216,7 +237,10 @@ def main(argv: list[str] | None = None) -> int:
             except RuntimeError as error:  # the backend cannot run here (device, build)
                 print(f"{backend:<10} unavailable: {error}")
                 continue
-            print(f"{backend:<10} {seconds:>10.3f} {layout.num_tokens / seconds:>10.0f}{note}")
+            ran = what_runs(encoder, dtype)
+            print(
+                f"{backend:<10} {seconds:>10.3f} {layout.num_tokens / seconds:>10.0f}  {ran}{note}"
+            )
     reference = outputs[REFERENCE].float()
     for backend in outputs:
         if backend == REFERENCE:

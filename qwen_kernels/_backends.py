@@ -19,6 +19,8 @@ import torch
 
 BACKENDS: tuple[str, ...] = ("torch", "triton", "cuda", "cuda_emu")
 BACKEND_CHOICES: tuple[str, ...] = ("auto", *BACKENDS)
+# What `OpBackends.select_name` answers where "auto" runs an op's chain of other ops.
+AUTO_CHAIN = "chain"
 # Call signatures an op keeps before it starts over (a few hundred bytes each).
 _MAX_SIGNATURES = 4096
 
@@ -176,13 +178,19 @@ class OpBackends:
         """Resolve ``backend`` (possibly "auto") for inputs like ``like`` (its device, dtype and,
         where ``fits`` reads it, last dim). Returns the implementation to call; raises if the
         backend cannot run these inputs here."""
+        name = self.select_name(backend, like)
+        return self.auto_impl if name == AUTO_CHAIN else self._load(name)
+
+    def select_name(self, backend: str, like: torch.Tensor) -> str:
+        """The backend that ``select`` runs for inputs like ``like``: a name of ``BACKENDS``, or
+        ``AUTO_CHAIN`` where "auto" runs the op's ``auto_impl``."""
         if backend == "auto" and like.numel() == 0:
-            return self._load("torch")  # nothing to compute: no launch, no failure
+            return "torch"  # nothing to compute: no launch, no failure
         device = like.device
         # Kernels compute in fp32 at most; fp64 exists to build references on "torch".
         kernel_dtype = like.dtype != torch.float64
         if backend == "auto" and self.auto_impl is not None:
-            return self.auto_impl
+            return AUTO_CHAIN
         if backend == "auto":
             for name in _AUTO_ORDER.get(device.type, ("torch",)):
                 usable = name in self.impls and runtime_missing(name, device.type) is None
@@ -190,8 +198,8 @@ class OpBackends:
                     kernel_dtype and (self.fits is None or self.fits(name, like.shape[-1]))
                 )
                 if usable and fits:
-                    return self._load(name)
-            return self._load("torch")
+                    return name
+            return "torch"
         if backend not in BACKENDS:
             raise ValueError(
                 f"qwen.{self.op}: `backend` must be one of {BACKEND_CHOICES}, got {backend!r}"
@@ -209,7 +217,7 @@ class OpBackends:
                 f"qwen.{self.op}: backend {backend!r} takes fp16, bf16 or fp32 inputs, got "
                 "float64 (only the 'torch' reference runs in float64)"
             )
-        return self._load(backend)
+        return backend
 
 
 def tensor_key(t: torch.Tensor | None) -> tuple | None:

@@ -85,3 +85,87 @@ def test_broken_kernel_is_rejected(gen, dtype, defect):
         pytest.skip("fp32 outputs are not rounded to a narrower type")
     with pytest.raises(AssertionError):
         _check(gen, dtype, DEFECTS[defect])
+
+
+# The same defects in the fused RMSNorm + gate/up GEMM + SwiGLU, held to the rule with the
+# summation-order slack of its reduction (``Accumulation``): the slack admits a correct kernel
+# that sums in another order, and still rejects each defect.
+GEMM_ROWS, GEMM_IN, GEMM_OUT = 37, 200, 130
+
+
+def _toward_zero(exact: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Truncation to ``dtype``: the nearest value, one ulp back where it rounded away from 0."""
+    nearest = exact.to(dtype)
+    away = nearest.double().abs() > exact.double().abs()
+    bits = nearest.view(torch.int16)
+    return torch.where(away, (bits - 1).view(dtype), nearest)
+
+
+TF32_PRODUCTS = len(DEFECTS) + 1  # fp32 inputs multiplied as TF32 (10 mantissa bits)
+
+
+def _tf32(t: torch.Tensor) -> torch.Tensor:
+    """fp32 values rounded to TF32's 10 mantissa bits (to nearest), as tensor cores take them."""
+    bits = t.float().view(torch.int32)
+    return ((bits + 0x1000) & ~0x1FFF).view(torch.float32)
+
+
+def _sequential_gemm_swiglu(x, norm_weight, weight, bias, mode: int) -> torch.Tensor:
+    """fp32 math summed one product at a time (an order no BLAS uses), then broken by ``mode``."""
+    normed = qwen_kernels.rms_norm(x.float(), norm_weight.float(), EPS, "torch")
+    weight = weight.float()
+    if mode == TF32_PRODUCTS:
+        normed, weight = _tf32(normed), _tf32(weight)
+    terms = GEMM_IN - 1 if mode == DROPPED_TERM else GEMM_IN
+    acc = bias.float().expand(GEMM_ROWS, -1).clone()
+    for i in range(terms):
+        acc += normed[:, i : i + 1] * weight[:, i]
+    gate, up = acc.chunk(2, -1)
+    exact = torch.nn.functional.silu(gate) * up
+    if mode == SCALED:
+        exact = exact * 1.01
+    out = _toward_zero(exact, x.dtype) if mode == TRUNCATED else exact.to(x.dtype)
+    if mode == UNWRITTEN_ROW:
+        out[-1] = float("nan")
+    return out
+
+
+def _check_gemm(gen, dtype: torch.dtype, mode: int) -> None:
+    from tests.ops.test_swiglu import swiglu_gemm_accumulation
+
+    x = randn(gen, GEMM_ROWS, GEMM_IN, dtype=dtype, scale=3.0)
+    norm_weight = randn(gen, GEMM_IN, dtype=dtype)
+    weight = randn(gen, 2 * GEMM_OUT, GEMM_IN, dtype=dtype, scale=GEMM_IN**-0.5)
+    bias = randn(gen, 2 * GEMM_OUT, dtype=dtype)
+    args64 = [t.double() for t in (x, norm_weight, weight, bias)]
+    ref64 = qwen_kernels.rms_norm_swiglu(*args64, EPS, "torch")
+    eager = qwen_kernels.rms_norm_swiglu(x, norm_weight, weight, bias, EPS, "torch")
+    got = _sequential_gemm_swiglu(x, norm_weight, weight, bias, mode)
+    assert_close_to_reference(
+        got,
+        ref64,
+        eager,
+        magnitude=ref64.abs().amax(-1, keepdim=True),
+        accumulation=swiglu_gemm_accumulation(*args64),
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gemm_in_another_summation_order_passes(gen, dtype):
+    _check_gemm(gen, dtype, RIGHT)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("defect", DEFECTS)
+def test_broken_gemm_is_rejected(gen, dtype, defect):
+    if defect == "truncated" and dtype == torch.float32:
+        pytest.skip("fp32 outputs are not rounded to a narrower type")
+    with pytest.raises(AssertionError):
+        _check_gemm(gen, dtype, DEFECTS[defect])
+
+
+def test_tf32_products_in_an_fp32_gemm_are_rejected(gen):
+    """A GEMM that multiplies fp32 inputs as TF32 (the kernel's IEEE_FP32 flag forgotten) is
+    rejected despite the slack: TF32 rounds each factor 8192x coarser than fp32."""
+    with pytest.raises(AssertionError):
+        _check_gemm(gen, torch.float32, TF32_PRODUCTS)

@@ -55,7 +55,11 @@ def test_image_and_video_with_a_checkpoint(tmp_path, gen, capsys):
     fallback = [g for g in OP_GROUPS if getattr(kernels, g) == "auto"]
     note = f"  \\({', '.join(fallback)} on auto\\)" if fallback else ""
     if _backends.runtime_missing("cuda_emu", "cpu") is None:
-        assert re.search(rf"^cuda_emu\s+\d+\.\d+\s+\d+{note}$", out, re.M), out
+        assert re.search(rf"^cuda_emu\s+\d+\.\d+\s+\d+  attention \S+,.*{note}$", out, re.M), out
+    # On CPU tensors "auto" runs the reference in every group, and the line says so.
+    ran = ", ".join(f"{group} torch" for group in OP_GROUPS)
+    assert re.search(rf"^auto\s+\d+\.\d+\s+\d+  {ran}$", out, re.M), out
+    assert "one untimed warm-up forward, then the mean of 3 timed forwards" in out
     assert f"checkpoint {tmp_path}" in out
     assert "image.png: 90x70 px -> 84x56 px" in out
     assert "9 frames at 4 fps -> 4 sampled" in out
@@ -76,4 +80,4 @@ def test_random_7b_tower_on_a_tiny_image(tmp_path, gen, capsys):
     out = capsys.readouterr().out
     assert "depth 32, hidden 1280, heads 16, out 3584; seeded random weights (seed 0" in out
     assert "grid_thw [[1, 4, 4]]: 16 patches -> 4 tokens of 3584" in out
-    assert re.search(r"^torch\s+\d+\.\d+\s+\d+$", out, re.MULTILINE)
+    assert re.search(r"^torch\s+\d+\.\d+\s+\d+  attention torch, ", out, re.MULTILINE)

@@ -11,7 +11,15 @@ import torch.nn.functional as F
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLMLP, Qwen2_5_VLRMSNorm
 
 import qwen_kernels
-from tests.helpers import DTYPES, assert_close_to_reference, randn, rel_err, targets, tolerance
+from tests.helpers import (
+    DTYPES,
+    Accumulation,
+    assert_close_to_reference,
+    randn,
+    rel_err,
+    targets,
+    tolerance,
+)
 
 EPS = 1e-6
 
@@ -117,7 +125,25 @@ def test_rms_norm_swiglu_backend_matches_reference(gen, backend, device, dtype, 
     got = qwen_kernels.rms_norm_swiglu(*args, EPS, backend)
     # The GEMM cancels: an output near zero carries the rounding of its row's largest values.
     row_scale = ref64.abs().amax(-1, keepdim=True)
-    assert_close_to_reference(got.cpu(), ref64, eager, magnitude=row_scale)
+    accumulation = swiglu_gemm_accumulation(*args64)
+    assert_close_to_reference(
+        got.cpu(), ref64, eager, magnitude=row_scale, accumulation=accumulation
+    )
+
+
+def swiglu_gemm_accumulation(x, norm_weight, weight, bias):
+    """``Accumulation`` of ``silu(g) * u`` with ``[g | u] = rms_norm(x) @ weight.T + bias`` (fp64
+    inputs): each of g and u sums K products and a bias, scaled by an rstd whose K-term sum of
+    squares adds as many roundings again, and their errors reach the output through the
+    derivatives of ``silu(g) * u`` (``silu'(g) = s (1 + g (1 - s))``, ``s = sigmoid(g)``)."""
+    normed = qwen_kernels.rms_norm(x, norm_weight, EPS, "torch")
+    gate, up = F.linear(normed, weight, bias).chunk(2, -1)
+    abs_bias = bias.abs() if bias is not None else None
+    abs_gate, abs_up = F.linear(normed.abs(), weight.abs(), abs_bias).chunk(2, -1)
+    sigmoid = torch.sigmoid(gate)
+    d_silu = sigmoid * (1 + gate * (1 - sigmoid))
+    magnitude = d_silu.abs() * up.abs() * abs_gate + (gate * sigmoid).abs() * abs_up
+    return Accumulation(2 * x.shape[-1] + 8, magnitude)
 
 
 @pytest.mark.parametrize(("backend", "device"), targets("rms_norm_swiglu"))
