@@ -114,7 +114,7 @@ def _build_rope(lengths: tuple[int, ...], heads: int, head_dim: int, make: Maker
         "positions": make.randint(max(2, int(tokens**0.5)), 2, tokens),
         "inv_freq": make.put(axial_inv_freq(head_dim), torch.float32),
         "mrope_section": [axial, axial],
-        "softmax_scale": None,
+        "softmax_scale": head_dim**-0.5,
     }
 
 

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from qwen_kernels._backends import REGISTRY
+from qwen_kernels.ops._define import prepared
 
 from .harness import Case, Maker
 from .shapes import SCALES, Scale
@@ -294,7 +295,7 @@ def launches_of(op: str, args: Sequence[Any]) -> list[Launch]:
     """The Triton launches the "triton" backend of ``op`` makes for ``args`` (not run)."""
     impl = REGISTRY[op]._load("triton")
     with captured_launches() as launches:
-        impl(*args)
+        impl(*prepared(op, args))
     return launches
 
 

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 import qwen_kernels as qk
+from qwen_kernels.ops.rms_norm_swiglu import fold_norm_weight
 
 from .config import KernelConfig, LayerKernels, VisionConfig
 from .layout import GridLayout, build_layout, normalize_grid
@@ -105,6 +106,24 @@ class VisionMLP(nn.Module):
         super().__init__()
         self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size)
+        # (norm weight, gate/up weight, their versions, folded weight): see `folded_gate_up`.
+        self._folded: tuple[Tensor, Tensor, tuple, Tensor] | None = None
+
+    def folded_gate_up(self, norm_weight: Tensor) -> Tensor:
+        """The gate/up weight with ``norm_weight`` (the block's second RMSNorm) folded in, for
+        the fused MLP front (``rms_norm_swiglu`` with ``norm_weight=None``). Kept here, with the
+        weights it derives from: made once, and again after either weight changes (an in-place
+        update bumps its version; a new tensor, dtype or device changes its identity)."""
+        weight = self.gate_up_proj.weight
+        # Inference tensors keep no version counter (and cannot change outside inference mode).
+        versions = tuple(None if t.is_inference() else t._version for t in (norm_weight, weight))
+        cached = self._folded
+        if cached is None or cached[0] is not norm_weight or cached[1] is not weight:
+            cached = None
+        if cached is None or cached[2] != versions:
+            folded = fold_norm_weight(norm_weight.detach(), weight.detach())
+            self._folded = cached = (norm_weight, weight, versions, folded)
+        return cached[3]
 
 
 class VisionBlock(nn.Module):
@@ -145,8 +164,8 @@ class VisionBlock(nn.Module):
             residual = attn + residual
             h = qk.rms_norm_swiglu(
                 residual,
-                self.norm2.weight,
-                gate_up.weight,
+                None,
+                self.mlp.folded_gate_up(self.norm2.weight),
                 gate_up.bias,
                 self.norm2.eps,
                 backend=kernels.mlp,

@@ -14,6 +14,7 @@ import importlib.util
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -112,27 +113,40 @@ def runtime_missing(backend: str, device_type: str | None = None) -> str | None:
     raise ValueError(f"unknown backend {backend!r}; expected one of {BACKEND_CHOICES}")
 
 
+_NATIVE_PREFIX = "native:"
+
+
 @dataclass
 class OpBackends:
-    """The implementations of one op, keyed by backend name.
+    """The implementations of one op, keyed by backend name (made by ``ops._define.define``).
 
-    ``impls`` maps a backend name to a callable taking the op's arguments (without ``backend``).
-    Kernel backends are registered lazily as ``"module:function"`` strings so that importing the
-    package never imports Triton or builds an extension.
+    ``impls`` maps a backend name to a callable taking the op's arguments (without ``backend``),
+    or to a string resolved on first use, so that importing the package never imports Triton or
+    builds an extension: ``"module:function"``, or ``OpBackends.native(name)`` for the C++ op
+    ``name`` of the CUDA build (``torch.ops.qwen_cuda``) or of its CPU emulation
+    (``torch.ops.qwen_emu``), bound to its ``.default`` overload once.
     """
 
     op: str
     impls: dict[str, Callable | str] = field(default_factory=dict)
+    # The op's argument checks (dtypes, shapes, devices), run once per call signature.
+    check: Callable[..., None] | None = None
     # What "auto" runs instead of picking a backend, if set (e.g. a chain of the best kernels).
     auto_impl: Callable | None = None
-    # Whether a kernel backend takes inputs whose last dim has this size (e.g. its head dims):
-    # "auto" passes over the ones that do not, to the next in its order.
-    fits: Callable[[str, int], bool] | None = None
+    # Why a kernel backend cannot take inputs whose last dim has this size (e.g. the head dims
+    # its kernels hold), or None where it can: "auto" passes over the ones that cannot, to the
+    # next in its order, and an explicit backend that cannot is refused with that reason.
+    misfit: Callable[[str, int], str | None] | None = None
     # How "auto" decides for this op, when it is more than the device's order (for `info`).
     auto_note: str = ""
     # The implementation chosen for each call signature that passed the op's checks: ops look a
     # call up here and `resolve` it on a miss.
     resolved: dict[tuple, Callable] = field(default_factory=dict, init=False, repr=False)
+
+    @staticmethod
+    def native(name: str) -> str:
+        """The ``impls`` entry of the C++ op ``name`` (for the "cuda" and "cuda_emu" backends)."""
+        return _NATIVE_PREFIX + name
 
     def register(self, backend: str, impl: Callable | str) -> None:
         """Add (or replace) the implementation of ``backend``."""
@@ -148,26 +162,24 @@ class OpBackends:
     def _load(self, backend: str) -> Callable:
         impl = self.impls[backend]
         if isinstance(impl, str):
-            module, _, name = impl.partition(":")
-            impl = getattr(importlib.import_module(module), name)
+            impl = _load_native(backend, impl) if impl.startswith(_NATIVE_PREFIX) else _import(impl)
             self.impls[backend] = impl
         return impl
 
-    def resolve(
-        self, signature: tuple, backend: str, like: torch.Tensor, check: Callable, *args
-    ) -> Callable:
-        """Run the op's argument checks ``check(*args)``, then ``select(backend, like)``, and keep
-        the answer in ``resolved`` under the call's ``signature``.
+    def resolve(self, signature: tuple, backend: str, args: tuple) -> Callable:
+        """Run the op's argument checks on ``args``, then ``select(backend, like)`` with the first
+        tensor argument as ``like``, and keep the answer in ``resolved`` under ``signature``.
 
         Checks and selection together cost more host time than the custom op call itself, so an
-        op looks its calls up in ``resolved`` first (``resolved.get(signature) or resolve(...)``)
-        by a signature that holds all they read: the backend name, each tensor's ``tensor_key``
-        and the other arguments. Checks of tensor values are not part of it; the op runs them on
-        every call. What a backend can run is taken to be fixed for the process (Triton too reads
+        op looks its calls up in ``resolved`` first by a signature that holds all they read (see
+        ``ops._define``). Checks of tensor values are not part of it; the op runs them on every
+        call. What a backend can run is taken to be fixed for the process (Triton reads
         TRITON_INTERPRET once), implementations change only through ``register``, which clears
         ``resolved``, and a failed check raises before anything is kept.
         """
-        check(*args)
+        if self.check is not None:
+            self.check(*args)
+        like = next(a for a in args if isinstance(a, torch.Tensor))
         impl = self.select(backend, like)
         if len(self.resolved) >= _MAX_SIGNATURES:
             self.resolved.clear()  # shapes can vary without bound in serving: start over
@@ -193,11 +205,10 @@ class OpBackends:
             return AUTO_CHAIN
         if backend == "auto":
             for name in _AUTO_ORDER.get(device.type, ("torch",)):
+                if name == "torch":
+                    return name
                 usable = name in self.impls and runtime_missing(name, device.type) is None
-                fits = name == "torch" or (
-                    kernel_dtype and (self.fits is None or self.fits(name, like.shape[-1]))
-                )
-                if usable and fits:
+                if usable and kernel_dtype and self._misfit(name, like) is None:
                     return name
             return "torch"
         if backend not in BACKENDS:
@@ -217,51 +228,46 @@ class OpBackends:
                 f"qwen.{self.op}: backend {backend!r} takes fp16, bf16 or fp32 inputs, got "
                 "float64 (only the 'torch' reference runs in float64)"
             )
+        misfit = self._misfit(backend, like)
+        if misfit is not None:
+            raise ValueError(
+                f"qwen.{self.op}: backend {backend!r} cannot take these inputs: {misfit}"
+            )
         return backend
 
-
-def tensor_key(t: torch.Tensor | None) -> tuple | None:
-    """The part of a call signature (``OpBackends.resolve``) a tensor argument contributes: its
-    dtype, shape and device (strides are not checked by any op: kernels take any)."""
-    return None if t is None else (t.dtype, t.shape, t.device)
-
-
-class NativeOp:
-    """A C++ op of the CUDA build (``torch.ops.qwen_cuda``) or of its CPU emulation
-    (``torch.ops.qwen_emu``, built on first use)."""
-
-    def __init__(self, backend: str, name: str) -> None:
-        self.backend, self.name = backend, name
-
-    def __call__(self, *args):
-        if self.backend == "cuda":
-            importlib.import_module("qwen_kernels._C")
-            library = torch.ops.qwen_cuda
-        else:
-            library = importlib.import_module("qwen_kernels._emu").load()
-        if not hasattr(library, self.name):
-            raise RuntimeError(
-                f"the {self.backend} build has no op {self.name!r}: it predates this kernel, "
-                "rebuild the package (pip install --no-build-isolation -e .)"
-            )
-        return getattr(library, self.name)(*args)
+    def _misfit(self, backend: str, like: torch.Tensor) -> str | None:
+        if backend == "torch" or self.misfit is None:
+            return None
+        return self.misfit(backend, like.shape[-1])
 
 
-def register_native(table: OpBackends, name: str | None = None) -> None:
-    """Register the C++ op ``name`` (default: the op's name) as the "cuda" and "cuda_emu"
-    backends of ``table``: the same kernel source, compiled by nvcc and by the emulation."""
-    for backend in ("cuda", "cuda_emu"):
-        table.register(backend, NativeOp(backend, name or table.op))
+def _import(path: str) -> Callable:
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
+def native_library(backend: str) -> Any:
+    """``torch.ops.qwen_cuda`` (importing ``qwen_kernels._C``) or, for "cuda_emu",
+    ``torch.ops.qwen_emu`` (built on first use)."""
+    if backend == "cuda":
+        importlib.import_module("qwen_kernels._C")
+        return torch.ops.qwen_cuda
+    return importlib.import_module("qwen_kernels._emu").load()
+
+
+def _load_native(backend: str, entry: str) -> Callable:
+    name = entry.removeprefix(_NATIVE_PREFIX)
+    library = native_library(backend)
+    if not hasattr(library, name):
+        raise RuntimeError(
+            f"the {backend} build has no op {name!r}: it predates this kernel, rebuild the "
+            "package (pip install --no-build-isolation -e .)"
+        )
+    return getattr(library, name).default
+
+
+# Every op's backend table, by op name (filled by ``ops._define.define``).
 REGISTRY: dict[str, OpBackends] = {}
-
-
-def op_backends(op: str, torch_impl: Callable, **kwargs) -> OpBackends:
-    """Create and register the backend table of ``op`` with its eager reference."""
-    table = OpBackends(op, {"torch": torch_impl}, **kwargs)
-    REGISTRY[op] = table
-    return table
 
 
 def available_backends() -> dict[str, list[str]]:

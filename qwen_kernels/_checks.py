@@ -1,7 +1,7 @@
-"""Input validation shared by the ops: every message names the op, the argument and what was
-expected. Shape and dtype checks run everywhere (also on fake tensors while tracing); checks that
-need the values of a device tensor run only in the real op and can be skipped where the caller
-already validated them (``skip_value_checks``)."""
+"""The dtype helpers and input validation shared by the ops: every message names the op, the
+argument and what was expected. Shape and dtype checks run everywhere (also on fake tensors while
+tracing); checks that need the values of a device tensor run only in the real op and can be
+skipped where the caller already validated them (``skip_value_checks``)."""
 
 from __future__ import annotations
 
@@ -28,6 +28,11 @@ _DTYPE_ORDER = (
 )
 
 _state = threading.local()
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the references compute in: fp32, or fp64 for fp64 inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @contextlib.contextmanager

@@ -1,53 +1,24 @@
 """Triton RMSNorm + gate/up GEMM + SwiGLU in one kernel (``rms_norm_swiglu``).
 
-The norm's weight is folded into the gate/up weight once (``fold_norm_weight``), so the GEMM reads
-the raw activations: each program accumulates its rows' sum of squares from the A tiles it loads
+The norm's weight is folded into the gate/up weight (``fold_norm_weight``: by the caller, once, when
+it passes ``norm_weight=None``; here, per call, otherwise), so the GEMM reads the raw activations:
+each program accumulates its rows' sum of squares from the A tiles it loads
 anyway and applies the per-row scale ``rsqrt(mean(x^2) + eps)``, the bias and SwiGLU in the
 epilogue. The normalised activations and the ``[T, 2I]`` gate/up product never reach memory.
 """
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 import triton
 import triton.language as tl
 
 from qwen_kernels._backends import triton_interpreting
+from qwen_kernels.ops.rms_norm_swiglu import fold_norm_weight
 
 from ._common import as_rows, round_to
 
 _BLOCK_M, _BLOCK_N, _BLOCK_K = 64, 64, 32
-# One folded weight per live gate/up weight tensor (keyed by id, dropped when that tensor dies):
-# (weak ref to the gate/up weight, weak ref to the norm weight, their versions, folded weight).
-_FOLDED: dict[int, tuple[weakref.ref, weakref.ref, tuple, torch.Tensor]] = {}
-
-
-def _version(t: torch.Tensor) -> int | None:
-    # Inference tensors keep no version counter (and cannot change outside inference mode).
-    return None if t.is_inference() else t._version
-
-
-def fold_norm_weight(norm_weight: torch.Tensor, gate_up_weight: torch.Tensor) -> torch.Tensor:
-    """``gate_up_weight * norm_weight`` (per input channel) in the weight's dtype, computed once
-    per weight: kept while ``gate_up_weight`` lives, recomputed after an in-place update of
-    either tensor (their version counters) or when paired with another norm weight."""
-    key = id(gate_up_weight)
-    versions = (_version(norm_weight), _version(gate_up_weight))
-    entry = _FOLDED.get(key)
-    if (
-        entry is not None
-        and entry[0]() is gate_up_weight
-        and entry[1]() is norm_weight
-        and entry[2] == versions
-    ):
-        return entry[3]
-    folded = (gate_up_weight.float() * norm_weight.float()).to(gate_up_weight.dtype).contiguous()
-    if entry is None:
-        weakref.finalize(gate_up_weight, _FOLDED.pop, key, None)
-    _FOLDED[key] = (weakref.ref(gate_up_weight), weakref.ref(norm_weight), versions, folded)
-    return folded
 
 
 @triton.jit
@@ -117,18 +88,21 @@ def _rms_norm_swiglu_kernel(
 
 def rms_norm_swiglu(
     x: torch.Tensor,
-    norm_weight: torch.Tensor,
+    norm_weight: torch.Tensor | None,
     gate_up_weight: torch.Tensor,
     gate_up_bias: torch.Tensor | None,
     eps: float,
 ) -> torch.Tensor:
     """``silu(g) * u`` with ``[g | u] = rms_norm(x) @ gate_up_weight.T + gate_up_bias`` (validated
-    by the op); the folded weight is computed once per weight version."""
+    by the op); ``norm_weight=None``: ``gate_up_weight`` is folded already."""
     n_out = gate_up_weight.shape[0] // 2
     out = torch.empty((*x.shape[:-1], n_out), dtype=x.dtype, device=x.device)
     if out.numel() == 0:
         return out
-    folded = fold_norm_weight(norm_weight, gate_up_weight)
+    if norm_weight is None:
+        folded = gate_up_weight.contiguous()
+    else:
+        folded = fold_norm_weight(norm_weight, gate_up_weight)
     rows = as_rows(x)
     n_rows, n_in = rows.shape
     bias = gate_up_bias.contiguous() if gate_up_bias is not None else None

@@ -580,18 +580,13 @@ def _launch(
     v: torch.Tensor,
     cu_seqlens: torch.Tensor,
     max_seqlen: int,
-    softmax_scale: float | None,
+    softmax_scale: float,
     rotary: tuple[torch.Tensor, torch.Tensor, list[int]] | None = None,
 ) -> torch.Tensor:
     tokens, heads, head_dim = q.shape
     out = torch.empty((tokens, heads, head_dim), dtype=q.dtype, device=q.device)
     if out.numel() == 0:
         return out
-    if head_dim > MAX_HEAD_DIM:
-        raise ValueError(
-            f"qwen.window_attn: `q` must have head_dim <= {MAX_HEAD_DIM} on the triton backend, "
-            f"got {head_dim}"
-        )
     q, k, v = (_unit_columns(t) for t in (q, k, v))
     config = attn_config(max_seqlen, head_dim, q.dtype, q.device, heads, rotary is not None)
     if rotary is not None and not config.one_pass:
@@ -605,7 +600,6 @@ def _launch(
     kv_blocks = 0
     if not config.one_pass and needs_constexpr_trip_counts():
         kv_blocks = triton.cdiv(max_seqlen, config.block_n)
-    scale = head_dim**-0.5 if softmax_scale is None else softmax_scale
     positions, inv_freq, stride_pa, stride_pt = q, q, 0, 0
     bands = {"AXES": 1, "BOUND_1": 0, "BOUND_2": 0, "BOUND_3": 0}
     if rotary is not None:
@@ -629,7 +623,7 @@ def _launch(
         stride_pt,
         heads,
         m_blocks,
-        scale * LOG2_E,
+        softmax_scale * LOG2_E,
         HEAD_DIM=head_dim,
         D_MAIN=d_main,
         D_TAIL=d_tail,
@@ -654,7 +648,7 @@ def window_attn(
     v: torch.Tensor,
     cu_seqlens: torch.Tensor,
     max_seqlen: int,
-    softmax_scale: float | None,
+    softmax_scale: float,
 ) -> torch.Tensor:
     """Attention inside each segment (inputs validated by the op) into a new ``[T, H, D]``."""
     return _launch(q, k, v, cu_seqlens, max_seqlen, softmax_scale)
@@ -667,7 +661,7 @@ def window_attn_rope(
     positions: torch.Tensor,
     inv_freq: torch.Tensor,
     mrope_section: list[int],
-    softmax_scale: float | None,
+    softmax_scale: float,
 ) -> torch.Tensor:
     """``window_attn`` of ``qkv``'s q, k (rotated as ``mrope_pos`` would) and v (inputs validated
     by the op): rotated while loading on the window path, by a pre-pass on the long path."""

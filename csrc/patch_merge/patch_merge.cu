@@ -108,7 +108,7 @@ __global__ void patch_merge_kernel(const PatchMergeParams<T, W, I> p) {
   }
 }
 
-void check_args(const at::Tensor& x, const at::Tensor& weight, double eps,
+void check_args(const at::Tensor& x, const at::Tensor& weight,
                 const std::optional<at::Tensor>& unit_index) {
   check_device(x, "x");
   check_dtype(x, "x", {at::kFloat, at::kHalf, at::kBFloat16});
@@ -120,7 +120,6 @@ void check_args(const at::Tensor& x, const at::Tensor& weight, double eps,
   check_dtype(weight, "weight", {x.scalar_type(), at::kFloat});
   QK_CHECK_ARG(weight.dim() == 1 && weight.size(0) == x.size(1), "weight", "shape [x.shape[1]] = [",
                x.size(1), "] (got ", weight.sizes(), ")");
-  QK_CHECK_ARG(eps >= 0.0, "eps", "a non-negative value (got ", eps, ")");
   if (unit_index) {
     check_same_device(*unit_index, "unit_index", x, "x");
     check_dtype(*unit_index, "unit_index", {at::kInt, at::kLong});
@@ -158,7 +157,7 @@ void launch(const at::Tensor& x_rows, const W* weight, const I* unit_index, doub
 
 at::Tensor patch_merge(const at::Tensor& x, const at::Tensor& weight, double eps,
                        const std::optional<at::Tensor>& unit_index) {
-  check_args(x, weight, eps, unit_index);
+  check_args(x, weight, unit_index);
   const int64_t out_units = unit_index ? unit_index->size(0) : x.size(0) / kUnit;
   at::Tensor out = at::empty({out_units, kUnit * x.size(1)}, x.options());
   if (out.numel() == 0) return out;

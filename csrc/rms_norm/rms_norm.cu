@@ -69,7 +69,7 @@ at::Tensor as_rows(const at::Tensor& t) {
   return rows.stride(-1) == 1 ? rows : rows.contiguous();
 }
 
-void check_args(const at::Tensor& x, const at::Tensor& weight, double eps) {
+void check_args(const at::Tensor& x, const at::Tensor& weight) {
   check_device(x, "x");
   check_dtype(x, "x", {at::kFloat, at::kHalf, at::kBFloat16});
   QK_CHECK_ARG(x.dim() >= 1 && x.size(-1) > 0, "x",
@@ -78,7 +78,6 @@ void check_args(const at::Tensor& x, const at::Tensor& weight, double eps) {
   check_dtype(weight, "weight", {x.scalar_type(), at::kFloat});
   QK_CHECK_ARG(weight.dim() == 1 && weight.size(0) == x.size(-1), "weight",
                "shape [x.shape[-1]] = [", x.size(-1), "] (got ", weight.sizes(), ")");
-  QK_CHECK_ARG(eps >= 0.0, "eps", "a non-negative value (got ", eps, ")");
 }
 
 // Launches 8 / warps_per_row rows per block; `residual` and `residual_out` are defined only for
@@ -132,7 +131,7 @@ void launch(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& w
 }  // namespace
 
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
-  check_args(x, weight, eps);
+  check_args(x, weight);
   at::Tensor out = at::empty(x.sizes(), x.options());
   at::Tensor none;
   launch(x, at::Tensor(), weight, eps, out, none);
@@ -141,7 +140,7 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
 
 std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const at::Tensor& residual,
                                                 const at::Tensor& weight, double eps) {
-  check_args(x, weight, eps);
+  check_args(x, weight);
   check_same_device(residual, "residual", x, "x");
   check_dtype(residual, "residual", {x.scalar_type()});
   QK_CHECK_ARG(residual.sizes() == x.sizes(), "residual", "x's shape ", x.sizes(), " (got ",

@@ -15,6 +15,7 @@
 //
 // fp32 (window_attn_fma_kernel): see WindowAttnFmaTraits.
 #include <ATen/ops/empty.h>
+#include <c10/util/StringUtil.h>
 
 #include <cmath>
 #include <cstring>
@@ -473,18 +474,21 @@ void run_head_dim(int head_dim, bool rope, const WindowAttnParams& params, cudaS
 }
 
 bool supported_head_dim(int64_t head_dim) {
-#define QK_WINDOW_ATTN_IS(D) head_dim == D ||
-  return QK_WINDOW_ATTN_HEAD_DIMS(QK_WINDOW_ATTN_IS) false;
-#undef QK_WINDOW_ATTN_IS
+  for (int64_t d : window_attn_head_dims()) {
+    if (d == head_dim) return true;
+  }
+  return false;
 }
 
+// The checks memory safety needs (the op layer checks the rest, with the same messages, before it
+// calls here): the kernels index by these shapes, dtypes, head dims and 32-bit counts.
 // q is 3-D here: window_attn checks it, window_attn_rope selects it from a checked qkv.
 void check_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                const at::Tensor& cu_seqlens, int64_t max_seqlen, double scale) {
+                const at::Tensor& cu_seqlens, int64_t max_seqlen) {
   check_device(q, "q");
   check_dtype(q, "q", {at::kFloat, at::kHalf, at::kBFloat16});
-  QK_CHECK_ARG(supported_head_dim(q.size(2)), "q",
-               "a head dim (q.shape[2]) of 64, 80 or 128 (got shape ", q.sizes(), ")");
+  QK_CHECK_ARG(supported_head_dim(q.size(2)), "q", "a head dim (q.shape[2]) of ",
+               c10::Join(", ", window_attn_head_dims()), " (got shape ", q.sizes(), ")");
   for (const auto& [t, name] : {std::pair{&k, "k"}, std::pair{&v, "v"}}) {
     check_same_device(*t, name, q, "q");
     check_dtype(*t, name, {q.scalar_type()});
@@ -496,8 +500,6 @@ void check_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                "shape [S+1] with at least one segment (got ", cu_seqlens.sizes(), ")");
   QK_CHECK_ARG(max_seqlen >= 1 && max_seqlen <= int64_t{65535} * 64, "max_seqlen",
                "a positive length up to ", int64_t{65535} * 64, " (got ", max_seqlen, ")");
-  QK_CHECK_ARG(std::isfinite(scale) && scale > 0.0, "softmax_scale",
-               "a positive finite value or None (got ", scale, ")");
   QK_CHECK_ARG(q.size(0) <= INT32_MAX, "q", "fewer than 2^31 tokens (got ", q.size(0), ")");
   QK_CHECK_ARG((cu_seqlens.size(0) - 1) * q.size(1) <= INT32_MAX, "cu_seqlens",
                "segments x heads below 2^31 (got ", cu_seqlens.size(0) - 1, " x ", q.size(1), ")");
@@ -585,32 +587,31 @@ at::Tensor launch(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tens
   return out;
 }
 
-double resolve_scale(std::optional<double> softmax_scale, const at::Tensor& t) {
-  return softmax_scale.value_or(1.0 / std::sqrt(static_cast<double>(t.size(-1))));
-}
-
 }  // namespace
 
+std::vector<int64_t> window_attn_head_dims() {
+#define QK_WINDOW_ATTN_DIM(D) D,
+  return {QK_WINDOW_ATTN_HEAD_DIMS(QK_WINDOW_ATTN_DIM)};
+#undef QK_WINDOW_ATTN_DIM
+}
+
 at::Tensor window_attn(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                       const at::Tensor& cu_seqlens, int64_t max_seqlen,
-                       std::optional<double> softmax_scale) {
+                       const at::Tensor& cu_seqlens, int64_t max_seqlen, double softmax_scale) {
   check_dim(q, "q", 3);
-  const double scale = resolve_scale(softmax_scale, q);
-  check_args(q, k, v, cu_seqlens, max_seqlen, scale);
-  return launch(q, k, v, cu_seqlens, max_seqlen, scale, nullptr);
+  check_args(q, k, v, cu_seqlens, max_seqlen);
+  return launch(q, k, v, cu_seqlens, max_seqlen, softmax_scale, nullptr);
 }
 
 at::Tensor window_attn_rope(const at::Tensor& qkv, const at::Tensor& cu_seqlens, int64_t max_seqlen,
                             const at::Tensor& positions, const at::Tensor& inv_freq,
-                            c10::IntArrayRef mrope_section, std::optional<double> softmax_scale) {
+                            c10::IntArrayRef mrope_section, double softmax_scale) {
   check_device(qkv, "qkv");
   QK_CHECK_ARG(qkv.dim() == 4 && qkv.size(1) == 3, "qkv", "shape [T, 3, H, D] (got ", qkv.sizes(),
                ")");
   const at::Tensor q = qkv.select(1, 0), k = qkv.select(1, 1), v = qkv.select(1, 2);
-  const double scale = resolve_scale(softmax_scale, qkv);
-  check_args(q, k, v, cu_seqlens, max_seqlen, scale);
+  check_args(q, k, v, cu_seqlens, max_seqlen);
   const Rope rope = check_rope(qkv, positions, inv_freq, mrope_section);
-  return launch(q, k, v, cu_seqlens, max_seqlen, scale, &rope);
+  return launch(q, k, v, cu_seqlens, max_seqlen, softmax_scale, &rope);
 }
 
 }  // namespace qk

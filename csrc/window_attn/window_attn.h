@@ -4,19 +4,19 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/ArrayRef.h>
 
-#include <optional>
+#include <vector>
 
 namespace qk {
 
 // Non-causal softmax(q k^T * scale) v inside each segment [cu_seqlens[s], cu_seqlens[s+1]) of the
 // packed tokens. q, k, v: [T, H, D] of one dtype (fp16, bf16: tensor cores with fp32
 // accumulation; fp32: fp32 FMA), any strides with a unit last one (views of a packed [T, 3, H, D]
-// buffer need no copy); D = 64, 80 or 128. cu_seqlens: int32 [S+1]; max_seqlen bounds every
-// segment (<= 64 picks the one-tile window path). softmax_scale defaults to D^-0.5. Returns a
-// contiguous [T, H, D] in q's dtype.
+// buffer need no copy); D one of window_attn_head_dims(). cu_seqlens: int32 [S+1]; max_seqlen
+// bounds every segment (<= 64 picks the one-tile window path). softmax_scale comes resolved from
+// the op layer (its default D^-0.5 is computed there, once). Returns a contiguous [T, H, D] in
+// q's dtype.
 at::Tensor window_attn(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                       const at::Tensor& cu_seqlens, int64_t max_seqlen,
-                       std::optional<double> softmax_scale);
+                       const at::Tensor& cu_seqlens, int64_t max_seqlen, double softmax_scale);
 
 // window_attn on the q, k, v of a packed qkv [T, 3, H, D], with q and k rotated (rotate-half
 // M-RoPE, as mrope_pos: the angle of frequency i of token t is positions[axis(i), t] *
@@ -25,6 +25,10 @@ at::Tensor window_attn(const at::Tensor& q, const at::Tensor& k, const at::Tenso
 // [D/2]; the rotated q and k are rounded to qkv's dtype, as mrope_pos stores them.
 at::Tensor window_attn_rope(const at::Tensor& qkv, const at::Tensor& cu_seqlens, int64_t max_seqlen,
                             const at::Tensor& positions, const at::Tensor& inv_freq,
-                            c10::IntArrayRef mrope_section, std::optional<double> softmax_scale);
+                            c10::IntArrayRef mrope_section, double softmax_scale);
+
+// The head dims the kernels are instantiated for (variants.h): the op layer reads them through
+// torch.ops.<library>.window_attn_head_dims() instead of restating them.
+std::vector<int64_t> window_attn_head_dims();
 
 }  // namespace qk

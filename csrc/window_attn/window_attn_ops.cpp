@@ -7,10 +7,12 @@
 TORCH_LIBRARY_FRAGMENT(QK_OPS_NAMESPACE, m) {
   m.def(
       "window_attn(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, int max_seqlen, "
-      "float? softmax_scale=None) -> Tensor");
+      "float softmax_scale) -> Tensor");
   m.def(
       "window_attn_rope(Tensor qkv, Tensor cu_seqlens, int max_seqlen, Tensor positions, "
-      "Tensor inv_freq, int[] mrope_section, float? softmax_scale=None) -> Tensor");
+      "Tensor inv_freq, int[] mrope_section, float softmax_scale) -> Tensor");
+  // A fact of the build, not a kernel: no tensors, so no dispatch key.
+  m.def("window_attn_head_dims() -> int[]", &qk::window_attn_head_dims);
 }
 
 TORCH_LIBRARY_IMPL(QK_OPS_NAMESPACE, QK_DISPATCH_KEY, m) {

@@ -16,7 +16,6 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .._backends import op_backends, register_native, tensor_key
 from .._checks import (
     INDEX_DTYPES,
     check_device,
@@ -24,9 +23,10 @@ from .._checks import (
     check_ndim,
     check_same,
     check_section,
+    compute_dtype,
     fail,
 )
-from .rms_norm import compute_dtype
+from ._define import OpSpec, define
 
 _FREQ_DTYPES = frozenset((torch.float32, torch.float64))
 
@@ -190,152 +190,11 @@ def _check_position_args(
     _check_positions(op, "q", q, q.shape, positions, inv_freq, mrope_section)
 
 
-def _table_signature(
-    backend: str, q: Tensor, k: Tensor, a: Tensor, b: Tensor, mrope_section: Sequence[int] | None
-) -> tuple:
-    """The call signature (``OpBackends.resolve``) of any of the four forms: q, k, the two
-    angle sources (cos/sin tables or positions/inv_freq) and the section."""
-    section = None if mrope_section is None else tuple(mrope_section)
-    return (backend, section, tensor_key(q), tensor_key(k), tensor_key(a), tensor_key(b))
-
-
 def _new_like(t: Tensor) -> Tensor:
     return torch.empty_like(t, memory_format=torch.contiguous_format)
 
 
-MROPE = op_backends("mrope", mrope_reference)
-MROPE_INPLACE = op_backends("mrope_", _in_place(mrope_reference))
-MROPE_POS = op_backends("mrope_pos", mrope_pos_reference)
-MROPE_POS_INPLACE = op_backends("mrope_pos_", _in_place(mrope_pos_reference))
-# Each kernel serves the in-place and the out-of-place form (an output pointer), so all four tables
-# name the same kernels.
-for _table in (MROPE, MROPE_INPLACE, MROPE_POS, MROPE_POS_INPLACE):
-    _table.register("triton", f"qwen_kernels.triton_kernels.mrope:{_table.op}")
-    register_native(_table)
-
-
-@torch.library.custom_op(
-    "qwen::mrope",
-    mutates_args=(),
-    schema="(Tensor q, Tensor k, Tensor cos, Tensor sin, int[]? mrope_section=None, "
-    'str backend="auto") -> (Tensor, Tensor)',
-)
-def _mrope_op(
-    q: Tensor,
-    k: Tensor,
-    cos: Tensor,
-    sin: Tensor,
-    mrope_section: list[int] | None = None,
-    backend: str = "auto",
-) -> tuple[Tensor, Tensor]:
-    signature = _table_signature(backend, q, k, cos, sin, mrope_section)
-    args = ("mrope", q, k, cos, sin, mrope_section)
-    impl = MROPE.resolved.get(signature) or MROPE.resolve(
-        signature, backend, q, _check_table_args, *args
-    )
-    q_out, k_out = impl(q, k, cos, sin, mrope_section)
-    return q_out.contiguous(), k_out.contiguous()
-
-
-@_mrope_op.register_fake
-def _(q, k, cos, sin, mrope_section=None, backend="auto"):
-    _check_table_args("mrope", q, k, cos, sin, mrope_section)
-    return _new_like(q), _new_like(k)
-
-
-@torch.library.custom_op(
-    "qwen::mrope_",
-    mutates_args=("q", "k"),
-    schema="(Tensor(a!) q, Tensor(b!) k, Tensor cos, Tensor sin, int[]? mrope_section=None, "
-    'str backend="auto") -> ()',
-)
-def _mrope_inplace_op(
-    q: Tensor,
-    k: Tensor,
-    cos: Tensor,
-    sin: Tensor,
-    mrope_section: list[int] | None = None,
-    backend: str = "auto",
-) -> None:
-    signature = _table_signature(backend, q, k, cos, sin, mrope_section)
-    args = ("mrope_", q, k, cos, sin, mrope_section)
-    impl = MROPE_INPLACE.resolved.get(signature) or MROPE_INPLACE.resolve(
-        signature, backend, q, _check_table_args, *args
-    )
-    impl(q, k, cos, sin, mrope_section)
-
-
-@_mrope_inplace_op.register_fake
-def _(q, k, cos, sin, mrope_section=None, backend="auto"):
-    _check_table_args("mrope_", q, k, cos, sin, mrope_section)
-
-
-@torch.library.custom_op(
-    "qwen::mrope_pos",
-    mutates_args=(),
-    schema="(Tensor q, Tensor k, Tensor positions, Tensor inv_freq, int[] mrope_section, "
-    'str backend="auto") -> (Tensor, Tensor)',
-)
-def _mrope_pos_op(
-    q: Tensor,
-    k: Tensor,
-    positions: Tensor,
-    inv_freq: Tensor,
-    mrope_section: list[int],
-    backend: str = "auto",
-) -> tuple[Tensor, Tensor]:
-    signature = _table_signature(backend, q, k, positions, inv_freq, mrope_section)
-    args = ("mrope_pos", q, k, positions, inv_freq, mrope_section)
-    impl = MROPE_POS.resolved.get(signature) or MROPE_POS.resolve(
-        signature, backend, q, _check_position_args, *args
-    )
-    q_out, k_out = impl(q, k, positions, inv_freq, mrope_section)
-    return q_out.contiguous(), k_out.contiguous()
-
-
-@_mrope_pos_op.register_fake
-def _(q, k, positions, inv_freq, mrope_section, backend="auto"):
-    _check_position_args("mrope_pos", q, k, positions, inv_freq, mrope_section)
-    return _new_like(q), _new_like(k)
-
-
-@torch.library.custom_op(
-    "qwen::mrope_pos_",
-    mutates_args=("q", "k"),
-    schema="(Tensor(a!) q, Tensor(b!) k, Tensor positions, Tensor inv_freq, int[] mrope_section, "
-    'str backend="auto") -> ()',
-)
-def _mrope_pos_inplace_op(
-    q: Tensor,
-    k: Tensor,
-    positions: Tensor,
-    inv_freq: Tensor,
-    mrope_section: list[int],
-    backend: str = "auto",
-) -> None:
-    signature = _table_signature(backend, q, k, positions, inv_freq, mrope_section)
-    args = ("mrope_pos_", q, k, positions, inv_freq, mrope_section)
-    impl = MROPE_POS_INPLACE.resolved.get(signature) or MROPE_POS_INPLACE.resolve(
-        signature, backend, q, _check_position_args, *args
-    )
-    impl(q, k, positions, inv_freq, mrope_section)
-
-
-@_mrope_pos_inplace_op.register_fake
-def _(q, k, positions, inv_freq, mrope_section, backend="auto"):
-    _check_position_args("mrope_pos_", q, k, positions, inv_freq, mrope_section)
-
-
-def mrope(
-    q: Tensor,
-    k: Tensor,
-    cos: Tensor,
-    sin: Tensor,
-    mrope_section: list[int] | None = None,
-    backend: str = "auto",
-) -> tuple[Tensor, Tensor]:
-    """Rotary embedding of q and k from cos/sin tables (rotate-half convention, fp32 math).
-
+_TABLE_ARGS = """
     Args:
         q: ``[..., S, H, D]``, any strides. k: ``[..., S, H_k, D]`` (H_k may differ from H),
             same dtype and device as q.
@@ -344,35 +203,8 @@ def mrope(
         mrope_section: A band sizes summing to D/2: band j of each half of the tables is taken
             from axis j (Qwen2.5-VL's text model uses [16, 24, 24] over axes t, h, w).
         backend: "auto", "torch", "triton", "cuda" or "cuda_emu".
-
-    Returns:
-        ``(q_out, k_out)``, contiguous, in q's dtype.
-    """
-    return torch.ops.qwen.mrope(q, k, cos, sin, mrope_section, backend)
-
-
-def mrope_(
-    q: Tensor,
-    k: Tensor,
-    cos: Tensor,
-    sin: Tensor,
-    mrope_section: list[int] | None = None,
-    backend: str = "auto",
-) -> None:
-    """In-place ``mrope``: q and k are rotated where they lie (e.g. views of one packed qkv)."""
-    torch.ops.qwen.mrope_(q, k, cos, sin, mrope_section, backend)
-
-
-def mrope_pos(
-    q: Tensor,
-    k: Tensor,
-    positions: Tensor,
-    inv_freq: Tensor,
-    mrope_section: list[int],
-    backend: str = "auto",
-) -> tuple[Tensor, Tensor]:
-    """Rotary embedding of q and k from integer positions; angles are formed in fp32.
-
+"""
+_POSITION_ARGS = """
     Args:
         q, k: as in ``mrope``.
         positions: int32/int64 ``[A, ..., S]``, one row per position axis; leading dims broadcast
@@ -382,20 +214,55 @@ def mrope_pos(
             tower uses A = 2 with [20, 20] (inv_freq the 20 axial frequencies twice); the text
             model A = 3 with [16, 24, 24].
         backend: "auto", "torch", "triton", "cuda" or "cuda_emu".
-
+"""
+_OUT_OF_PLACE = """
     Returns:
         ``(q_out, k_out)``, contiguous, in q's dtype.
     """
-    return torch.ops.qwen.mrope_pos(q, k, positions, inv_freq, mrope_section, backend)
+_IN_PLACE = """
+    Returns:
+        None: q and k are rotated where they lie (e.g. views of one packed qkv).
+    """
+_TABLES = "Tensor cos, Tensor sin, int[]? mrope_section=None"
+_POSITIONS = "Tensor positions, Tensor inv_freq, int[] mrope_section"
 
 
-def mrope_pos_(
-    q: Tensor,
-    k: Tensor,
-    positions: Tensor,
-    inv_freq: Tensor,
-    mrope_section: list[int],
-    backend: str = "auto",
-) -> None:
-    """In-place ``mrope_pos``: q and k are rotated where they lie."""
-    torch.ops.qwen.mrope_pos_(q, k, positions, inv_freq, mrope_section, backend)
+def _rotary(name: str, in_place: bool, from_positions: bool) -> object:
+    """One of the four forms: tables or positions as the angle source, out of place or in place.
+    Each kernel serves the in-place and the out-of-place form (an output pointer), so all four
+    name the same kernels."""
+    source = _POSITIONS if from_positions else _TABLES
+    reference = mrope_pos_reference if from_positions else mrope_reference
+    check = _check_position_args if from_positions else _check_table_args
+    summary = (
+        "Rotary embedding of q and k from integer positions; angles are formed in fp32."
+        if from_positions
+        else "Rotary embedding of q and k from cos/sin tables (rotate-half convention, fp32 math)."
+    )
+    if in_place:
+        summary = f"In-place ``{name.rstrip('_')}``: " + summary[0].lower() + summary[1:]
+    return define(
+        OpSpec(
+            name=name,
+            schema=f"(Tensor(a!) q, Tensor(b!) k, {source}) -> ()"
+            if in_place
+            else f"(Tensor q, Tensor k, {source}) -> (Tensor, Tensor)",
+            doc=summary
+            + "\n"
+            + (_POSITION_ARGS if from_positions else _TABLE_ARGS)
+            + (_IN_PLACE if in_place else _OUT_OF_PLACE),
+            reference=_in_place(reference) if in_place else reference,
+            check=lambda *args: check(name, *args),
+            outputs=(lambda *_: None)
+            if in_place
+            else (lambda q, k, *_: (_new_like(q), _new_like(k))),
+            kernels={"triton": f"qwen_kernels.triton_kernels.mrope:{name}"},
+            native=True,
+        )
+    )
+
+
+mrope = _rotary("mrope", in_place=False, from_positions=False)
+mrope_ = _rotary("mrope_", in_place=True, from_positions=False)
+mrope_pos = _rotary("mrope_pos", in_place=False, from_positions=True)
+mrope_pos_ = _rotary("mrope_pos_", in_place=True, from_positions=True)

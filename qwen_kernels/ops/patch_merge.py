@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._backends import op_backends, register_native, tensor_key
 from .._checks import INDEX_DTYPES, check_device, check_ndim, fail, value_checks_enabled
+from ._define import OpSpec, define
 from .rms_norm import check_rms_norm_args, rms_norm_reference
 
 OP = "patch_merge"
@@ -57,35 +57,11 @@ def _out_shape(x: Tensor, unit_index: Tensor | None) -> tuple[int, int]:
     return rows, UNIT * x.shape[1]
 
 
-PATCH_MERGE = op_backends(OP, patch_merge_reference)
-PATCH_MERGE.register("triton", "qwen_kernels.triton_kernels.patch_merge:patch_merge")
-register_native(PATCH_MERGE)
-
-
-@torch.library.custom_op("qwen::patch_merge", mutates_args=())
-def _patch_merge_op(
-    x: Tensor, weight: Tensor, eps: float, unit_index: Tensor | None = None, backend: str = "auto"
-) -> Tensor:
-    signature = (backend, eps, tensor_key(x), tensor_key(weight), tensor_key(unit_index))
-    impl = PATCH_MERGE.resolved.get(signature) or PATCH_MERGE.resolve(
-        signature, backend, x, _check_args, x, weight, eps, unit_index
-    )
-    _check_values(x, unit_index)
-    return impl(x, weight, eps, unit_index).contiguous()
-
-
-@_patch_merge_op.register_fake
-def _(
-    x: Tensor, weight: Tensor, eps: float, unit_index: Tensor | None = None, backend: str = "auto"
-) -> Tensor:
-    _check_args(x, weight, eps, unit_index)
-    return x.new_empty(_out_shape(x, unit_index))
-
-
-def patch_merge(
-    x: Tensor, weight: Tensor, eps: float, unit_index: Tensor | None = None, backend: str = "auto"
-) -> Tensor:
-    """RMSNorm each token, concatenate each 2x2 merge unit, gather units in ``unit_index`` order.
+patch_merge = define(
+    OpSpec(
+        name=OP,
+        schema="(Tensor x, Tensor weight, float eps, Tensor? unit_index=None) -> Tensor",
+        doc="""RMSNorm each token, concatenate each 2x2 merge unit, gather units by ``unit_index``.
 
     Args:
         x: ``[T, C]`` tokens, the 4 tokens of each merge unit consecutive; T a multiple of 4.
@@ -99,5 +75,12 @@ def patch_merge(
 
     Returns:
         ``[M, 4C]`` (M = T/4 without unit_index) in x's dtype.
-    """
-    return torch.ops.qwen.patch_merge(x, weight, eps, unit_index, backend)
+    """,
+        reference=patch_merge_reference,
+        check=_check_args,
+        outputs=lambda x, weight, eps, unit_index: x.new_empty(_out_shape(x, unit_index)),
+        kernels={"triton": "qwen_kernels.triton_kernels.patch_merge:patch_merge"},
+        native=True,
+        check_values=lambda x, weight, eps, unit_index: _check_values(x, unit_index),
+    )
+)

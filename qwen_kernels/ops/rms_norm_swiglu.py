@@ -1,6 +1,10 @@
 """The MLP front fused: RMSNorm, the gate/up projection and SwiGLU, ``qwen::rms_norm_swiglu``.
 
 ``silu(g) * u`` where ``[g | u] = rms_norm(x) @ gate_up_weight.T + gate_up_bias`` (gate rows first).
+The kernels fold the norm weight into the gate/up weight (``fold_norm_weight``), so the GEMM reads
+the raw activations and applies the norm's per-row scale in its epilogue. A caller that runs the
+op many times with the same weights (the encoder) folds once, keeps the folded weight with the
+module that owns the weights, and passes it with ``norm_weight=None``.
 """
 
 from __future__ import annotations
@@ -9,30 +13,47 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._backends import op_backends, tensor_key
 from .._checks import check_float, check_same, fail
-from .rms_norm import check_rms_norm_args, rms_norm_reference
+from ._define import OpSpec, define
+from .rms_norm import check_rms_norm_args, rms_norm_reference, rms_normalize
 from .swiglu import swiglu_reference
 
 OP = "rms_norm_swiglu"
 
 
+def fold_norm_weight(norm_weight: Tensor, gate_up_weight: Tensor) -> Tensor:
+    """``gate_up_weight * norm_weight`` per input channel (fp32 product, rounded once to the
+    weight's dtype), contiguous: the weight to pass with ``norm_weight=None``."""
+    return (gate_up_weight.float() * norm_weight.float()).to(gate_up_weight.dtype).contiguous()
+
+
 def rms_norm_swiglu_reference(
-    x: Tensor, norm_weight: Tensor, gate_up_weight: Tensor, gate_up_bias: Tensor | None, eps: float
+    x: Tensor,
+    norm_weight: Tensor | None,
+    gate_up_weight: Tensor,
+    gate_up_bias: Tensor | None,
+    eps: float,
 ) -> Tensor:
     """Eager chain: RMSNorm in x's dtype, one GEMM in x's dtype, SwiGLU in fp32."""
-    normed = rms_norm_reference(x, norm_weight, eps)
+    if norm_weight is None:
+        normed = rms_normalize(x, eps)
+    else:
+        normed = rms_norm_reference(x, norm_weight, eps)
     return swiglu_reference(F.linear(normed, gate_up_weight, gate_up_bias))
 
 
 def _check_args(
-    x: Tensor, norm_weight: Tensor, gate_up_weight: Tensor, gate_up_bias: Tensor | None, eps: float
+    x: Tensor,
+    norm_weight: Tensor | None,
+    gate_up_weight: Tensor,
+    gate_up_bias: Tensor | None,
+    eps: float,
 ) -> None:
-    check_rms_norm_args(OP, x, norm_weight, eps)
+    check_rms_norm_args(OP, x, norm_weight, eps, "norm_weight")
+    channels = x.shape[-1]
     check_float(OP, "gate_up_weight", gate_up_weight)
     check_same(OP, "x", x, "gate_up_weight", gate_up_weight)
     check_same(OP, "x", x, "gate_up_bias", gate_up_bias)
-    channels = x.shape[-1]
     if gate_up_weight.dim() != 2 or gate_up_weight.shape[1] != channels:
         fail(OP, "gate_up_weight", f"[2I, {channels}]", f"shape {tuple(gate_up_weight.shape)}")
     if gate_up_weight.shape[0] % 2:
@@ -49,70 +70,33 @@ def _check_args(
 
 
 def unfused_best(
-    x: Tensor, norm_weight: Tensor, gate_up_weight: Tensor, gate_up_bias: Tensor | None, eps: float
+    x: Tensor,
+    norm_weight: Tensor | None,
+    gate_up_weight: Tensor,
+    gate_up_bias: Tensor | None,
+    eps: float,
 ) -> Tensor:
     """The chain "auto" runs: the best rms_norm, one cuBLAS GEMM, the best swiglu.
 
     The fused kernel has not been measured against this chain on a GPU yet, and "auto" only
     picks it where it wins.
     """
-    normed = torch.ops.qwen.rms_norm(x, norm_weight, eps, "auto")
+    weight = norm_weight if norm_weight is not None else x.new_ones(x.shape[-1])
+    normed = torch.ops.qwen.rms_norm(x, weight, eps, "auto")
     return torch.ops.qwen.swiglu(F.linear(normed, gate_up_weight, gate_up_bias), "auto")
 
 
-RMS_NORM_SWIGLU = op_backends(OP, rms_norm_swiglu_reference, auto_impl=unfused_best)
-RMS_NORM_SWIGLU.register("triton", "qwen_kernels.triton_kernels.rms_norm_swiglu:rms_norm_swiglu")
-
-
-@torch.library.custom_op("qwen::rms_norm_swiglu", mutates_args=())
-def _rms_norm_swiglu_op(
-    x: Tensor,
-    norm_weight: Tensor,
-    gate_up_weight: Tensor,
-    gate_up_bias: Tensor | None,
-    eps: float,
-    backend: str = "auto",
-) -> Tensor:
-    signature = (
-        backend,
-        eps,
-        tensor_key(x),
-        tensor_key(norm_weight),
-        tensor_key(gate_up_weight),
-        tensor_key(gate_up_bias),
-    )
-    impl = RMS_NORM_SWIGLU.resolved.get(signature) or RMS_NORM_SWIGLU.resolve(
-        signature, backend, x, _check_args, x, norm_weight, gate_up_weight, gate_up_bias, eps
-    )
-    return impl(x, norm_weight, gate_up_weight, gate_up_bias, eps).contiguous()
-
-
-@_rms_norm_swiglu_op.register_fake
-def _(
-    x: Tensor,
-    norm_weight: Tensor,
-    gate_up_weight: Tensor,
-    gate_up_bias: Tensor | None,
-    eps: float,
-    backend: str = "auto",
-) -> Tensor:
-    _check_args(x, norm_weight, gate_up_weight, gate_up_bias, eps)
-    return x.new_empty((*x.shape[:-1], gate_up_weight.shape[0] // 2))
-
-
-def rms_norm_swiglu(
-    x: Tensor,
-    norm_weight: Tensor,
-    gate_up_weight: Tensor,
-    gate_up_bias: Tensor | None,
-    eps: float,
-    backend: str = "auto",
-) -> Tensor:
-    """RMSNorm, gate/up projection and SwiGLU in one op.
+rms_norm_swiglu = define(
+    OpSpec(
+        name=OP,
+        schema="(Tensor x, Tensor? norm_weight, Tensor gate_up_weight, Tensor? gate_up_bias, "
+        "float eps) -> Tensor",
+        doc="""RMSNorm, gate/up projection and SwiGLU in one op.
 
     Args:
         x: ``[..., C]`` activations (fp16, bf16, fp32; fp64 on "torch").
-        norm_weight: ``[C]`` RMSNorm weight.
+        norm_weight: ``[C]`` RMSNorm weight, or None where ``gate_up_weight`` has it folded in
+            already (``fold_norm_weight``; the norm then runs with a unit weight).
         gate_up_weight: ``[2I, C]``, the gate projection's rows first, then the up projection's;
             same dtype and device as x.
         gate_up_bias: ``[2I]`` or None.
@@ -121,7 +105,13 @@ def rms_norm_swiglu(
 
     Returns:
         ``[..., I]`` in x's dtype: ``silu(g) * u`` with ``[g | u] = rms_norm(x) @ W.T + b``.
-    """
-    return torch.ops.qwen.rms_norm_swiglu(
-        x, norm_weight, gate_up_weight, gate_up_bias, eps, backend
+    """,
+        reference=rms_norm_swiglu_reference,
+        check=_check_args,
+        outputs=lambda x, norm_weight, gate_up_weight, *_: x.new_empty(
+            (*x.shape[:-1], gate_up_weight.shape[0] // 2)
+        ),
+        kernels={"triton": "qwen_kernels.triton_kernels.rms_norm_swiglu:rms_norm_swiglu"},
+        auto_impl=unfused_best,
     )
+)

@@ -6,13 +6,11 @@ of the activations; the op computes ``silu(gate) * up`` in fp32 and rounds once.
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._backends import op_backends, register_native, tensor_key
-from .._checks import check_float, check_ndim, fail
-from .rms_norm import compute_dtype
+from .._checks import check_float, check_ndim, compute_dtype, fail
+from ._define import OpSpec, define
 
 
 def swiglu_reference(gate_up: Tensor) -> Tensor:
@@ -32,33 +30,11 @@ def check_swiglu_args(gate_up: Tensor) -> None:
         )
 
 
-def swiglu_out_shape(gate_up: Tensor) -> tuple[int, ...]:
-    """``gate_up.shape`` with the last dim halved."""
-    return (*gate_up.shape[:-1], gate_up.shape[-1] // 2)
-
-
-SWIGLU = op_backends("swiglu", swiglu_reference)
-SWIGLU.register("triton", "qwen_kernels.triton_kernels.swiglu:swiglu")
-register_native(SWIGLU)
-
-
-@torch.library.custom_op("qwen::swiglu", mutates_args=())
-def _swiglu_op(gate_up: Tensor, backend: str = "auto") -> Tensor:
-    signature = (backend, tensor_key(gate_up))
-    impl = SWIGLU.resolved.get(signature) or SWIGLU.resolve(
-        signature, backend, gate_up, check_swiglu_args, gate_up
-    )
-    return impl(gate_up).contiguous()
-
-
-@_swiglu_op.register_fake
-def _(gate_up: Tensor, backend: str = "auto") -> Tensor:
-    check_swiglu_args(gate_up)
-    return gate_up.new_empty(swiglu_out_shape(gate_up))
-
-
-def swiglu(gate_up: Tensor, backend: str = "auto") -> Tensor:
-    """``silu(gate) * up`` where ``gate_up = [gate | up]`` along the last dimension.
+swiglu = define(
+    OpSpec(
+        name="swiglu",
+        schema="(Tensor gate_up) -> Tensor",
+        doc="""``silu(gate) * up`` where ``gate_up = [gate | up]`` along the last dimension.
 
     Args:
         gate_up: ``[..., 2I]`` fp16, bf16 or fp32 (fp64 on "torch"), any strides.
@@ -66,5 +42,11 @@ def swiglu(gate_up: Tensor, backend: str = "auto") -> Tensor:
 
     Returns:
         ``[..., I]`` contiguous, in gate_up's dtype, computed in fp32.
-    """
-    return torch.ops.qwen.swiglu(gate_up, backend)
+    """,
+        reference=swiglu_reference,
+        check=check_swiglu_args,
+        outputs=lambda gate_up: gate_up.new_empty((*gate_up.shape[:-1], gate_up.shape[-1] // 2)),
+        kernels={"triton": "qwen_kernels.triton_kernels.swiglu:swiglu"},
+        native=True,
+    )
+)

@@ -7,20 +7,24 @@ uses it for windows of at most 64 tokens and for whole frames in its full-attent
 
 from __future__ import annotations
 
+import functools
+import importlib
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._backends import op_backends, register_native, tensor_key
+from .._backends import native_library
 from .._checks import (
     check_device,
     check_float,
     check_ndim,
     check_same,
+    compute_dtype,
     fail,
     value_checks_enabled,
 )
-from .rms_norm import compute_dtype
+from ._define import OpSpec, define
 
 OP = "window_attn"
 # Padded elements per chunk of segments in the reference: bounds its memory on long inputs.
@@ -33,7 +37,7 @@ def window_attn_reference(
     v: Tensor,
     cu_seqlens: Tensor,
     max_seqlen: int,
-    softmax_scale: float | None,
+    softmax_scale: float,
 ) -> Tensor:
     """Eager reference: segments padded to ``max_seqlen`` and run through SDPA with a key mask.
 
@@ -44,7 +48,6 @@ def window_attn_reference(
     segments = cu_seqlens.numel() - 1
     if tokens == 0:
         return torch.empty_like(q, memory_format=torch.contiguous_format)
-    scale = head_dim**-0.5 if softmax_scale is None else softmax_scale
     acc = compute_dtype(q.dtype)
     starts = cu_seqlens[:-1].long()
     lengths = cu_seqlens[1:].long() - starts
@@ -61,7 +64,7 @@ def window_attn_reference(
         index = torch.where(valid, starts[chunk, None] + slot, 0)
         padded = [t.to(acc)[index].transpose(1, 2) for t in (q, k, v)]  # [s, H, L, D]
         attended = F.scaled_dot_product_attention(
-            *padded, attn_mask=valid[:, None, None, :], scale=scale
+            *padded, attn_mask=valid[:, None, None, :], scale=softmax_scale
         ).transpose(1, 2)  # [s, L, H, D]
         local = (token_segment - first).clamp(0, attended.shape[0] - 1)
         rows = attended[local, token_slot].to(q.dtype)  # [T, H, D]
@@ -138,78 +141,51 @@ def check_segment_values(op: str, tokens: int, cu_seqlens: Tensor, max_seqlen: i
     fail(op, "max_seqlen", "at least the longest segment", f"{max_seqlen} < {int(lengths.max())}")
 
 
-# Head dims the CUDA kernels are instantiated for (csrc/window_attn/variants.h); the Triton
-# kernel takes any head dim up to this.
-CUDA_HEAD_DIMS = (64, 80, 128)
-TRITON_MAX_HEAD_DIM = 256
+@functools.cache
+def native_head_dims(backend: str) -> tuple[int, ...]:
+    """The head dims the "cuda" or "cuda_emu" build instantiates its kernels for, as the build
+    reports them (csrc/window_attn/variants.h)."""
+    return tuple(native_library(backend).window_attn_head_dims())
 
 
-def kernel_fits(backend: str, head_dim: int) -> bool:
-    """Whether ``backend`` holds ``head_dim`` (the last dim of q, or of the packed qkv): what
-    "auto" checks before it picks the CUDA kernels (then Triton, then the reference) for CUDA
-    tensors. No peer kernel is routed to until a benchmark shows a case it wins."""
+def kernel_misfit(backend: str, head_dim: int) -> str | None:
+    """Why ``backend`` cannot hold ``head_dim`` (the last dim of q, or of the packed qkv), or
+    None: what "auto" checks before it picks the CUDA kernels (then Triton, then the reference)
+    for CUDA tensors, and what an explicit backend is refused with. No peer kernel is routed to
+    until a benchmark shows a case it wins."""
     if backend in ("cuda", "cuda_emu"):
-        return head_dim in CUDA_HEAD_DIMS
-    return backend != "triton" or head_dim <= TRITON_MAX_HEAD_DIM
+        held = native_head_dims(backend)
+        if head_dim not in held:
+            dims = ", ".join(map(str, held))
+            return f"its kernels hold head dims {dims}, not {head_dim}"
+    elif backend == "triton":
+        most = importlib.import_module("qwen_kernels.triton_kernels.window_attn").MAX_HEAD_DIM
+        if head_dim > most:
+            return f"its kernel holds head dims up to {most}, not {head_dim}"
+    return None
+
+
+def with_default_scale(*args):
+    """The arguments with ``softmax_scale`` (the last) resolved: ``1/sqrt(D)`` where None, D
+    the last dim of the first argument. The one place the default is computed."""
+    *rest, softmax_scale = args
+    if softmax_scale is None:
+        softmax_scale = args[0].shape[-1] ** -0.5
+    return (*rest, softmax_scale)
 
 
 AUTO_NOTE = (
-    "CUDA tensors: the CUDA kernels for head_dim 64/80/128, Triton up to 256, else the "
-    "reference; no peer (varlen_attn, flash-attn) until a benchmark shows a case it wins"
+    "CUDA tensors: the CUDA kernels where the build holds the head dim, else Triton where its "
+    "kernel does, else the reference; no peer (varlen_attn, flash-attn) until a benchmark "
+    "shows a case it wins"
 )
-WINDOW_ATTN = op_backends(OP, window_attn_reference, fits=kernel_fits, auto_note=AUTO_NOTE)
-WINDOW_ATTN.register("triton", "qwen_kernels.triton_kernels.window_attn:window_attn")
-register_native(WINDOW_ATTN)
 
-
-@torch.library.custom_op(
-    "qwen::window_attn",
-    mutates_args=(),
-    schema="(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, SymInt max_seqlen, "
-    'float? softmax_scale=None, str backend="auto") -> Tensor',
-)
-def _window_attn_op(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    cu_seqlens: Tensor,
-    max_seqlen: int,
-    softmax_scale: float | None = None,
-    backend: str = "auto",
-) -> Tensor:
-    signature = (
-        backend,
-        max_seqlen,
-        softmax_scale,
-        tensor_key(q),
-        tensor_key(k),
-        tensor_key(v),
-        tensor_key(cu_seqlens),
-    )
-    args = (q, k, v, cu_seqlens, max_seqlen, softmax_scale)
-    impl = WINDOW_ATTN.resolved.get(signature) or WINDOW_ATTN.resolve(
-        signature, backend, q, check_attention_args, OP, *args
-    )
-    check_segment_values(OP, q.shape[0], cu_seqlens, max_seqlen)
-    return impl(*args).contiguous()
-
-
-@_window_attn_op.register_fake
-def _(q, k, v, cu_seqlens, max_seqlen, softmax_scale=None, backend="auto"):
-    check_attention_args(OP, q, k, v, cu_seqlens, max_seqlen, softmax_scale)
-    return torch.empty_like(q, memory_format=torch.contiguous_format)
-
-
-def window_attn(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    cu_seqlens: Tensor,
-    max_seqlen: int,
-    softmax_scale: float | None = None,
-    backend: str = "auto",
-) -> Tensor:
-    """Non-causal attention inside each segment of a packed sequence.
+window_attn = define(
+    OpSpec(
+        name=OP,
+        schema="(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, SymInt max_seqlen, "
+        "float? softmax_scale=None) -> Tensor",
+        doc="""Non-causal attention inside each segment of a packed sequence.
 
     Args:
         q, k, v: ``[T, H, D]`` of one dtype (fp16, bf16, fp32; fp64 on "torch") and device, any
@@ -222,5 +198,17 @@ def window_attn(
 
     Returns:
         ``[T, H, D]`` contiguous in q's dtype; the softmax runs in fp32.
-    """
-    return torch.ops.qwen.window_attn(q, k, v, cu_seqlens, max_seqlen, softmax_scale, backend)
+    """,
+        reference=window_attn_reference,
+        check=lambda *args: check_attention_args(OP, *args),
+        outputs=lambda q, *_: torch.empty_like(q, memory_format=torch.contiguous_format),
+        kernels={"triton": "qwen_kernels.triton_kernels.window_attn:window_attn"},
+        native=True,
+        check_values=lambda q, k, v, cu_seqlens, max_seqlen, _scale: check_segment_values(
+            OP, q.shape[0], cu_seqlens, max_seqlen
+        ),
+        prepare=with_default_scale,
+        misfit=kernel_misfit,
+        auto_note=AUTO_NOTE,
+    )
+)

@@ -8,18 +8,18 @@ and k back and reads them again).
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
-from .._backends import op_backends, register_native, tensor_key
 from .._checks import check_float, check_ndim, fail
+from ._define import OpSpec, define
 from .mrope import _check_positions, mrope_pos_reference
 from .window_attn import (
     AUTO_NOTE,
     check_segment_args,
     check_segment_values,
-    kernel_fits,
+    kernel_misfit,
     window_attn_reference,
+    with_default_scale,
 )
 
 OP = "window_attn_rope"
@@ -32,7 +32,7 @@ def window_attn_rope_reference(
     positions: Tensor,
     inv_freq: Tensor,
     mrope_section: list[int],
-    softmax_scale: float | None,
+    softmax_scale: float,
 ) -> Tensor:
     """Eager reference: ``mrope_pos`` of q and k (rounded to qkv's dtype, as the unfused chain
     stores them), then ``window_attn``."""
@@ -63,76 +63,18 @@ def _check_args(
     _check_positions(OP, "qkv", qkv, q_shape, positions, inv_freq, mrope_section)
 
 
-WINDOW_ATTN_ROPE = op_backends(
-    OP, window_attn_rope_reference, fits=kernel_fits, auto_note=AUTO_NOTE
-)
-WINDOW_ATTN_ROPE.register("triton", "qwen_kernels.triton_kernels.window_attn:window_attn_rope")
-register_native(WINDOW_ATTN_ROPE)
-
-
-@torch.library.custom_op(
-    "qwen::window_attn_rope",
-    mutates_args=(),
-    schema="(Tensor qkv, Tensor cu_seqlens, SymInt max_seqlen, Tensor positions, Tensor inv_freq, "
-    'int[] mrope_section, float? softmax_scale=None, str backend="auto") -> Tensor',
-)
-def _window_attn_rope_op(
-    qkv: Tensor,
-    cu_seqlens: Tensor,
-    max_seqlen: int,
-    positions: Tensor,
-    inv_freq: Tensor,
-    mrope_section: list[int],
-    softmax_scale: float | None = None,
-    backend: str = "auto",
-) -> Tensor:
-    args = (qkv, cu_seqlens, max_seqlen, positions, inv_freq, mrope_section, softmax_scale)
-    signature = (
-        backend,
-        max_seqlen,
-        softmax_scale,
-        tuple(mrope_section),
-        tensor_key(qkv),
-        tensor_key(cu_seqlens),
-        tensor_key(positions),
-        tensor_key(inv_freq),
-    )
-    impl = WINDOW_ATTN_ROPE.resolved.get(signature) or WINDOW_ATTN_ROPE.resolve(
-        signature, backend, qkv, _check_args, *args
-    )
-    check_segment_values(OP, qkv.shape[0], cu_seqlens, max_seqlen)
-    return impl(*args).contiguous()
-
-
-@_window_attn_rope_op.register_fake
-def _(
-    qkv,
-    cu_seqlens,
-    max_seqlen,
-    positions,
-    inv_freq,
-    mrope_section,
-    softmax_scale=None,
-    backend="auto",
-):
-    _check_args(qkv, cu_seqlens, max_seqlen, positions, inv_freq, mrope_section, softmax_scale)
-    return qkv.new_empty((qkv.shape[0], qkv.shape[2], qkv.shape[3]))
-
-
-def window_attn_rope(
-    qkv: Tensor,
-    cu_seqlens: Tensor,
-    max_seqlen: int,
-    positions: Tensor,
-    inv_freq: Tensor,
-    mrope_section: list[int],
-    softmax_scale: float | None = None,
-    backend: str = "auto",
-) -> Tensor:
-    """Rotary embedding of q and k fused into non-causal attention inside each segment.
+window_attn_rope = define(
+    OpSpec(
+        name=OP,
+        schema="(Tensor qkv, Tensor cu_seqlens, SymInt max_seqlen, Tensor positions, "
+        "Tensor inv_freq, int[] mrope_section, float? softmax_scale=None) -> Tensor",
+        doc="""Rotary embedding of q and k fused into non-causal attention inside each segment.
 
     Same result as ``mrope_pos`` on q and k (rounded to qkv's dtype) followed by
-    ``window_attn``, without writing the rotated q and k; qkv itself is not modified.
+    ``window_attn``, without writing the rotated q and k; qkv itself is not modified. The op of
+    its own (not a flag of ``window_attn``) at every layer: ``csrc/window_attn/`` (the rotary
+    flag of the same kernel family), ``triton_kernels/window_attn.py`` (the ``ROTARY`` constexpr
+    of the same kernel), this module, ``tests/ops/test_window_attn_rope.py``.
 
     Args:
         qkv: ``[T, 3, H, D]`` (q, k, v along dim 1, e.g. the qkv projection viewed per head) of
@@ -150,7 +92,17 @@ def window_attn_rope(
 
     Returns:
         ``[T, H, D]`` contiguous in qkv's dtype; angles and softmax in fp32.
-    """
-    return torch.ops.qwen.window_attn_rope(
-        qkv, cu_seqlens, max_seqlen, positions, inv_freq, mrope_section, softmax_scale, backend
+    """,
+        reference=window_attn_rope_reference,
+        check=_check_args,
+        outputs=lambda qkv, *_: qkv.new_empty((qkv.shape[0], qkv.shape[2], qkv.shape[3])),
+        kernels={"triton": "qwen_kernels.triton_kernels.window_attn:window_attn_rope"},
+        native=True,
+        check_values=lambda qkv, cu_seqlens, max_seqlen, *_: check_segment_values(
+            OP, qkv.shape[0], cu_seqlens, max_seqlen
+        ),
+        prepare=with_default_scale,
+        misfit=kernel_misfit,
+        auto_note=AUTO_NOTE,
     )
+)

@@ -128,6 +128,30 @@ def test_per_layer_mixes_match_transformers(gen, small_weights, device):
         assert rel_err(out.cpu(), expected) < fp32_tol(device), kernels
 
 
+def test_fused_mlp_front_folds_its_weights_once_per_version(gen, small_weights):
+    """The folded gate/up weight lives with the block's MLP: made on the first fused forward,
+    reused after, and made again once a weight it derives from changes in place."""
+    pixels = random_pixels(gen, SMALL_BATCH)
+    encoder = VisionEncoder.from_hf_state_dict(
+        small_weights, SMALL, KernelConfig(fuse_mlp_norm=True)
+    )
+    block = encoder.blocks[0]
+    with torch.no_grad():
+        before = encoder(pixels, SMALL_BATCH)
+        folded = block.mlp.folded_gate_up(block.norm2.weight)
+        encoder(pixels, SMALL_BATCH)
+        assert block.mlp.folded_gate_up(block.norm2.weight) is folded
+        block.norm2.weight.mul_(2.0)
+        refolded = block.mlp.folded_gate_up(block.norm2.weight)
+        assert refolded is not folded
+        torch.testing.assert_close(refolded, block.mlp.gate_up_proj.weight * block.norm2.weight)
+        after = encoder(pixels, SMALL_BATCH)
+        encoder.set_kernels("torch")
+        unfused = encoder(pixels, SMALL_BATCH)
+    assert not torch.equal(before, after)
+    assert rel_err(after, unfused) < 1e-5
+
+
 # A 120-token frame: the full-attention layers take the kernels' long path; windows of 64, 32,
 # 16 and 8 tokens.
 LONG_FRAME_BATCH = [(1, 10, 12), (2, 4, 8)]

@@ -1,8 +1,6 @@
 """swiglu and rms_norm_swiglu: reference vs fp64 math and transformers' Qwen2_5_VLMLP, every
 backend vs the reference, opcheck, and the errors of bad input."""
 
-import gc
-import importlib
 from types import SimpleNamespace
 
 import pytest
@@ -11,6 +9,7 @@ import torch.nn.functional as F
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLMLP, Qwen2_5_VLRMSNorm
 
 import qwen_kernels
+from qwen_kernels.ops.rms_norm_swiglu import fold_norm_weight
 from tests.helpers import (
     DTYPES,
     Accumulation,
@@ -235,13 +234,18 @@ def test_rms_norm_swiglu_bias_must_match(gen):
         qwen_kernels.rms_norm_swiglu(x, norm_weight, weight, torch.empty(10, device="meta"), EPS)
 
 
-def test_folded_weight_is_made_once_and_dropped_with_its_weight(gen):
-    fused = importlib.import_module("qwen_kernels.triton_kernels.rms_norm_swiglu")
-    norm_weight, weight = randn(gen, 8), randn(gen, 6, 8)
-    folded = fused.fold_norm_weight(norm_weight, weight)
-    torch.testing.assert_close(folded, weight * norm_weight)
-    assert fused.fold_norm_weight(norm_weight, weight) is folded
-    key = id(weight)
-    del weight
-    gc.collect()
-    assert key not in fused._FOLDED
+@pytest.mark.parametrize(("backend", "device"), targets("rms_norm_swiglu", with_reference=True))
+def test_rms_norm_swiglu_with_a_folded_weight(gen, backend, device):
+    """``norm_weight=None``: the caller folded the norm weight into the gate/up weight, and every
+    backend computes the same function as with the two weights apart."""
+    x, norm_weight = randn(gen, 9, 40, scale=2.0), randn(gen, 40)
+    weight, bias = randn(gen, 2 * 24, 40, scale=40**-0.5), randn(gen, 2 * 24)
+    folded = fold_norm_weight(norm_weight, weight)
+    assert folded.is_contiguous()
+    assert torch.equal(folded, (weight.double() * norm_weight.double()).float())
+    expected = qwen_kernels.rms_norm_swiglu(
+        *(t.double() for t in (x, norm_weight, weight, bias)), EPS, "torch"
+    )
+    on_device = [t.to(device) for t in (x, folded, bias)]
+    got = qwen_kernels.rms_norm_swiglu(on_device[0], None, *on_device[1:], EPS, backend)
+    assert rel_err(got.cpu(), expected) < 1e-5

@@ -12,6 +12,7 @@ from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVi
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLVisionAttention
 
 import qwen_kernels
+from qwen_kernels._backends import native_library
 from qwen_kernels.model.config import VisionConfig
 from qwen_kernels.model.layout import build_layout
 from tests.helpers import (
@@ -332,12 +333,16 @@ def test_reference_in_several_chunks(gen, monkeypatch):
     assert rel_err(out, segment_loop(q, k, v, cu)) < 1e-5
 
 
-@pytest.mark.parametrize(("backend", "device"), TRITON)
+@pytest.mark.parametrize(("backend", "device"), targets("window_attn"))
 def test_kernel_rejects_head_dims_it_cannot_hold(gen, backend, device):
-    q, k, v = random_qkv(gen, 4, 1, 272)
+    """An explicit backend refuses a head dim its kernels lack, naming what they hold (for the
+    CUDA kernels: what the build reports)."""
+    head_dim, held = (272, "up to 256") if backend == "triton" else (48, "64, 80, 128")
+    q, k, v = (t.to(device) for t in random_qkv(gen, 4, 1, head_dim))
     cu = cu_seqlens_of([4]).to(device)
-    with pytest.raises(ValueError, match="`q` must have head_dim <= "):
-        qwen_kernels.window_attn(q.to(device), k.to(device), v.to(device), cu, 4, backend=backend)
+    match = f"backend '{backend}' cannot take these inputs: its kernels? holds? head dims {held}"
+    with pytest.raises(ValueError, match=match):
+        qwen_kernels.window_attn(q, k, v, cu, 4, backend=backend)
 
 
 def test_triton_launch_configs(monkeypatch):
@@ -381,14 +386,6 @@ def test_triton_launch_configs(monkeypatch):
 NATIVE = [t for t in targets("window_attn") if t.values[0] in ("cuda", "cuda_emu")]
 
 
-def native_library(backend):
-    """torch.ops.qwen_cuda, or torch.ops.qwen_emu built on first use."""
-    if backend == "cuda_emu":
-        return importlib.import_module("qwen_kernels._emu").load()
-    importlib.import_module("qwen_kernels._C")
-    return torch.ops.qwen_cuda
-
-
 @pytest.mark.parametrize(("backend", "device"), NATIVE)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_native_misaligned_views(gen, backend, device, dtype):
@@ -409,23 +406,37 @@ def test_native_op_checks_its_arguments(gen, backend, device):
     library = native_library(backend)
     cu = cu_seqlens_of([3, 5]).to(device)
     q, k, v = (t.to(device) for t in random_qkv(gen, 8, 2, 80, torch.float16))
+    scale = 80**-0.5
     cases = [
-        ((q, k[:7], v, cu, 5, None), "argument 'k'"),
-        ((q, k, v.float(), cu, 5, None), "argument 'v'"),
-        ((q.double(), k, v, cu, 5, None), "argument 'q'"),
-        ((q[..., :48], k[..., :48], v[..., :48], cu, 5, None), "head dim"),
-        ((q, k, v, cu.long(), 5, None), "argument 'cu_seqlens'"),
-        ((q, k, v, cu[:1], 5, None), "at least one segment"),
-        ((q, k, v, cu, 0, None), "argument 'max_seqlen'"),
-        ((q, k, v, cu, 5, -1.0), "argument 'softmax_scale'"),
+        ((q, k[:7], v, cu, 5, scale), "argument 'k'"),
+        ((q, k, v.float(), cu, 5, scale), "argument 'v'"),
+        ((q.double(), k, v, cu, 5, scale), "argument 'q'"),
+        ((q[..., :48], k[..., :48], v[..., :48], cu, 5, scale), "head dim"),
+        ((q, k, v, cu.long(), 5, scale), "argument 'cu_seqlens'"),
+        ((q, k, v, cu[:1], 5, scale), "at least one segment"),
+        ((q, k, v, cu, 0, scale), "argument 'max_seqlen'"),
     ]
     for args, match in cases:
         with pytest.raises(ValueError, match=match):
             library.window_attn(*args)
-    # softmax_scale None is D^-0.5, as in the Python op.
-    torch.testing.assert_close(
-        library.window_attn(q, k, v, cu, 5, None), library.window_attn(q, k, v, cu, 5, 80**-0.5)
-    )
+
+
+@pytest.mark.parametrize(("backend", "device"), NATIVE)
+def test_native_head_dims_are_what_the_kernels_hold(gen, backend, device):
+    """The build's list of head dims (what the op layer reads) is the list its dispatch holds:
+    each runs, a head dim between them is refused with the same list."""
+    library = native_library(backend)
+    held = list(library.window_attn_head_dims())
+    assert held and held == sorted(held)
+    cu = cu_seqlens_of([3]).to(device)
+    for head_dim in held:
+        q = randn(gen, 3, 1, head_dim, dtype=torch.bfloat16).to(device)
+        out = library.window_attn(q, q, q, cu, 3, 1.0)
+        assert out.shape == q.shape and torch.isfinite(out).all()
+    q = randn(gen, 3, 1, held[0] + 2, dtype=torch.bfloat16).to(device)
+    dims = ", ".join(map(str, held))
+    with pytest.raises(ValueError, match=f"a head dim \\(q.shape\\[2\\]\\) of {dims}"):
+        library.window_attn(q, q, q, cu, 3, 1.0)
 
 
 @pytest.mark.parametrize(("backend", "device"), NATIVE)
@@ -448,20 +459,26 @@ def test_native_rope_checks_its_arguments(gen, backend, device):
         a = {**good, **changes}
         with pytest.raises(ValueError, match=match):
             library.window_attn_rope(
-                a["qkv"], cu, 5, a["positions"], a["inv_freq"], a["section"], None
+                a["qkv"], cu, 5, a["positions"], a["inv_freq"], a["section"], 0.125
             )
 
 
 @pytest.mark.parametrize("op", ["window_attn", "window_attn_rope"])
 def test_auto_picks_a_kernel_that_holds_the_head_dim(monkeypatch, op):
-    """On CUDA tensors "auto" takes the CUDA kernels for head_dim 64/80/128, Triton for others up
-    to 256, the reference beyond (shown here on meta tensors standing in for CUDA ones)."""
+    """On CUDA tensors "auto" takes the CUDA kernels for the head dims the build holds, Triton for
+    others up to 256, the reference beyond (shown here on meta tensors standing in for CUDA ones,
+    with the head dims the emulation build reports: the same kernel source)."""
+    pytest.importorskip("triton")
     backends = importlib.import_module("qwen_kernels._backends")
+    attention = importlib.import_module("qwen_kernels.ops.window_attn")
+    if backends.runtime_missing("cuda_emu", "cpu") is not None:
+        pytest.skip(backends.runtime_missing("cuda_emu", "cpu"))
+    held = attention.native_head_dims("cuda_emu")
     table = backends.REGISTRY[op]
     monkeypatch.setitem(backends._AUTO_ORDER, "meta", ("cuda", "triton", "torch"))
     monkeypatch.setattr(backends, "runtime_missing", lambda name, device=None: None)
+    monkeypatch.setattr(attention, "native_head_dims", lambda backend: held)
     expected = {80: "cuda", 128: "cuda", 72: "triton", 256: "triton", 272: "torch"}
     for head_dim, backend in expected.items():
         like = torch.empty(4, 3, 2, head_dim, device="meta")
-        assert table.select("auto", like) is table._load(backend), head_dim
-    assert "head_dim 64/80/128" in table.auto_note
+        assert table.select_name("auto", like) == backend, head_dim

@@ -1,0 +1,219 @@
+"""One declaration per op: ``define(OpSpec(...))`` makes everything an op needs.
+
+From one ``OpSpec`` (the schema, the checks, the outputs, the eager reference and the kernels)
+``define`` creates:
+
+- the torch custom op ``torch.ops.qwen.<name>`` (the schema gains ``str backend="auto"``) and its
+  fake, which runs the same checks and allocates the same outputs;
+- the op's backend table in ``qwen_kernels._backends.REGISTRY`` (what ``available_backends()``
+  lists and ``"auto"`` picks from);
+- the documented public function ``qwen_kernels.<name>``, with the schema's arguments and defaults.
+
+Calls are memoised by a key derived from the schema: the backend, each tensor's dtype, shape,
+strides and device, lists as tuples, the other arguments as they are. The checks read nothing
+else (they see only what the key holds), so a call whose key was seen before skips the checks and
+the backend selection; values of device tensors are checked on every call (``check_values``).
+The key and the two functions are generated from the parsed schema, so no op writes one by hand
+and none pays for a generic loop over its arguments on every call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .._backends import REGISTRY, OpBackends
+
+# Python annotations of the schema types, for the public functions' signatures.
+_ANNOTATIONS = {
+    "Tensor": "Tensor",
+    "Optional[Tensor]": "Tensor | None",
+    "float": "float",
+    "Optional[float]": "float | None",
+    "int": "int",
+    "SymInt": "int",
+    "List[int]": "list[int]",
+    "Optional[List[int]]": "list[int] | None",
+    "str": "str",
+    "bool": "bool",
+}
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    """Everything about one op, stated once.
+
+    Attributes:
+        name: the op's name in the ``qwen`` namespace, e.g. ``"rms_norm"``.
+        schema: its arguments and results without ``backend``, e.g.
+            ``"(Tensor x, Tensor weight, float eps) -> Tensor"``; ``Tensor(a!)`` marks an
+            argument the op writes in place.
+        doc: the public function's docstring.
+        reference: the eager implementation (the ``"torch"`` backend), taking the op's arguments.
+        check: raises ``ValueError`` naming the argument on bad dtypes, shapes or devices; reads
+            only what the memo key holds (never values of tensors).
+        outputs: allocates the results as the op returns them (contiguous); the fake runs it.
+        kernels: other backends' implementations, ``"module:function"`` strings imported on
+            first use, e.g. ``{"triton": "qwen_kernels.triton_kernels.rms_norm:rms_norm"}``.
+        native: the C++ op of the same name is the ``"cuda"`` and ``"cuda_emu"`` backend (one
+            kernel source, compiled by nvcc and by the emulation), bound when first resolved.
+        check_values: checks of tensor values (a host sync), run on every call unless inside
+            ``skip_value_checks()``.
+        prepare: fills in defaults that depend on the inputs (e.g. the softmax scale) once, so
+            that implementations receive them resolved.
+        misfit, auto_impl, auto_note: how ``"auto"`` chooses (see ``OpBackends``).
+    """
+
+    name: str
+    schema: str
+    doc: str
+    reference: Callable
+    check: Callable[..., None]
+    outputs: Callable[..., Any]
+    kernels: Mapping[str, str] = field(default_factory=dict)
+    native: bool = False
+    check_values: Callable[..., None] | None = None
+    prepare: Callable[..., tuple] | None = None
+    misfit: Callable[[str, int], str | None] | None = None
+    auto_impl: Callable | None = None
+    auto_note: str = ""
+
+
+# Every op's declaration, by op name (tools read the checks, defaults and outputs from here).
+SPECS: dict[str, OpSpec] = {}
+
+
+def prepared(op: str, args: tuple) -> tuple:
+    """``args`` of ``op`` (without ``backend``) as its implementations receive them: with the
+    defaults that depend on the inputs filled in (``OpSpec.prepare``)."""
+    prepare = SPECS[op].prepare
+    return tuple(args) if prepare is None else prepare(*args)
+
+
+def _key_part(arg: torch.Argument) -> str:
+    """The memo-key expression of one argument."""
+    name, kind = arg.name, str(arg.type)
+    if kind == "Tensor":
+        return f"{name}.dtype, {name}.shape, {name}.stride(), {name}.device"
+    if kind == "Optional[Tensor]":
+        return (
+            f"None if {name} is None else "
+            f"({name}.dtype, {name}.shape, {name}.stride(), {name}.device)"
+        )
+    if kind == "List[int]":
+        return f"tuple({name})"
+    if kind == "Optional[List[int]]":
+        return f"None if {name} is None else tuple({name})"
+    return name
+
+
+def _finish(returns: list) -> str:
+    """The expression that makes the implementation's results contiguous."""
+    if not returns:
+        return "None"
+    if len(returns) == 1:
+        return "out.contiguous()"
+    return "(" + ", ".join(f"out[{i}].contiguous()" for i in range(len(returns))) + ")"
+
+
+def _parameters(arguments: list, annotated: bool = True) -> str:
+    """The schema's arguments as a Python parameter list, with their defaults (the dispatcher
+    leaves out trailing arguments that equal their default)."""
+    parts = []
+    for arg in arguments:
+        text = f"{arg.name}: {_ANNOTATIONS[str(arg.type)]}" if annotated else arg.name
+        if arg.has_default_value():
+            text += f" = {arg.default_value!r}"
+        parts.append(text)
+    return ", ".join(parts)
+
+
+def _return_annotation(returns: list) -> str:
+    if not returns:
+        return "None"
+    if len(returns) == 1:
+        return "Tensor"
+    return "tuple[" + ", ".join("Tensor" for _ in returns) + "]"
+
+
+def _generate(spec: OpSpec, table: OpBackends, overload: Callable | None) -> dict[str, Any]:
+    """The op's implementation (``impl``), its fake (``fake``: the checks and the outputs) and,
+    once ``overload`` exists, its public function."""
+    schema = torch._C.parse_schema(f"qwen::{spec.name}{spec.schema}")
+    arguments, returns = schema.arguments, schema.returns
+    names = ", ".join(arg.name for arg in arguments)
+    key = ", ".join(["backend", *(_key_part(arg) for arg in arguments)])
+    lines = [
+        "from __future__ import annotations",
+        f"def impl({_parameters(arguments, annotated=False)}, backend='auto'):",
+        f"    key = ({key})",
+        "    run = resolved.get(key)",
+        "    if run is None:",
+        f"        run = table.resolve(key, backend, ({names},))",
+    ]
+    if spec.check_values is not None:
+        lines.append(f"    check_values({names})")
+    call_args = names
+    if spec.prepare is not None:
+        lines.append(f"    args = prepare({names})")
+        call_args = "*args"
+    lines.append(f"    out = run({call_args})" if returns else f"    run({call_args})")
+    lines.append(f"    return {_finish(returns)}")
+    lines += [
+        f"def fake({_parameters(arguments, annotated=False)}, backend='auto'):",
+        f"    check({names})",
+        f"    return outputs({names})",
+    ]
+    if overload is not None:
+        lines += [
+            f"def {spec.name}({_parameters(arguments)}, backend: str = 'auto')"
+            f" -> {_return_annotation(returns)}:",
+            f"    return overload({names}, backend)",
+        ]
+    namespace = {
+        "resolved": table.resolved,
+        "table": table,
+        "check": spec.check,
+        "outputs": spec.outputs,
+        "check_values": spec.check_values,
+        "prepare": spec.prepare,
+        "overload": overload,
+    }
+    exec(compile("\n".join(lines), f"<qwen op {spec.name}>", "exec"), namespace)
+    return namespace
+
+
+def define(spec: OpSpec) -> Callable:
+    """Create the custom op ``qwen::<spec.name>``, its fake, its backend table and its public
+    function (returned) from ``spec``."""
+    table = OpBackends(
+        spec.name,
+        {"torch": spec.reference},
+        check=spec.check,
+        misfit=spec.misfit,
+        auto_impl=spec.auto_impl,
+        auto_note=spec.auto_note,
+    )
+    for backend, impl in spec.kernels.items():
+        table.register(backend, impl)
+    if spec.native:
+        for backend in ("cuda", "cuda_emu"):
+            table.register(backend, OpBackends.native(spec.name))
+    REGISTRY[spec.name] = table
+    SPECS[spec.name] = spec
+
+    schema = torch._C.parse_schema(f"qwen::{spec.name}{spec.schema}")
+    mutated = tuple(arg.name for arg in schema.arguments if arg.is_write)
+    full_schema = spec.schema.replace(") ->", ', str backend="auto") ->', 1)
+    generated = _generate(spec, table, None)
+    op = torch.library.custom_op(
+        f"qwen::{spec.name}", generated["impl"], mutates_args=mutated, schema=full_schema
+    )
+    op.register_fake(generated["fake"])
+    public = _generate(spec, table, getattr(torch.ops.qwen, spec.name).default)[spec.name]
+    public.__doc__ = spec.doc
+    public.__module__ = "qwen_kernels"
+    return public
