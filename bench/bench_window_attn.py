@@ -22,7 +22,16 @@ import qwen_kernels
 from qwen_kernels.model.layout import axial_inv_freq
 from qwen_kernels.ops.window_attn_rope import window_attn_rope_reference
 
-from .harness import Case, Impl, Inputs, Maker, Suite, compile_peer, missing_module
+from .harness import (
+    Case,
+    Impl,
+    Inputs,
+    Maker,
+    Suite,
+    compile_peer,
+    cpu_bf16_sdpa_problem,
+    missing_module,
+)
 from .shapes import Scale, cu_seqlens, frame_lengths, short_count, square_grid, window_lengths
 
 OP = "window_attn"
@@ -146,7 +155,12 @@ def peers(op: str) -> list[Impl]:
             compile_peer(window_attn_rope_reference, (*ROPE_ARGS, "softmax_scale")),
         ]
     return [
-        Impl("sdpa-padded", _sdpa_padded, prepare=_with_padding),
+        Impl(
+            "sdpa-padded",
+            _sdpa_padded,
+            prepare=_with_padding,
+            cpu_missing=cpu_bf16_sdpa_problem(),
+        ),
         Impl("varlen_attn", _varlen_attn, missing=_varlen_missing(), cpu=False),
         Impl("flex_attention", _flex_attention, prepare=_with_block_mask, cpu=False),
         Impl(
@@ -156,6 +170,7 @@ def peers(op: str) -> list[Impl]:
             "transformers-loop",
             _transformers_loop,
             missing=missing_module("transformers", "transformers"),
+            cpu_missing=cpu_bf16_sdpa_problem(),
         ),
     ]
 

@@ -117,6 +117,9 @@ class Impl:
     kind: str = "peer"
     missing: str | None = None
     cpu: bool = True
+    # Why it cannot run on the CPU of this machine although it runs on CPUs (the dry run skips
+    # it with this reason).
+    cpu_missing: str | None = None
     prepare: Callable[[Inputs], Inputs] | None = None
     series: frozenset[str] | None = None
 
@@ -261,6 +264,20 @@ def _compiled(function: Callable) -> Callable:
 
 def _call_compiled(function: Callable, args: tuple[str, ...], inputs: Inputs) -> Any:
     return _compiled(function)(*(inputs[name] for name in args))
+
+
+@functools.cache
+def cpu_bf16_sdpa_problem() -> str | None:
+    """Why torch's own SDPA fails for bf16 CPU tensors here, or None. Seen with
+    ``ATEN_CPU_CAPABILITY=default`` on a CPU with AVX-512 BF16: the CPU flash-attention kernel is
+    chosen by the CPU's features and then refuses the capability ("pack_vnni2 is only supported
+    when avx512 is supported"); peers and tests built on it cannot run there."""
+    q = torch.ones(1, 2, 64, 80, dtype=torch.bfloat16)
+    try:
+        torch.nn.functional.scaled_dot_product_attention(q, q, q)
+    except RuntimeError as exc:
+        return f"torch's CPU SDPA fails for bf16 on this machine ({_first_line(exc)})"
+    return None
 
 
 def missing_module(module: str, package: str) -> str | None:
@@ -418,6 +435,9 @@ def _run_impl(
         return row
     if ceilings is None and not impl.cpu:
         row.detail = "needs a GPU: not run in the dry run"
+        return row
+    if ceilings is None and impl.cpu_missing:
+        row.detail = impl.cpu_missing
         return row
     try:
         checked = clone_inputs(pristine)

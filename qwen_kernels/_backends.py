@@ -32,9 +32,10 @@ _AUTO_ORDER: dict[str, tuple[str, ...]] = {
 }
 
 
-def triton_interpreting() -> bool:
-    """True when Triton kernels run on CPU tensors through the Triton interpreter."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+# Whether Triton kernels run on CPU tensors through the Triton interpreter: read once, at import,
+# as Triton reads it when the kernels are defined. The one answer to "are we interpreting";
+# launchers see it as the arch None (triton_kernels/_common.py: launch_arch).
+TRITON_INTERPRETING: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @functools.cache
@@ -95,9 +96,9 @@ def runtime_missing(backend: str, device_type: str | None = None) -> str | None:
         missing = _triton_missing()
         if missing:
             return missing
-        if device_type == "cpu" and not triton_interpreting():
+        if device_type == "cpu" and not TRITON_INTERPRETING:
             return "Triton runs CPU tensors only under the interpreter (TRITON_INTERPRET=1)"
-        if device_type is None and not (torch.cuda.is_available() or triton_interpreting()):
+        if device_type is None and not (torch.cuda.is_available() or TRITON_INTERPRETING):
             return "no CUDA GPU and TRITON_INTERPRET is not set"
         return None
     if backend == "cuda":

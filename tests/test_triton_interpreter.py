@@ -12,7 +12,7 @@ can be revisited:
 3. ``@triton.autotune`` with several configs fails; kernels pick one config when interpreting.
 4. triton 3.6's interpreter cannot loop over a runtime bound (``range(0, n)`` with ``n`` an
    argument or a loaded value); 3.8's can. Workaround: kernels that loop over a runtime count
-   take a constexpr trip count instead where ``_common.needs_constexpr_trip_counts()`` says so.
+   take a constexpr trip count instead where ``_common.needs_constexpr_trip_counts(arch)`` says so.
 """
 
 import pytest

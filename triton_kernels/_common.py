@@ -1,5 +1,11 @@
-"""Helpers shared by the Triton kernels: rounding that the interpreter gets right, launch shapes,
-and 2-D row views of inputs."""
+"""Helpers shared by the Triton kernels: the arch a launch is configured for, rounding that the
+interpreter gets right, launch shapes, and 2-D row views of inputs.
+
+Every launcher takes its launch configuration from a config object made by a pure heuristic of
+the problem and the arch (``Arch``: a GPU's compute capability, or None for the interpreter),
+which tests and ``qwen-kernels inspect`` call with any arch; ``launch_arch`` gives the arch of a
+launch from its tensors' device.
+"""
 
 from __future__ import annotations
 
@@ -7,16 +13,20 @@ import contextlib
 import contextvars
 import functools
 import itertools
-import os
 from collections.abc import Iterator, Sequence
 
 import torch
 import triton
 import triton.language as tl
 
+from qwen_kernels._backends import TRITON_INTERPRETING
+
+# A GPU's compute capability, e.g. (9, 0); None: the Triton interpreter.
+Arch = tuple[int, int] | None
+
 # The interpreter's fp32 -> bf16 cast truncates (even with fp_downcast_rounding="rtne"), so kernels
 # round on the fp32 bits there; compiled kernels keep the native conversion.
-INTERPRETING = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+INTERPRETING = tl.constexpr(TRITON_INTERPRETING)
 
 
 @triton.jit
@@ -61,10 +71,11 @@ def interpreter_loops_over_runtime_bounds() -> bool:
     return out.tolist() == [3, 4]
 
 
-def needs_constexpr_trip_counts() -> bool:
-    """True when kernels must loop over constexpr trip counts: under an interpreter that cannot
-    loop over a runtime bound."""
-    return INTERPRETING.value and not interpreter_loops_over_runtime_bounds()
+def needs_constexpr_trip_counts(arch: Arch) -> bool:
+    """True when kernels must loop over constexpr trip counts: under an interpreter (``arch``
+    None) that cannot loop over a runtime bound (a capability of the installed Triton, probed
+    once; not a second answer to whether we interpret)."""
+    return arch is None and not interpreter_loops_over_runtime_bounds()
 
 
 @triton.jit
@@ -98,9 +109,10 @@ def offline_target(capability: tuple[int, int]) -> Iterator[None]:
         _OFFLINE_TARGET.reset(token)
 
 
-def gpu_capability(device: torch.device) -> tuple[int, int] | None:
-    """The GPU generation a launch is configured for: the offline target when one is set, the
-    device's for CUDA tensors, None for CPU tensors (the interpreter)."""
+def launch_arch(device: torch.device) -> Arch:
+    """The arch a launch on ``device`` is configured for: the offline target inside
+    ``offline_target``, the device's compute capability for CUDA tensors, None for CPU tensors
+    (the interpreter)."""
     target = _OFFLINE_TARGET.get()
     if target is not None:
         return target

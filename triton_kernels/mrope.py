@@ -24,7 +24,14 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import band_bounds, needs_constexpr_trip_counts, num_warps_for, round_to
+from ._common import (
+    Arch,
+    band_bounds,
+    launch_arch,
+    needs_constexpr_trip_counts,
+    num_warps_for,
+    round_to,
+)
 
 # Values per half-tile one program aims to hold (x1 and x2 each): 4-16 per thread.
 _ELEMENTS_PER_TILE = 2048
@@ -32,22 +39,26 @@ _ELEMENTS_PER_TILE = 2048
 
 @dataclass(frozen=True)
 class MropeConfig:
-    """Launch configuration: tokens per program, heads per tile, lanes per half, warps."""
+    """Launch configuration: tokens per program, heads per tile, lanes per half, warps, and
+    whether the head-tile loop needs a constexpr trip count (older interpreters)."""
 
     block_tokens: int
     block_heads: int
     block_half: int
     num_warps: int
+    constexpr_trips: bool = False
 
 
-def mrope_config(head_dim: int, q_heads: int, k_heads: int) -> MropeConfig:
+def mrope_config(head_dim: int, q_heads: int, k_heads: int, arch: Arch) -> MropeConfig:
     """Heuristic: a head tile that divides the smaller head count where it is a power of two
-    (16 for the vision tower, 4 for GQA's k), and enough tokens to fill about 2048 lanes."""
+    (16 for the vision tower, 4 for GQA's k), and enough tokens to fill about 2048 lanes; the
+    same on every GPU."""
     block_half = triton.next_power_of_2(head_dim // 2)
     block_heads = min(triton.next_power_of_2(max(1, min(q_heads, k_heads))), 16)
     block_tokens = max(1, min(32, _ELEMENTS_PER_TILE // (block_heads * block_half)))
     elements = 2 * block_tokens * block_heads * block_half
-    return MropeConfig(block_tokens, block_heads, block_half, num_warps_for(elements))
+    trips = needs_constexpr_trip_counts(arch)
+    return MropeConfig(block_tokens, block_heads, block_half, num_warps_for(elements), trips)
 
 
 @triton.jit
@@ -241,10 +252,10 @@ def _launch(
     n_tokens = batch * seq
     if n_tokens == 0:
         return
-    config = mrope_config(head_dim, q_heads, k.shape[2])
+    config = mrope_config(head_dim, q_heads, k.shape[2], launch_arch(q.device))
     grid = (triton.cdiv(n_tokens, config.block_tokens),)
     head_tiles = 0
-    if needs_constexpr_trip_counts():
+    if config.constexpr_trips:
         head_tiles = triton.cdiv(max(q_heads, k.shape[2]), config.block_heads)
     _mrope_kernel[grid](
         q,

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import as_rows, num_warps_for, round_to
+from ._common import Arch, as_rows, launch_arch, num_warps_for, round_to
 
 UNIT = 4  # tokens per 2x2 merge unit
 # Elements one program aims to hold: several units of short tokens per program, one unit of
@@ -40,9 +40,11 @@ class PatchMergeConfig:
     num_warps: int
 
 
-def patch_merge_config(channels: int) -> PatchMergeConfig:
+def patch_merge_config(channels: int, arch: Arch) -> PatchMergeConfig:
     """The launch shape for tokens of ``channels`` features: the whole token in one tile, as many
-    units per program as keep the tile near ``_ELEMENTS_PER_PROGRAM`` values, 8-16 per thread."""
+    units per program as keep the tile near ``_ELEMENTS_PER_PROGRAM`` values, 8-16 per thread;
+    the same on every arch."""
+    del arch
     block_cols = triton.next_power_of_2(channels)
     units = max(1, min(_MAX_UNITS, _ELEMENTS_PER_PROGRAM // (UNIT * block_cols)))
     return PatchMergeConfig(block_cols, units, num_warps_for(UNIT * units * block_cols))
@@ -104,7 +106,7 @@ def patch_merge(
         return out
     x_rows = as_rows(x)
     index = unit_index.contiguous() if unit_index is not None else x_rows
-    config = patch_merge_config(n_cols)
+    config = patch_merge_config(n_cols, launch_arch(x.device))
     grid = (triton.cdiv(n_out_units, config.units),)
     _patch_merge_kernel[grid](
         x_rows,

@@ -6,14 +6,35 @@ so each element is read once and written once; statistics are fp32.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
-from ._common import as_rows, num_warps_for, round_to
+from ._common import Arch, as_rows, launch_arch, num_warps_for, round_to
 
 # Elements one program aims to hold: several short rows per program, one long row alone.
 _ELEMENTS_PER_PROGRAM = 4096
+
+
+@dataclass(frozen=True)
+class RmsNormConfig:
+    """Launch shape of the norm kernel: columns of the register tile (the next power of two of
+    the row), rows per program, warps per program."""
+
+    block_cols: int
+    rows: int
+    num_warps: int
+
+
+def rms_norm_config(n_cols: int, arch: Arch) -> RmsNormConfig:
+    """Whole rows in registers, as many per program as keep the tile near 4096 values (at most
+    16), 8-16 values per thread; the same on every arch (``arch`` is taken for uniformity)."""
+    del arch
+    block_cols = triton.next_power_of_2(n_cols)
+    rows = max(1, min(16, _ELEMENTS_PER_PROGRAM // block_cols))
+    return RmsNormConfig(block_cols, rows, num_warps_for(block_cols * rows))
 
 
 @triton.jit
@@ -68,9 +89,8 @@ def _launch(
     residual_rows = as_rows(residual) if residual is not None else x_rows
     weight = weight.contiguous()
     n_rows, n_cols = x_rows.shape
-    block_cols = triton.next_power_of_2(n_cols)
-    rows_per_program = max(1, min(16, _ELEMENTS_PER_PROGRAM // block_cols))
-    grid = (triton.cdiv(n_rows, rows_per_program),)
+    config = rms_norm_config(n_cols, launch_arch(x.device))
+    grid = (triton.cdiv(n_rows, config.rows),)
     _rms_norm_kernel[grid](
         x_rows,
         residual_rows,
@@ -83,9 +103,9 @@ def _launch(
         residual_rows.stride(0),
         eps,
         HAS_RESIDUAL=residual is not None,
-        BLOCK_COLS=block_cols,
-        ROWS=rows_per_program,
-        num_warps=num_warps_for(block_cols * rows_per_program),
+        BLOCK_COLS=config.block_cols,
+        ROWS=config.rows,
+        num_warps=config.num_warps,
     )
     return out, residual_out if residual is not None else None
 

@@ -9,16 +9,37 @@ epilogue. The normalised activations and the ``[T, 2I]`` gate/up product never r
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
-from qwen_kernels._backends import triton_interpreting
 from qwen_kernels.ops.rms_norm_swiglu import fold_norm_weight
 
-from ._common import as_rows, round_to
+from ._common import Arch, as_rows, launch_arch, round_to
 
-_BLOCK_M, _BLOCK_N, _BLOCK_K = 64, 64, 32
+
+@dataclass(frozen=True)
+class GemmConfig:
+    """Launch shape of the fused GEMM: the output tile (rows x columns of each of gate and up),
+    the K step, warps and pipeline stages, and whether products run in fp32 (the interpreter
+    computes bf16 products wrongly)."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+    upcast: bool
+
+
+def gemm_config(n_in: int, arch: Arch) -> GemmConfig:
+    """64x64 output tiles over K steps of 32 with 4 warps and 3 stages: two accumulators (gate
+    and up) of 64x64 fp32 fit the registers of 4 warps; the same on every GPU (not yet tuned on
+    one: "auto" does not run this kernel until it is measured)."""
+    del n_in
+    return GemmConfig(64, 64, 32, 4, 3, upcast=arch is None)
 
 
 @triton.jit
@@ -105,8 +126,9 @@ def rms_norm_swiglu(
         folded = fold_norm_weight(norm_weight, gate_up_weight)
     rows = as_rows(x)
     n_rows, n_in = rows.shape
+    config = gemm_config(n_in, launch_arch(x.device))
     bias = gate_up_bias.contiguous() if gate_up_bias is not None else None
-    grid = (triton.cdiv(n_rows, _BLOCK_M), triton.cdiv(n_out, _BLOCK_N))
+    grid = (triton.cdiv(n_rows, config.block_m), triton.cdiv(n_out, config.block_n))
     _rms_norm_swiglu_kernel[grid](
         rows,
         folded,
@@ -119,13 +141,13 @@ def rms_norm_swiglu(
         rows.stride(0),
         eps,
         HAS_BIAS=bias is not None,
-        UPCAST=triton_interpreting(),
+        UPCAST=config.upcast,
         IEEE_FP32=x.dtype == torch.float32,
-        BLOCK_M=_BLOCK_M,
-        BLOCK_N=_BLOCK_N,
-        BLOCK_K=_BLOCK_K,
-        K_TILES=triton.cdiv(n_in, _BLOCK_K),
-        num_warps=4,
-        num_stages=3,
+        BLOCK_M=config.block_m,
+        BLOCK_N=config.block_n,
+        BLOCK_K=config.block_k,
+        K_TILES=triton.cdiv(n_in, config.block_k),
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
     )
     return out

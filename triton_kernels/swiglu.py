@@ -2,13 +2,28 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
-from ._common import as_rows, round_to, vector_alignment
+from ._common import Arch, as_rows, launch_arch, round_to, vector_alignment
 
-_BLOCK = 1024
+
+@dataclass(frozen=True)
+class SwigluConfig:
+    """Launch shape: output columns per program and warps per program."""
+
+    block: int
+    num_warps: int
+
+
+def swiglu_config(n_cols: int, arch: Arch) -> SwigluConfig:
+    """1024 columns (8 per thread with 4 warps) per program, whatever the row length and arch
+    (both taken for uniformity: a heuristic of the problem and the arch)."""
+    del n_cols, arch
+    return SwigluConfig(1024, 4)
 
 
 @triton.jit
@@ -37,9 +52,16 @@ def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
         return out
     rows = as_rows(gate_up)
     n_rows = rows.shape[0]
-    grid = (n_rows, triton.cdiv(n_cols, _BLOCK))
+    config = swiglu_config(n_cols, launch_arch(gate_up.device))
+    grid = (n_rows, triton.cdiv(n_cols, config.block))
     align = vector_alignment(rows.element_size(), n_cols, rows.stride(0))
     _swiglu_kernel[grid](
-        rows, out, n_cols // align, rows.stride(0) // align, BLOCK=_BLOCK, ALIGN=align, num_warps=4
+        rows,
+        out,
+        n_cols // align,
+        rows.stride(0) // align,
+        BLOCK=config.block,
+        ALIGN=align,
+        num_warps=config.num_warps,
     )
     return out

@@ -36,12 +36,11 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from qwen_kernels._backends import triton_interpreting
-
 from ._common import (
     INTERPRETING,
+    Arch,
     band_bounds,
-    gpu_capability,
+    launch_arch,
     needs_constexpr_trip_counts,
     round_to,
 )
@@ -88,7 +87,7 @@ def attn_config(
     max_seqlen: int,
     head_dim: int,
     dtype: torch.dtype,
-    device: torch.device,
+    arch: Arch,
     heads: int = 1,
     rotary: bool = False,
 ) -> AttnConfig:
@@ -108,8 +107,7 @@ def attn_config(
     programs run one by one, up to 4 heads per program with the rotary, and one configuration
     (64x64 on the long path: fewer, larger numpy steps) without pipelining.
     """
-    capability = None if triton_interpreting() else gpu_capability(device)
-    interpreted = capability is None
+    interpreted = arch is None
     if max_seqlen <= WINDOW_MAX_SEQLEN and (interpreted or dtype != torch.float32):
         block = max(16, triton.next_power_of_2(max_seqlen))
         shared = rotary and interpreted
@@ -123,7 +121,7 @@ def attn_config(
         block_m, block_n, warps = 64, 32, 4
     else:
         block_m, block_n, warps = 128, 64, 8
-    major, minor = capability
+    major, minor = arch
     stages = 3 if major >= 9 or ((major, minor) == (8, 0) and head_dim <= 80) else 2
     return AttnConfig(block_m, block_n, False, 1, warps, stages)
 
@@ -540,6 +538,21 @@ def _rotary_args(
     return positions, inv_freq, positions.stride(0), positions.stride(1), bands
 
 
+@dataclasses.dataclass(frozen=True)
+class RotateConfig:
+    """Launch shape of the long path's rotary pre-pass: tokens per program, warps."""
+
+    block_tokens: int
+    num_warps: int
+
+
+def rotate_config(head_dim: int, arch: Arch) -> RotateConfig:
+    """64 tokens a program up to head_dim 80, 32 for wider heads (64 spills at 128 on sm_80 and
+    sm_90); 4 warps; the same on every arch."""
+    del arch
+    return RotateConfig(64 if head_dim <= 80 else 32, 4)
+
+
 def _rotate_qk(
     q: torch.Tensor, k: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor, list[int]]
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -548,9 +561,8 @@ def _rotate_qk(
     out = torch.empty((tokens, 2, heads, head_dim), dtype=q.dtype, device=q.device)
     positions, inv_freq, stride_pa, stride_pt, bands = _rotary_args(rotary, head_dim)
     d_main, d_tail = head_dim_blocks(head_dim)
-    # 64 tokens a program up to head_dim 80; wider heads take 32 (64 spills at 128 on sm_80/90).
-    block = 64 if head_dim <= 80 else 32
-    _rotate_qk_kernel[(triton.cdiv(tokens, block), heads)](
+    config = rotate_config(head_dim, launch_arch(q.device))
+    _rotate_qk_kernel[(triton.cdiv(tokens, config.block_tokens), heads)](
         q,
         k,
         out,
@@ -567,9 +579,9 @@ def _rotate_qk(
         HEAD_DIM=head_dim,
         D_MAIN=d_main,
         D_TAIL=d_tail,
-        BLOCK_T=block,
+        BLOCK_T=config.block_tokens,
         **bands,
-        num_warps=4,
+        num_warps=config.num_warps,
     )
     return out[:, 0], out[:, 1]
 
@@ -588,7 +600,8 @@ def _launch(
     if out.numel() == 0:
         return out
     q, k, v = (_unit_columns(t) for t in (q, k, v))
-    config = attn_config(max_seqlen, head_dim, q.dtype, q.device, heads, rotary is not None)
+    arch = launch_arch(q.device)
+    config = attn_config(max_seqlen, head_dim, q.dtype, arch, heads, rotary is not None)
     if rotary is not None and not config.one_pass:
         # The long path is bound by its matrix products, and rotating each key block in the
         # program of every query block would form its angles seqlen / block_m times: rotate q
@@ -598,7 +611,7 @@ def _launch(
     d_main, d_tail = head_dim_blocks(head_dim)
     m_blocks = 1 if config.one_pass else triton.cdiv(max_seqlen, config.block_m)
     kv_blocks = 0
-    if not config.one_pass and needs_constexpr_trip_counts():
+    if not config.one_pass and needs_constexpr_trip_counts(arch):
         kv_blocks = triton.cdiv(max_seqlen, config.block_n)
     positions, inv_freq, stride_pa, stride_pt = q, q, 0, 0
     bands = {"AXES": 1, "BOUND_1": 0, "BOUND_2": 0, "BOUND_3": 0}
@@ -634,7 +647,7 @@ def _launch(
         HEADS_PER_PROGRAM=config.heads_per_program,
         ROTARY=rotary is not None,
         **bands,
-        UPCAST=triton_interpreting(),
+        UPCAST=arch is None,
         IEEE=q.dtype == torch.float32,
         num_warps=config.num_warps,
         num_stages=config.num_stages,

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from .._backends import REGISTRY, OpBackends
+from .._checks import value_checks_enabled
 
 # Python annotations of the schema types, for the public functions' signatures.
 _ANNOTATIONS = {
@@ -62,8 +63,9 @@ class OpSpec:
             kernel source, compiled by nvcc and by the emulation), bound when first resolved.
         check_values: checks of tensor values (a host sync), run on every call unless inside
             ``skip_value_checks()``.
-        prepare: fills in defaults that depend on the inputs (e.g. the softmax scale) once, so
-            that implementations receive them resolved.
+        defaults: defaults that depend on the inputs, by argument name: a function of the first
+            tensor argument giving the value where the caller passed None (the softmax scale
+            from the head dim). Filled in before any implementation runs, so none computes it.
         misfit, auto_impl, auto_note: how ``"auto"`` chooses (see ``OpBackends``).
     """
 
@@ -76,7 +78,7 @@ class OpSpec:
     kernels: Mapping[str, str] = field(default_factory=dict)
     native: bool = False
     check_values: Callable[..., None] | None = None
-    prepare: Callable[..., tuple] | None = None
+    defaults: Mapping[str, Callable[[torch.Tensor], Any]] = field(default_factory=dict)
     misfit: Callable[[str, int], str | None] | None = None
     auto_impl: Callable | None = None
     auto_note: str = ""
@@ -88,9 +90,14 @@ SPECS: dict[str, OpSpec] = {}
 
 def prepared(op: str, args: tuple) -> tuple:
     """``args`` of ``op`` (without ``backend``) as its implementations receive them: with the
-    defaults that depend on the inputs filled in (``OpSpec.prepare``)."""
-    prepare = SPECS[op].prepare
-    return tuple(args) if prepare is None else prepare(*args)
+    defaults that depend on the inputs filled in (``OpSpec.defaults``)."""
+    spec = SPECS[op]
+    schema = torch._C.parse_schema(f"qwen::{op}{spec.schema}")
+    first = next(a for a in args if isinstance(a, torch.Tensor))
+    return tuple(
+        spec.defaults[arg.name](first) if value is None and arg.name in spec.defaults else value
+        for arg, value in zip(schema.arguments, args, strict=True)
+    )
 
 
 def _key_part(arg: torch.Argument) -> str:
@@ -155,12 +162,13 @@ def _generate(spec: OpSpec, table: OpBackends, overload: Callable | None) -> dic
         f"        run = table.resolve(key, backend, ({names},))",
     ]
     if spec.check_values is not None:
-        lines.append(f"    check_values({names})")
-    call_args = names
-    if spec.prepare is not None:
-        lines.append(f"    args = prepare({names})")
-        call_args = "*args"
-    lines.append(f"    out = run({call_args})" if returns else f"    run({call_args})")
+        lines.append("    if value_checks_enabled():")
+        lines.append(f"        check_values({names})")
+    first_tensor = next(arg.name for arg in arguments if str(arg.type) == "Tensor")
+    for name in spec.defaults:
+        lines.append(f"    if {name} is None:")
+        lines.append(f"        {name} = defaults[{name!r}]({first_tensor})")
+    lines.append(f"    out = run({names})" if returns else f"    run({names})")
     lines.append(f"    return {_finish(returns)}")
     lines += [
         f"def fake({_parameters(arguments, annotated=False)}, backend='auto'):",
@@ -179,7 +187,8 @@ def _generate(spec: OpSpec, table: OpBackends, overload: Callable | None) -> dic
         "check": spec.check,
         "outputs": spec.outputs,
         "check_values": spec.check_values,
-        "prepare": spec.prepare,
+        "value_checks_enabled": value_checks_enabled,
+        "defaults": spec.defaults,
         "overload": overload,
     }
     exec(compile("\n".join(lines), f"<qwen op {spec.name}>", "exec"), namespace)

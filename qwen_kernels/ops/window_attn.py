@@ -22,7 +22,6 @@ from .._checks import (
     check_same,
     compute_dtype,
     fail,
-    value_checks_enabled,
 )
 from ._define import OpSpec, define
 
@@ -120,9 +119,7 @@ def check_segment_args(
 
 def check_segment_values(op: str, tokens: int, cu_seqlens: Tensor, max_seqlen: int) -> None:
     """``cu_seqlens`` runs from 0 to ``tokens`` without decreasing and no segment exceeds
-    ``max_seqlen``: one device-to-host sync, skipped inside ``skip_value_checks()``."""
-    if not value_checks_enabled():
-        return
+    ``max_seqlen``: one device-to-host sync (the op runs it outside ``skip_value_checks()``)."""
     lengths = cu_seqlens[1:] - cu_seqlens[:-1]
     first, last = cu_seqlens[0], cu_seqlens[-1]
     bad = (first != 0) | (last != tokens) | (lengths < 0).any() | (lengths > max_seqlen).any()
@@ -165,13 +162,10 @@ def kernel_misfit(backend: str, head_dim: int) -> str | None:
     return None
 
 
-def with_default_scale(*args):
-    """The arguments with ``softmax_scale`` (the last) resolved: ``1/sqrt(D)`` where None, D
-    the last dim of the first argument. The one place the default is computed."""
-    *rest, softmax_scale = args
-    if softmax_scale is None:
-        softmax_scale = args[0].shape[-1] ** -0.5
-    return (*rest, softmax_scale)
+def default_softmax_scale(q: Tensor) -> float:
+    """``1/sqrt(D)``, D the last dim of q (or of the packed qkv): the one place the default
+    softmax scale is computed."""
+    return q.shape[-1] ** -0.5
 
 
 AUTO_NOTE = (
@@ -207,7 +201,7 @@ window_attn = define(
         check_values=lambda q, k, v, cu_seqlens, max_seqlen, _scale: check_segment_values(
             OP, q.shape[0], cu_seqlens, max_seqlen
         ),
-        prepare=with_default_scale,
+        defaults={"softmax_scale": default_softmax_scale},
         misfit=kernel_misfit,
         auto_note=AUTO_NOTE,
     )

@@ -17,9 +17,9 @@ from .window_attn import (
     AUTO_NOTE,
     check_segment_args,
     check_segment_values,
+    default_softmax_scale,
     kernel_misfit,
     window_attn_reference,
-    with_default_scale,
 )
 
 OP = "window_attn_rope"
@@ -101,7 +101,7 @@ window_attn_rope = define(
         check_values=lambda qkv, cu_seqlens, max_seqlen, *_: check_segment_values(
             OP, qkv.shape[0], cu_seqlens, max_seqlen
         ),
-        prepare=with_default_scale,
+        defaults={"softmax_scale": default_softmax_scale},
         misfit=kernel_misfit,
         auto_note=AUTO_NOTE,
     )

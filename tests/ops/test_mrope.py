@@ -15,7 +15,7 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
 )
 
 import qwen_kernels
-from qwen_kernels._backends import triton_interpreting
+from qwen_kernels._backends import TRITON_INTERPRETING
 from tests.helpers import (
     DTYPES,
     assert_close_to_reference,
@@ -352,7 +352,7 @@ else:
 
 
 @pytest.mark.skipif(
-    not (triton_interpreting() and BROKEN_ROUNDINGS),
+    not (TRITON_INTERPRETING and BROKEN_ROUNDINGS),
     reason="patches the Triton kernel under the interpreter",
 )
 @pytest.mark.parametrize("broken", ["truncating", "scaled by 1.01"])

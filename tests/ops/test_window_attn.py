@@ -2,6 +2,7 @@
 backend vs the reference (windows, edge windows, 1-token and empty segments, long segments,
 strided views), opcheck, and bad input."""
 
+import dataclasses
 import importlib
 import itertools
 from types import SimpleNamespace
@@ -345,38 +346,61 @@ def test_kernel_rejects_head_dims_it_cannot_hold(gen, backend, device):
         qwen_kernels.window_attn(q, k, v, cu, 4, backend=backend)
 
 
-def test_triton_launch_configs(monkeypatch):
-    """The heuristic: window tiles sized by max_seqlen, heads sharing rotary angles, long-path
+def test_triton_launch_configs():
+    """The heuristic, a pure function of the problem and the arch (None: the interpreter): window
+    tiles sized by max_seqlen, heads sharing rotary angles under the interpreter, long-path
     tiles by dtype, head_dim and GPU generation; head_dim split into power-of-two blocks."""
     pytest.importorskip("triton")
     module = importlib.import_module("qwen_kernels.triton_kernels.window_attn")
+    config = module.attn_config
     assert [module.head_dim_blocks(d) for d in (16, 64, 72, 80, 96, 128)] == [
         (16, 0), (64, 0), (64, 16), (64, 16), (64, 32), (128, 0),
     ]  # fmt: skip
-    cpu, gpu = torch.device("cpu"), torch.device("cuda")
-    window = module.attn_config(64, 80, torch.bfloat16, cpu, heads=16)
+    window = config(64, 80, torch.bfloat16, None, heads=16)
     assert (window.block_m, window.block_n, window.one_pass, window.num_warps) == (64, 64, True, 4)
     assert window.heads_per_program == 1
-    assert (
-        module.attn_config(64, 80, torch.bfloat16, cpu, heads=6, rotary=True).heads_per_program == 2
-    )
-    assert module.attn_config(20, 80, torch.bfloat16, cpu).block_m == 32
-    assert module.attn_config(9, 80, torch.bfloat16, cpu).block_m == 16
-    assert not module.attn_config(65, 80, torch.bfloat16, cpu).one_pass
-    monkeypatch.setattr(module, "triton_interpreting", lambda: False)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    hopper = module.attn_config(4096, 80, torch.bfloat16, gpu)
+    assert config(64, 80, torch.bfloat16, None, heads=6, rotary=True).heads_per_program == 2
+    assert config(20, 80, torch.bfloat16, None).block_m == 32
+    assert config(9, 80, torch.bfloat16, None).block_m == 16
+    assert not config(65, 80, torch.bfloat16, None).one_pass
+    hopper = config(4096, 80, torch.bfloat16, (9, 0))
     assert (hopper.block_m, hopper.block_n, hopper.num_warps, hopper.num_stages) == (128, 64, 8, 3)
-    fp32 = module.attn_config(4096, 80, torch.float32, gpu)
+    fp32 = config(4096, 80, torch.float32, (9, 0))
     assert (fp32.block_m, fp32.block_n, fp32.num_warps) == (64, 32, 8)
-    assert module.attn_config(64, 80, torch.float32, gpu) == fp32
-    gpu_rotary = module.attn_config(64, 80, torch.bfloat16, gpu, heads=16, rotary=True)
-    assert gpu_rotary.heads_per_program == 1
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
-    assert module.attn_config(4096, 80, torch.bfloat16, gpu).num_stages == 3
-    assert module.attn_config(4096, 128, torch.bfloat16, gpu).num_stages == 2
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 9))
-    assert module.attn_config(4096, 80, torch.bfloat16, gpu).num_stages == 2
+    assert config(64, 80, torch.float32, (9, 0)) == fp32
+    assert config(64, 80, torch.bfloat16, (9, 0), heads=16, rotary=True).heads_per_program == 1
+    assert config(4096, 80, torch.bfloat16, (8, 0)).num_stages == 3
+    assert config(4096, 128, torch.bfloat16, (8, 0)).num_stages == 2
+    assert config(4096, 80, torch.bfloat16, (8, 9)).num_stages == 2
+    assert module.rotate_config(80, (9, 0)).block_tokens == 64
+    assert module.rotate_config(128, (9, 0)).block_tokens == 32
+
+
+def test_every_triton_launcher_has_a_pure_config_heuristic():
+    """Each Triton launcher's configuration comes from a frozen config object made by a
+    heuristic of the problem and the arch, the same answer every time."""
+    pytest.importorskip("triton")
+    kernels = "qwen_kernels.triton_kernels."
+    rms_norm = importlib.import_module(kernels + "rms_norm").rms_norm_config
+    swiglu = importlib.import_module(kernels + "swiglu").swiglu_config
+    merge = importlib.import_module(kernels + "patch_merge").patch_merge_config
+    rope = importlib.import_module(kernels + "mrope").mrope_config
+    gemm = importlib.import_module(kernels + "rms_norm_swiglu").gemm_config
+    for arch in (None, (8, 0), (9, 0)):
+        configs = [
+            rms_norm(1280, arch),
+            swiglu(3420, arch),
+            merge(1280, arch),
+            rope(80, 16, 16, arch),
+            gemm(1280, arch),
+        ]
+        for made in configs:
+            assert dataclasses.is_dataclass(made) and made.__dataclass_params__.frozen
+        assert configs == [rms_norm(1280, arch), swiglu(3420, arch), merge(1280, arch),
+                           rope(80, 16, 16, arch), gemm(1280, arch)]  # fmt: skip
+    assert rms_norm(1280, None).block_cols == 2048 and rms_norm(64, None).rows == 16
+    assert gemm(1280, None).upcast and not gemm(1280, (9, 0)).upcast
+    assert rope(80, 16, 2, (9, 0)).block_heads == 2
 
 
 # ---- The CUDA kernels' own contract ("cuda" on a GPU, "cuda_emu" through the emulation) -------
