@@ -22,7 +22,6 @@ PACKAGE_DIR = {
     "qwen_kernels": "qwen_kernels",
     "qwen_kernels.triton_kernels": "triton_kernels",
     "qwen_kernels.model": "model",
-    "qwen_kernels.bench": "bench",
 }
 
 

@@ -2,7 +2,7 @@
 
 Emulated timings say nothing about the GPU; they measure the emulator itself (fibers, barriers,
 warp collectives), which bounds how large the shapes of the ``cuda_emu`` tests can be. Run it as
-``python -m qwen_kernels.bench.bench_emulation`` (or ``python bench/bench_emulation.py``).
+``python -m bench.bench_emulation`` (or ``python bench/bench_emulation.py``).
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ both ways: CPU time to issue it (no sync) and GPU time (CUDA events). On the CPU
 exists: the eager references run many small aten ops (host work too), and the full-frame
 attention of the 1344x1344 image is real compute even at these widths.
 
-    python bench/bench_host.py             # or: python -m qwen_kernels.bench.bench_host
+    python bench/bench_host.py             # or: python -m bench.bench_host
     python bench/bench_host.py --tiny      # seconds: small grids, few repetitions (CI)
 """
 
@@ -40,8 +40,8 @@ from qwen_kernels.model import KernelConfig, VisionConfig, VisionEncoder
 
 # Bare custom ops: the same schema as the qwen op without `backend`, and nothing inside but the
 # qwen op's "torch" implementation (the reference, or the stub `stubbed` sets). Looked up in the
-# op registry, not in this module: the module may be imported twice (as bench.bench_host and
-# qwen_kernels.bench.bench_host) while the custom ops are registered once.
+# op registry, not in this module: the module may be imported twice (as bench/bench_host.py run
+# as a script, and as bench.bench_host) while the custom ops are registered once.
 _NS = "qwen_host_bench"
 
 

@@ -7,7 +7,7 @@ of the grid's window permutation, as the encoder passes it. Peers: the eager pat
 runs it (its ``Qwen2_5_VLRMSNorm``, the view as merge units, then the gather) and torch.compile of
 our eager reference.
 
-Run as a script (``python -m qwen_kernels.bench.bench_patch_merge``), it also times what the op
+Run as a script (``python -m bench.bench_patch_merge``), it also times what the op
 suite does not: building the grid layout on the host (a 4k x 4k image, a 64-frame video), and, on
 a GPU, the gather at the start of the tower (``index_select`` of the pixel patches into window
 order) against a plain copy of the same bytes: the evidence for (or against) a gather kernel.

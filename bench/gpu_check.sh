@@ -130,7 +130,7 @@ else
 fi
 
 SANITIZER=$(find_sanitizer)
-KERNELS=$("$PYTHON" -m qwen_kernels.bench.sanitize_cases --list 2>/dev/null)
+KERNELS=$("$PYTHON" -m bench.sanitize_cases --list 2>/dev/null)
 declare -A LEAVE=([memcheck]=180 [racecheck]=90)  # seconds kept for the steps after each
 for tool in memcheck racecheck; do
     if ((!HAVE_GPU)); then
@@ -144,7 +144,7 @@ for tool in memcheck racecheck; do
         # accesses past a tensor's end.
         run_step "$tool" 120 "${LEAVE[$tool]}" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
             "$SANITIZER" --tool "$tool" --error-exitcode 99 --print-limit 50 \
-            "$PYTHON" -m qwen_kernels.bench.sanitize_cases
+            "$PYTHON" -m bench.sanitize_cases
     fi
 done
 

@@ -1,7 +1,7 @@
 """One tiny call of every op on the "cuda" backend, to run under compute-sanitizer.
 
-    compute-sanitizer --tool memcheck python -m qwen_kernels.bench.sanitize_cases
-    python -m qwen_kernels.bench.sanitize_cases --list   # the ops with a CUDA kernel, one a line
+    compute-sanitizer --tool memcheck python -m bench.sanitize_cases
+    python -m bench.sanitize_cases --list   # the ops with a CUDA kernel, one a line
 
 Each op runs the smallest case of each of its series (window_attn: edge windows and whole frames;
 mrope: the vision and the text form), built by the benchmark files at their tiny size, plus the

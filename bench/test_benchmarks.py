@@ -15,9 +15,9 @@ import os
 import pytest
 import torch
 
-from qwen_kernels.bench.harness import cycler, impls_for, input_sets, l2_bytes
-from qwen_kernels.bench.shapes import FULL, QUICK
-from qwen_kernels.bench.suites import SUITES
+from bench.harness import cycler, impls_for, input_sets, l2_bytes
+from bench.shapes import FULL, QUICK
+from bench.suites import SUITES
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -1,12 +1,34 @@
-"""``qwen-kernels bench``: the benchmark suite (``qwen_kernels.bench``) from the command line."""
+"""``qwen-kernels bench`` and ``qwen-kernels inspect``: the benchmark suite and the static report
+of the machine code from the command line. Both are tools of a checkout (the ``bench`` folder at
+its root), not part of the installed package: the verbs run them from the checkout this package
+was installed from (``pip install -e .``), or from the current folder when it is one."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import shlex
 import sys
 from pathlib import Path
+from types import ModuleType
+
+
+def checkout_tool(module: str) -> ModuleType | None:
+    """``bench.<module>`` of the checkout this package lives in (an editable install) or of the
+    current folder; None, with a message saying where to run from, when neither is one."""
+    for root in (Path(__file__).resolve().parent.parent, Path.cwd()):
+        if (root / "bench" / "harness.py").is_file():
+            if str(root) not in sys.path:
+                sys.path.insert(0, str(root))
+            return importlib.import_module(f"bench.{module}")
+    print(
+        "qwen-kernels: the benchmarks and the inspector are tools of a checkout of qwen-kernels, "
+        "not installed with it: run this from the repository root (or install it there with "
+        "pip install -e .)",
+        file=sys.stderr,
+    )
+    return None
 
 
 def add_bench_parser(commands: argparse._SubParsersAction) -> None:
@@ -46,8 +68,9 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.dry_run and "triton" not in sys.modules:
         # Triton kernels run on CPU tensors only under the interpreter, chosen at first import.
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    from .bench import runner
-
+    runner = checkout_tool("runner")
+    if runner is None:
+        return 2
     command = shlex.join(["qwen-kernels", "bench", *_flags(args)])
     return runner.main(
         args.op, quick=args.quick, dry_run=args.dry_run, out=args.out, command=command
@@ -90,8 +113,9 @@ def run_inspect(args: argparse.Namespace) -> int:
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("qwen-kernels inspect: unset TRITON_INTERPRET (it compiles real kernels)")
         return 2
-    from .bench import inspect_kernels
-
+    inspect_kernels = checkout_tool("inspect_kernels")
+    if inspect_kernels is None:
+        return 2
     archs = [a.strip() for a in args.arch.split(",") if a.strip()]
     flags = [f"--arch={args.arch}", *[f"--op={op}" for op in args.op or ()]]
     flags += ["--quick"] * args.quick  # --out does not change the report

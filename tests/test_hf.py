@@ -11,7 +11,7 @@ from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLAttention
 
 import qwen_kernels
-from qwen_kernels.bench.bench_host import CountQwenOps
+from bench.bench_host import CountQwenOps
 from qwen_kernels.hf import patch_qwen2_5_vl
 from qwen_kernels.model import KernelConfig, LayerKernels, VisionConfig, VisionEncoder
 from tests.helpers import rel_err

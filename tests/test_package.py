@@ -60,6 +60,26 @@ def test_subpackages_live_in_the_namespace():
     assert qwen_kernels.triton_kernels.__name__ == "qwen_kernels.triton_kernels"
 
 
+def test_the_benchmarks_and_tools_are_not_installed():
+    """The wheel holds the ops, the kernels, the model and the CLI; the benchmarks, the host
+    benchmark and the inspector stay tools of the checkout (``bench/``)."""
+    import ast
+    import importlib.util
+    from pathlib import Path
+
+    setup = Path(__file__).resolve().parent.parent / "setup.py"
+    if not setup.is_file():
+        pytest.skip("not a checkout")
+    assert importlib.util.find_spec("qwen_kernels.bench") is None
+    assignments = [
+        node for node in ast.parse(setup.read_text()).body if isinstance(node, ast.Assign)
+    ]
+    package_dir = next(
+        ast.literal_eval(node.value) for node in assignments if node.targets[0].id == "PACKAGE_DIR"
+    )
+    assert sorted(package_dir.values()) == ["model", "qwen_kernels", "triton_kernels"]
+
+
 def test_info_command_prints_the_report(capsys):
     assert cli.main(["info"]) == 0
     printed = capsys.readouterr().out

@@ -8,10 +8,10 @@ import json
 
 import pytest
 
+from bench import harness, runner, suites
+from bench.shapes import FULL, TINY
 from qwen_kernels import cli
 from qwen_kernels._backends import REGISTRY
-from qwen_kernels.bench import harness, runner, suites
-from qwen_kernels.bench.shapes import FULL, TINY
 
 TOP_KEYS = {
     "mode",

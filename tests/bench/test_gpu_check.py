@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from bench import gpu_check_report, sanitize_cases
 from qwen_kernels._backends import REGISTRY
-from qwen_kernels.bench import gpu_check_report, sanitize_cases
 
 SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "gpu_check.sh"
 JUNIT = """<?xml version="1.0" encoding="utf-8"?>

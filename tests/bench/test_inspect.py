@@ -14,8 +14,8 @@ import textwrap
 
 import pytest
 
+from bench.inspect_kernels import KIND, cuda_library
 from qwen_kernels._backends import REGISTRY
-from qwen_kernels.bench.inspect_kernels import KIND, cuda_library
 
 ARCHS = ("sm_80", "sm_90a")
 # Inputs whose rows start on 16-byte boundaries, per memory-bound op with a Triton kernel
@@ -112,7 +112,7 @@ def test_triton_memory_kernels_use_16_byte_loads_on_aligned_rows(op):
     code = """
         import json, sys, tempfile, torch
         from pathlib import Path
-        from qwen_kernels.bench import inspect_kernels as ik
+        from bench import inspect_kernels as ik
 
         t = lambda *shape: torch.empty(shape, dtype=torch.bfloat16, device="meta")
         i = lambda *shape: torch.zeros(shape, dtype=torch.int64)

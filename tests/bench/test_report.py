@@ -6,9 +6,9 @@ import json
 import pytest
 import torch
 
-from qwen_kernels.bench import harness, report, runner
-from qwen_kernels.bench.bench_norm_swiglu import SUITE
-from qwen_kernels.bench.shapes import TINY
+from bench import harness, report, runner
+from bench.bench_norm_swiglu import SUITE
+from bench.shapes import TINY
 
 CEILINGS = harness.Ceilings(copy_gbps=1000.0, gemm_tflops=500.0)
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from qwen_kernels.bench import shapes
+from bench import shapes
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import qwen_kernels
-from qwen_kernels.bench.harness import cpu_bf16_sdpa_problem
+from bench.harness import cpu_bf16_sdpa_problem
 from qwen_kernels.model import (
     KernelConfig,
     VisionConfig,
