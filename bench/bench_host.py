@@ -96,7 +96,7 @@ def _bare_window_attn_rope(
 
 @torch.library.custom_op(f"{_NS}::patch_merge", mutates_args=())
 def _bare_patch_merge(x: Tensor, weight: Tensor, eps: float, unit_index: Tensor) -> Tensor:
-    return _run("patch_merge")(x, weight, eps, unit_index)
+    return _run("patch_merge")(x, weight, eps, unit_index, 2)
 
 
 def op_cases(device: str) -> dict[str, tuple[Callable, Callable]]:

@@ -27,7 +27,7 @@ from .harness import Case, Impl, Inputs, Maker, Suite, compile_peer, measure, mi
 from .shapes import FULL, MERGE, Grid, Scale, Visual, short_count, square_grid, window_unit_order
 
 OP = "patch_merge"
-ARGS = ("x", "weight", "eps", "unit_index")
+ARGS = ("x", "weight", "eps", "unit_index", "merge_size")
 EPS = 1e-6
 UNIT = MERGE * MERGE
 BF16 = 2  # bytes per element
@@ -76,6 +76,7 @@ def _build(grid: Grid, hidden: int, make: Maker) -> Inputs:
         "weight": make.randn(hidden),
         "eps": EPS,
         "unit_index": make.put(torch.argsort(raster_of_window), torch.int64),
+        "merge_size": 2,
     }
 
 

@@ -58,11 +58,14 @@ EDGE_CASES: dict[str, Callable[[], object]] = {
         _bf16(1280),
         1e-6,
         torch.tensor([3, 0, 2, 0, 1], dtype=torch.int32, device="cuda"),
-        "cuda",
+        backend="cuda",
+    ),
+    "patch_merge 27x80 merge size 3 (units of 9 tokens)": lambda: qwen_kernels.patch_merge(
+        _bf16(27, 80), _bf16(80), 1e-6, None, 3, "cuda"
     ),
     "patch_merge 8x5121 rows off 16 bytes, fp32 weight (8 warps a row)": lambda: (
         qwen_kernels.patch_merge(
-            _bf16(8, 5122)[:, 1:], torch.randn(5121, device="cuda"), 1e-6, None, "cuda"
+            _bf16(8, 5122)[:, 1:], torch.randn(5121, device="cuda"), 1e-6, None, backend="cuda"
         )
     ),
     "window_attn 200+64+1 tokens, head_dim 128 fp16 (long path, partial tiles)": lambda: (

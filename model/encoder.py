@@ -184,6 +184,7 @@ class PatchMerger(nn.Module):
     def __init__(self, config: VisionConfig) -> None:
         super().__init__()
         merged = config.hidden_size * config.merge_unit
+        self.merge_size = config.spatial_merge_size
         self.ln_q = RMSNormWeight(config.hidden_size, config.rms_norm_eps)
         self.mlp = nn.Sequential(
             nn.Linear(merged, merged), nn.GELU(), nn.Linear(merged, config.out_hidden_size)
@@ -191,7 +192,7 @@ class PatchMerger(nn.Module):
 
     def forward(self, hidden: Tensor, unit_index: Tensor, backend: str) -> Tensor:
         merged = qk.patch_merge(
-            hidden, self.ln_q.weight, self.ln_q.eps, unit_index, backend=backend
+            hidden, self.ln_q.weight, self.ln_q.eps, unit_index, self.merge_size, backend=backend
         )
         return self.mlp(merged)
 

@@ -276,11 +276,13 @@ def _block_forward(block: nn.Module, kernels: LayerKernels) -> Callable:
     return forward
 
 
-def _merger_forward(merger: nn.Module, backend: str) -> Callable:
+def _merger_forward(merger: nn.Module, merge_size: int, backend: str) -> Callable:
     ln_q = merger.ln_q
 
     def forward(x: Tensor) -> Tensor:
-        merged = qk.patch_merge(x, ln_q.weight, ln_q.variance_epsilon, None, backend=backend)
+        merged = qk.patch_merge(
+            x, ln_q.weight, ln_q.variance_epsilon, None, merge_size, backend=backend
+        )
         return merger.mlp(merged)
 
     return forward
@@ -463,7 +465,8 @@ def patch_qwen2_5_vl(
             handle._replace(block.attn, _attention_forward(block.attn, layer))
             handle._replace(block.mlp, _mlp_forward(block.mlp, layer))
             handle._replace(block, _block_forward(block, layer))
-        handle._replace(tower.merger, _merger_forward(tower.merger, config.merge))
+        merger = _merger_forward(tower.merger, tower.spatial_merge_size, config.merge)
+        handle._replace(tower.merger, merger)
         fused = any(config.for_layer(i).rotary_fused for i in range(len(tower.blocks)))
         original = getattr(tower, forward_slot(tower))
         handle._replace(tower, _tower_forward(tower, original, fused))

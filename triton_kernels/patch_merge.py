@@ -1,11 +1,12 @@
-"""Triton 2x2 patch merge (``patch_merge``): RMSNorm of each token of a merge unit, the unit's 4
-tokens written as one ``[4C]`` row, units gathered in ``unit_index`` order.
+"""Triton patch merge (``patch_merge``): RMSNorm of each token of a merge unit, the unit's U = s * s
+tokens written as one ``[U*C]`` row, units gathered in ``unit_index`` order.
 
-Output row i, viewed as 4 rows of C, is tokens ``4u .. 4u+3`` of x (u = ``unit_index[i]``)
-normalised: the op is a row-gathered RMSNorm whose output is ``[M * 4, C]`` contiguous. One program
-normalises ``units`` merge units (``4 * units`` tokens) held whole in registers, so each element of
-x is read once and each output element written once; statistics are fp32, in the model's cast
-order (normalise, round to x's dtype, multiply by the weight, round again).
+Output row i, viewed as U rows of C, is tokens ``U*u .. U*u + U-1`` of x (u = ``unit_index[i]``)
+normalised: the op is a row-gathered RMSNorm whose output is ``[M * U, C]`` contiguous. One program
+normalises ``rows`` consecutive token rows of that output held whole in registers (for U = 4, whole
+merge units), so each element of x is read once and each output element written once; statistics
+are fp32, in the model's cast order (normalise, round to x's dtype, multiply by the weight, round
+again).
 """
 
 from __future__ import annotations
@@ -18,11 +19,10 @@ import triton.language as tl
 
 from ._common import Arch, as_rows, launch_arch, num_warps_for, round_to
 
-UNIT = 4  # tokens per 2x2 merge unit
-# Elements one program aims to hold: several units of short tokens per program, one unit of
-# long tokens (4 x 1280 -> a [4, 2048] tile) alone.
+# Elements one program aims to hold: many short tokens per program, 4 long ones (4 x 1280 -> a
+# [4, 2048] tile: one 2x2 unit of the tower) together.
 _ELEMENTS_PER_PROGRAM = 8192
-_MAX_UNITS = 16
+_MAX_ROWS = 64
 
 
 @dataclass(frozen=True)
@@ -31,23 +31,23 @@ class PatchMergeConfig:
 
     Attributes:
         block_cols: columns of the register tile (the next power of two of C).
-        units: merge units per program (a power of two).
+        rows: token rows per program (a power of two).
         num_warps: warps per program.
     """
 
     block_cols: int
-    units: int
+    rows: int
     num_warps: int
 
 
 def patch_merge_config(channels: int, arch: Arch) -> PatchMergeConfig:
     """The launch shape for tokens of ``channels`` features: the whole token in one tile, as many
-    units per program as keep the tile near ``_ELEMENTS_PER_PROGRAM`` values, 8-16 per thread;
-    the same on every arch."""
+    token rows per program as keep the tile near ``_ELEMENTS_PER_PROGRAM`` values (at least 4,
+    a 2x2 unit; at most 64), 8-16 per thread; the same on every arch."""
     del arch
     block_cols = triton.next_power_of_2(channels)
-    units = max(1, min(_MAX_UNITS, _ELEMENTS_PER_PROGRAM // (UNIT * block_cols)))
-    return PatchMergeConfig(block_cols, units, num_warps_for(UNIT * units * block_cols))
+    rows = max(4, min(_MAX_ROWS, _ELEMENTS_PER_PROGRAM // block_cols))
+    return PatchMergeConfig(block_cols, rows, num_warps_for(rows * block_cols))
 
 
 @triton.jit
@@ -63,11 +63,12 @@ def _patch_merge_kernel(
     eps,
     HAS_INDEX: tl.constexpr,
     BLOCK_COLS: tl.constexpr,
-    UNITS: tl.constexpr,
+    ROWS: tl.constexpr,
+    UNIT: tl.constexpr,
 ):
-    # Token rows of this program's output: row r is token r % 4 of output unit r // 4.
-    out_rows = tl.program_id(0) * (UNITS * 4) + tl.arange(0, UNITS * 4)
-    out_units = out_rows // 4
+    # Token rows of this program's output: row r is token r % UNIT of output unit r // UNIT.
+    out_rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    out_units = out_rows // UNIT
     row_ok = out_units < n_out_units
     if HAS_INDEX:
         units = tl.load(unit_index_ptr + out_units, mask=row_ok, other=0).to(tl.int64)
@@ -79,7 +80,7 @@ def _patch_merge_kernel(
         index_ok = row_ok
     cols = tl.arange(0, BLOCK_COLS)
     col_mask = cols < n_cols
-    src_rows = units * 4 + (out_rows % 4)
+    src_rows = units * UNIT + (out_rows % UNIT)
     load_mask = (row_ok & index_ok)[:, None] & col_mask[None, :]
     dtype: tl.constexpr = out_ptr.dtype.element_ty
 
@@ -95,19 +96,25 @@ def _patch_merge_kernel(
 
 
 def patch_merge(
-    x: torch.Tensor, weight: torch.Tensor, eps: float, unit_index: torch.Tensor | None
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    unit_index: torch.Tensor | None,
+    merge_size: int,
 ) -> torch.Tensor:
-    """RMSNorm of x's tokens, merge units of 4 concatenated and gathered in ``unit_index`` order
-    (arguments validated by the op); returns a new contiguous ``[M, 4C]`` tensor."""
-    n_units, n_cols = x.shape[0] // UNIT, x.shape[1]
+    """RMSNorm of x's tokens, merge units of ``merge_size**2`` concatenated and gathered in
+    ``unit_index`` order (arguments validated by the op); returns a new contiguous ``[M, U*C]``
+    tensor."""
+    unit = merge_size * merge_size
+    n_units, n_cols = x.shape[0] // unit, x.shape[1]
     n_out_units = n_units if unit_index is None else unit_index.shape[0]
-    out = torch.empty((n_out_units, UNIT * n_cols), dtype=x.dtype, device=x.device)
+    out = torch.empty((n_out_units, unit * n_cols), dtype=x.dtype, device=x.device)
     if out.numel() == 0:
         return out
     x_rows = as_rows(x)
     index = unit_index.contiguous() if unit_index is not None else x_rows
     config = patch_merge_config(n_cols, launch_arch(x.device))
-    grid = (triton.cdiv(n_out_units, config.units),)
+    grid = (triton.cdiv(n_out_units * unit, config.rows),)
     _patch_merge_kernel[grid](
         x_rows,
         weight.contiguous(),
@@ -120,7 +127,8 @@ def patch_merge(
         eps,
         HAS_INDEX=unit_index is not None,
         BLOCK_COLS=config.block_cols,
-        UNITS=config.units,
+        ROWS=config.rows,
+        UNIT=unit,
         num_warps=config.num_warps,
     )
     return out

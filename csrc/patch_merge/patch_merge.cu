@@ -1,6 +1,7 @@
-// The 2x2 patch merge: RMSNorm of each token, the 4 tokens of a merge unit written as one [4C]
-// row, units gathered in unit_index order. Viewed as [M * 4, C], the output is a row-gathered
-// RMSNorm: token row r is x row 4 * unit_index[r / 4] + r % 4. A block of 8 warps normalises
+// The patch merge: RMSNorm of each token, the U = s * s tokens of a merge unit (s the spatial merge
+// size: 2 in the released models) written as one [U*C] row, units gathered in unit_index order.
+// Viewed as [M * U, C], the output is a row-gathered RMSNorm: token row r is x row
+// U * unit_index[r / U] + r % U. A block of 8 warps normalises
 // 8 / warps_per_row token rows (at C = 1280 in bf16: 160 vectors a token, 2 warps a token, one
 // merge unit a block), each thread moving a few 16-byte vectors. Two passes over the token, the
 // second re-reading what the same thread read (an L1/L2 hit), so HBM sees x read once and the
@@ -19,17 +20,16 @@
 namespace qk {
 namespace {
 
-constexpr int kUnit = 4;  // tokens per 2x2 merge unit
-
 template <class T, class W, class I>
 struct PatchMergeParams {
   const T* x;
   int64_t x_stride;     // elements between consecutive tokens of x
   const W* weight;      // [C]
   const I* unit_index;  // [M], or nullptr: output unit i is unit i
-  T* out;               // [M * 4, C]
-  int64_t out_rows;     // M * 4
-  int64_t units;        // T / 4: valid values of unit_index
+  T* out;               // [M * U, C]
+  int64_t out_rows;     // M * U
+  int64_t units;        // T / U: valid values of unit_index
+  int64_t unit;         // U = s * s tokens per merge unit
   int cols;             // C
   float eps;
   int warps_per_row;
@@ -69,12 +69,12 @@ __global__ void patch_merge_kernel(const PatchMergeParams<T, W, I> p) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * (kRowBlockWarps / p.warps_per_row) + group;
   const bool active = row < p.out_rows;  // tail rows still reach the barrier below
   const int64_t unit = !active        ? 0
-                       : p.unit_index ? static_cast<int64_t>(p.unit_index[row / kUnit])
-                                      : row / kUnit;
+                       : p.unit_index ? static_cast<int64_t>(p.unit_index[row / p.unit])
+                                      : row / p.unit;
   // A unit out of range (possible only when the caller skipped the op's value checks) reads
   // nothing: its row comes out NaN rather than from out-of-bounds memory.
   const bool valid = unit >= 0 && unit < p.units;
-  const T* x_row = p.x + (unit * kUnit + row % kUnit) * p.x_stride;
+  const T* x_row = p.x + (unit * p.unit + row % p.unit) * p.x_stride;
   T* out_row = p.out + row * p.cols;
 
   float square_sum = 0.0f;
@@ -109,12 +109,12 @@ __global__ void patch_merge_kernel(const PatchMergeParams<T, W, I> p) {
 }
 
 void check_args(const at::Tensor& x, const at::Tensor& weight,
-                const std::optional<at::Tensor>& unit_index) {
+                const std::optional<at::Tensor>& unit_index, int64_t unit) {
   check_device(x, "x");
   check_dtype(x, "x", {at::kFloat, at::kHalf, at::kBFloat16});
   check_dim(x, "x", 2);
-  QK_CHECK_ARG(x.size(1) > 0 && x.size(0) % kUnit == 0, "x",
-               "[T, C] with C > 0 and T a multiple of 4 (got shape ", x.sizes(), ")");
+  QK_CHECK_ARG(x.size(1) > 0 && x.size(0) % unit == 0, "x",
+               "[T, C] with C > 0 and T a multiple of ", unit, " (got shape ", x.sizes(), ")");
   QK_CHECK_ARG(x.size(1) <= INT32_MAX, "x", "rows shorter than 2^31 (got ", x.size(1), ")");
   check_same_device(weight, "weight", x, "x");
   check_dtype(weight, "weight", {x.scalar_type(), at::kFloat});
@@ -129,14 +129,15 @@ void check_args(const at::Tensor& x, const at::Tensor& weight,
 
 template <class T, class W, class I>
 void launch(const at::Tensor& x_rows, const W* weight, const I* unit_index, double eps,
-            at::Tensor& out) {
+            int64_t unit, at::Tensor& out) {
   PatchMergeParams<T, W, I> p{static_cast<const T*>(x_rows.data_ptr()),
                               x_rows.stride(0),
                               weight,
                               unit_index,
                               static_cast<T*>(out.data_ptr()),
-                              out.size(0) * kUnit,
-                              x_rows.size(0) / kUnit,
+                              out.size(0) * unit,
+                              x_rows.size(0) / unit,
+                              unit,
                               static_cast<int>(x_rows.size(1)),
                               static_cast<float>(eps),
                               1,
@@ -156,10 +157,13 @@ void launch(const at::Tensor& x_rows, const W* weight, const I* unit_index, doub
 }  // namespace
 
 at::Tensor patch_merge(const at::Tensor& x, const at::Tensor& weight, double eps,
-                       const std::optional<at::Tensor>& unit_index) {
-  check_args(x, weight, unit_index);
-  const int64_t out_units = unit_index ? unit_index->size(0) : x.size(0) / kUnit;
-  at::Tensor out = at::empty({out_units, kUnit * x.size(1)}, x.options());
+                       const std::optional<at::Tensor>& unit_index, int64_t merge_size) {
+  QK_CHECK_ARG(merge_size >= 1 && merge_size <= 64, "merge_size", "a merge size in [1, 64] (got ",
+               merge_size, ")");
+  const int64_t unit = merge_size * merge_size;
+  check_args(x, weight, unit_index, unit);
+  const int64_t out_units = unit_index ? unit_index->size(0) : x.size(0) / unit;
+  at::Tensor out = at::empty({out_units, unit * x.size(1)}, x.options());
   if (out.numel() == 0) return out;
   // Rows of x are read with unit column stride; anything else is copied once.
   const at::Tensor x_rows = x.stride(1) == 1 ? x : x.contiguous();
@@ -171,11 +175,11 @@ at::Tensor patch_merge(const at::Tensor& x, const at::Tensor& weight, double eps
     auto with_weight = [&](const auto* w_ptr) {
       using W = std::remove_const_t<std::remove_pointer_t<decltype(w_ptr)>>;
       if (!index.defined()) {
-        launch<T, W, int64_t>(x_rows, w_ptr, nullptr, eps, out);
+        launch<T, W, int64_t>(x_rows, w_ptr, nullptr, eps, unit, out);
       } else if (index.scalar_type() == at::kInt) {
-        launch<T, W, int32_t>(x_rows, w_ptr, index.data_ptr<int32_t>(), eps, out);
+        launch<T, W, int32_t>(x_rows, w_ptr, index.data_ptr<int32_t>(), eps, unit, out);
       } else {
-        launch<T, W, int64_t>(x_rows, w_ptr, index.data_ptr<int64_t>(), eps, out);
+        launch<T, W, int64_t>(x_rows, w_ptr, index.data_ptr<int64_t>(), eps, unit, out);
       }
     };
     if (w.scalar_type() == at::kFloat) {

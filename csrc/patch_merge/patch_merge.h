@@ -1,4 +1,4 @@
-// The 2x2 patch merge front of the merger (torch.ops.qwen_cuda.patch_merge).
+// The patch merge front of the merger (torch.ops.qwen_cuda.patch_merge).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -7,11 +7,11 @@
 
 namespace qk {
 
-// RMSNorm of each token of x [T, C] (T a multiple of 4; fp32 statistics, the normalised value
-// rounded to x's dtype before the weight multiply), the 4 tokens of each merge unit concatenated:
-// out [M, 4C], row i from merge unit unit_index[i] (int32 or int64, values in [0, T/4)), or
-// M = T/4 units in order without unit_index. weight: x's dtype or float32.
+// RMSNorm of each token of x [T, C] (T a multiple of U = merge_size^2; fp32 statistics, the
+// normalised value rounded to x's dtype before the weight multiply), the U tokens of each merge
+// unit concatenated: out [M, U*C], row i from merge unit unit_index[i] (int32 or int64, values in
+// [0, T/U)), or M = T/U units in order without unit_index. weight: x's dtype or float32.
 at::Tensor patch_merge(const at::Tensor& x, const at::Tensor& weight, double eps,
-                       const std::optional<at::Tensor>& unit_index);
+                       const std::optional<at::Tensor>& unit_index, int64_t merge_size);
 
 }  // namespace qk

@@ -5,7 +5,9 @@
 #include "patch_merge/patch_merge.h"
 
 TORCH_LIBRARY_FRAGMENT(QK_OPS_NAMESPACE, m) {
-  m.def("patch_merge(Tensor x, Tensor weight, float eps, Tensor? unit_index) -> Tensor");
+  m.def(
+      "patch_merge(Tensor x, Tensor weight, float eps, Tensor? unit_index, int merge_size) -> "
+      "Tensor");
 }
 
 TORCH_LIBRARY_IMPL(QK_OPS_NAMESPACE, QK_DISPATCH_KEY, m) {

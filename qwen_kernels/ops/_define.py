@@ -167,7 +167,7 @@ def _generate(spec: OpSpec, table: OpBackends, overload: Callable | None) -> dic
     first_tensor = next(arg.name for arg in arguments if str(arg.type) == "Tensor")
     for name in spec.defaults:
         lines.append(f"    if {name} is None:")
-        lines.append(f"        {name} = defaults[{name!r}]({first_tensor})")
+        lines.append(f"        {name} = default_{name}({first_tensor})")
     lines.append(f"    out = run({names})" if returns else f"    run({names})")
     lines.append(f"    return {_finish(returns)}")
     lines += [
@@ -188,8 +188,8 @@ def _generate(spec: OpSpec, table: OpBackends, overload: Callable | None) -> dic
         "outputs": spec.outputs,
         "check_values": spec.check_values,
         "value_checks_enabled": value_checks_enabled,
-        "defaults": spec.defaults,
         "overload": overload,
+        **{f"default_{name}": default for name, default in spec.defaults.items()},
     }
     exec(compile("\n".join(lines), f"<qwen op {spec.name}>", "exec"), namespace)
     return namespace

@@ -15,22 +15,30 @@ from ._define import OpSpec, define
 from .rms_norm import check_rms_norm_args, rms_norm_reference
 
 OP = "patch_merge"
-UNIT = 4  # tokens per 2x2 merge unit
 
 
 def patch_merge_reference(
-    x: Tensor, weight: Tensor, eps: float, unit_index: Tensor | None
+    x: Tensor, weight: Tensor, eps: float, unit_index: Tensor | None, merge_size: int
 ) -> Tensor:
     """Eager RMSNorm, view as merge units, then gather the units."""
-    merged = rms_norm_reference(x, weight, eps).reshape(x.shape[0] // UNIT, UNIT * x.shape[1])
+    unit = merge_size * merge_size
+    merged = rms_norm_reference(x, weight, eps).reshape(x.shape[0] // unit, unit * x.shape[1])
     return merged if unit_index is None else merged.index_select(0, unit_index.long())
 
 
-def _check_args(x: Tensor, weight: Tensor, eps: float, unit_index: Tensor | None) -> None:
+def _check_args(
+    x: Tensor, weight: Tensor, eps: float, unit_index: Tensor | None, merge_size: int
+) -> None:
     check_rms_norm_args(OP, x, weight, eps)
     check_ndim(OP, "x", x, 2)
-    if x.shape[0] % UNIT:
-        fail(OP, "x", f"[T, C] with T a multiple of {UNIT} (whole 2x2 merge units)", tuple(x.shape))
+    if merge_size < 1:
+        fail(OP, "merge_size", "a positive int (the spatial merge size s)", merge_size)
+    unit = merge_size * merge_size
+    if x.shape[0] % unit:
+        expected = (
+            f"[T, C] with T a multiple of {unit} (whole {merge_size}x{merge_size} merge units)"
+        )
+        fail(OP, "x", expected, tuple(x.shape))
     if unit_index is not None:
         if unit_index.dtype not in INDEX_DTYPES:
             fail(OP, "unit_index", "int32 or int64", unit_index.dtype)
@@ -38,10 +46,10 @@ def _check_args(x: Tensor, weight: Tensor, eps: float, unit_index: Tensor | None
         check_device(OP, "x", x, "unit_index", unit_index)
 
 
-def _check_values(x: Tensor, unit_index: Tensor | None) -> None:
+def _check_values(x: Tensor, unit_index: Tensor | None, merge_size: int) -> None:
     if unit_index is None or unit_index.numel() == 0:
         return
-    units = x.shape[0] // UNIT
+    units = x.shape[0] // (merge_size * merge_size)
     lo, hi = torch.aminmax(unit_index)
     if bool((lo < 0) | (hi >= units)):
         fail(
@@ -52,35 +60,44 @@ def _check_values(x: Tensor, unit_index: Tensor | None) -> None:
         )
 
 
-def _out_shape(x: Tensor, unit_index: Tensor | None) -> tuple[int, int]:
-    rows = x.shape[0] // UNIT if unit_index is None else unit_index.shape[0]
-    return rows, UNIT * x.shape[1]
+def _out_shape(x: Tensor, unit_index: Tensor | None, merge_size: int) -> tuple[int, int]:
+    unit = merge_size * merge_size
+    rows = x.shape[0] // unit if unit_index is None else unit_index.shape[0]
+    return rows, unit * x.shape[1]
 
 
 patch_merge = define(
     OpSpec(
         name=OP,
-        schema="(Tensor x, Tensor weight, float eps, Tensor? unit_index=None) -> Tensor",
-        doc="""RMSNorm each token, concatenate each 2x2 merge unit, gather units by ``unit_index``.
+        schema="(Tensor x, Tensor weight, float eps, Tensor? unit_index=None, int merge_size=2) "
+        "-> Tensor",
+        doc="""RMSNorm each token, concatenate each merge unit, gather units by ``unit_index``.
 
     Args:
-        x: ``[T, C]`` tokens, the 4 tokens of each merge unit consecutive; T a multiple of 4.
+        x: ``[T, C]`` tokens, the U = s * s tokens of each merge unit consecutive (s =
+            ``merge_size``); T a multiple of U.
         weight: ``[C]`` RMSNorm weight.
         eps: RMSNorm epsilon.
-        unit_index: optional int32/int64 ``[M]``, values in ``[0, T/4)``: row i of the output is
+        unit_index: optional int32/int64 ``[M]``, values in ``[0, T/U)``: row i of the output is
             merge unit ``unit_index[i]``. None keeps the input order. The values are checked (one
             host sync) except inside ``skip_value_checks()``, where the kernels write the row of
             an index out of range as NaN rather than read outside x.
+        merge_size: s, the spatial merge size (2 in the released models: 2x2 units of 4 tokens;
+            1: a plain RMSNorm, gathered by ``unit_index`` when given).
         backend: "auto", "torch", "triton", "cuda" or "cuda_emu".
 
     Returns:
-        ``[M, 4C]`` (M = T/4 without unit_index) in x's dtype.
+        ``[M, U*C]`` (M = T/U without unit_index) in x's dtype.
     """,
         reference=patch_merge_reference,
         check=_check_args,
-        outputs=lambda x, weight, eps, unit_index: x.new_empty(_out_shape(x, unit_index)),
+        outputs=lambda x, weight, eps, unit_index, merge_size: x.new_empty(
+            _out_shape(x, unit_index, merge_size)
+        ),
         kernels={"triton": "qwen_kernels.triton_kernels.patch_merge:patch_merge"},
         native=True,
-        check_values=lambda x, weight, eps, unit_index: _check_values(x, unit_index),
+        check_values=lambda x, weight, eps, unit_index, merge_size: _check_values(
+            x, unit_index, merge_size
+        ),
     )
 )

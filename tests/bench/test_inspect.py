@@ -24,7 +24,7 @@ ALIGNED_INPUTS = {
     "rms_norm": "x = t(64, 1280); args = (x, t(1280), 1e-6)",
     "add_rms_norm": "x = t(64, 1280); args = (x, t(64, 1280), t(1280), 1e-6)",
     "swiglu": "args = (t(64, 2 * 1280),)",
-    "patch_merge": "args = (t(256, 1280), t(1280), 1e-6, None)",
+    "patch_merge": "args = (t(256, 1280), t(1280), 1e-6, None, 2)",
     "mrope": "args = (t(256, 16, 80), t(256, 16, 80), t(256, 80), t(256, 80), None)",
     "mrope_": "args = (t(256, 16, 80), t(256, 16, 80), t(256, 80), t(256, 80), None)",
     "mrope_pos": "args = (t(256, 16, 80), t(256, 16, 80), i(2, 256), f(20), [10, 10])",

@@ -50,11 +50,15 @@ def model_cast_order(x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor) 
 
 
 def merged_candidates(
-    x: torch.Tensor, weight: torch.Tensor, eps: float, unit_index: torch.Tensor | None
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    unit_index: torch.Tensor | None,
+    unit: int = UNIT,
 ) -> torch.Tensor:
-    """``[2 * RSTD_ULPS + 1, M * 4, C]``: the model's cast order on the gathered tokens with the
-    exact reciprocal RMS rounded to fp32, then stepped 1..RSTD_ULPS fp32 ulps down and up."""
-    tokens = x.reshape(-1, UNIT, x.shape[1])
+    """``[2 * RSTD_ULPS + 1, M * unit, C]``: the model's cast order on the gathered tokens with
+    the exact reciprocal RMS rounded to fp32, then stepped 1..RSTD_ULPS fp32 ulps down and up."""
+    tokens = x.reshape(-1, unit, x.shape[1])
     if unit_index is not None:
         tokens = tokens[unit_index.long()]
     tokens = tokens.reshape(-1, x.shape[1])
@@ -70,11 +74,15 @@ def merged_candidates(
 
 
 def assert_exact_up_to_rstd(
-    out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, unit_index: torch.Tensor | None
+    out: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    unit_index: torch.Tensor | None,
+    unit: int = UNIT,
 ) -> None:
     """Every token row of ``out`` is bit-equal to the model's cast order with one fp32 rstd
     within RSTD_ULPS ulps of the exact one (see the module docstring)."""
-    candidates = merged_candidates(x, weight, EPS, unit_index)
+    candidates = merged_candidates(x, weight, EPS, unit_index, unit)
     rows = out.reshape(-1, x.shape[1])
     assert rows.shape == candidates.shape[1:], (rows.shape, candidates.shape)
     equal = (rows[None] == candidates).all(-1)  # NaN (an unwritten element) is never equal
@@ -90,9 +98,11 @@ def assert_matches_eager(out: torch.Tensor, eager: torch.Tensor) -> None:
         assert share >= 0.99, share
 
 
-def run(backend, device, x, weight, unit_index=None, eps=EPS):
+def run(backend, device, x, weight, unit_index=None, eps=EPS, merge_size=2):
     index = unit_index.to(device) if unit_index is not None else None
-    out = qwen_kernels.patch_merge(x.to(device), weight.to(device), eps, index, backend)
+    out = qwen_kernels.patch_merge(
+        x.to(device), weight.to(device), eps, index, merge_size, backend=backend
+    )
     assert out.device.type == device and out.is_contiguous()
     return out.cpu()
 
@@ -107,7 +117,7 @@ def test_reference_matches_direct_math(gen, dtype, channels):
     tokens = 4 * 13
     x, weight = randn(gen, tokens, channels, dtype=dtype), randn(gen, channels, dtype=dtype)
     unit_index = torch.randperm(tokens // 4, generator=gen)
-    out = qwen_kernels.patch_merge(x, weight, EPS, unit_index, "torch")
+    out = qwen_kernels.patch_merge(x, weight, EPS, unit_index, backend="torch")
     x64 = x.double()
     normed = x64 / torch.sqrt(x64.pow(2).mean(-1, keepdim=True) + EPS) * weight.double()
     expected = normed.reshape(tokens // 4, 4 * channels)[unit_index]
@@ -127,7 +137,9 @@ def test_matches_transformers_merger_with_reverse_window_index(gen):
     reverse = torch.argsort(window_index)
     with torch.no_grad():
         expected = merger(x)[reverse]
-        ours = merger.mlp(qwen_kernels.patch_merge(x, merger.ln_q.weight, EPS, reverse, "torch"))
+        ours = merger.mlp(
+            qwen_kernels.patch_merge(x, merger.ln_q.weight, EPS, reverse, backend="torch")
+        )
     torch.testing.assert_close(ours, expected)
 
 
@@ -165,13 +177,38 @@ def test_backend_matches_reference(gen, backend, device, dtype, index_dtype, cha
     unit_index = None
     if index_dtype is not None:  # a gather that repeats and skips units, not just a permutation
         unit_index = torch.randint(0, tokens // 4, (9,), generator=gen).to(index_dtype)
-    ref64 = qwen_kernels.patch_merge(x.double(), weight.double(), EPS, unit_index, "torch")
-    eager = qwen_kernels.patch_merge(x, weight, EPS, unit_index, "torch")
+    ref64 = qwen_kernels.patch_merge(x.double(), weight.double(), EPS, unit_index, backend="torch")
+    eager = qwen_kernels.patch_merge(x, weight, EPS, unit_index, backend="torch")
     out = run(backend, device, x, weight, unit_index)
     assert out.dtype == dtype
     assert_close_to_reference(out, ref64, eager)
     assert_exact_up_to_rstd(out, x, weight, unit_index)
     assert_matches_eager(out, eager)
+
+
+@pytest.mark.parametrize(("backend", "device"), targets("patch_merge"))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("merge_size", [1, 3, 4])
+@pytest.mark.parametrize("with_index", [False, True])
+def test_other_merge_sizes(gen, backend, device, dtype, merge_size, with_index):
+    """Units of s x s tokens (transformers' configs take any spatial_merge_size; s = 1 is a
+    plain norm, gathered when an index is given), against the reference and the exact rows."""
+    unit = merge_size * merge_size
+    units = 5
+    x = randn(gen, unit * units, 72, dtype=dtype)
+    weight = randn(gen, 72, dtype=dtype)
+    unit_index = torch.tensor([4, 0, 0, 2]) if with_index else None
+    ref64 = qwen_kernels.patch_merge(
+        x.double(), weight.double(), EPS, unit_index, merge_size, backend="torch"
+    )
+    eager = qwen_kernels.patch_merge(x, weight, EPS, unit_index, merge_size, backend="torch")
+    assert eager.shape == ((4 if with_index else units), unit * 72)
+    out = run(backend, device, x, weight, unit_index, merge_size=merge_size)
+    assert_close_to_reference(out, ref64, eager)
+    assert_exact_up_to_rstd(out, x, weight, unit_index, unit)
+    assert_matches_eager(out, eager)
+    if merge_size == 1 and not with_index:
+        assert torch.equal(eager, qwen_kernels.rms_norm(x, weight, EPS, backend="torch"))
 
 
 @pytest.mark.parametrize(("backend", "device"), targets("patch_merge"))
@@ -186,7 +223,7 @@ def test_fp32_weight_with_low_precision_input(gen, backend, device, dtype, weigh
     out = run(backend, device, x, weight, unit_index)
     assert out.dtype == dtype
     assert_exact_up_to_rstd(out, x, weight, unit_index)
-    assert_matches_eager(out, qwen_kernels.patch_merge(x, weight, EPS, unit_index, "torch"))
+    assert_matches_eager(out, qwen_kernels.patch_merge(x, weight, EPS, unit_index, backend="torch"))
 
 
 @pytest.mark.parametrize(("backend", "device"), targets("patch_merge"))
@@ -251,7 +288,7 @@ def test_exactness_check_rejects_broken_kernels(gen):
     rounding (either step), skips the intermediate rounding, or swaps two tokens of a unit."""
     x, weight = randn(gen, 4 * 5, 1280, dtype=torch.bfloat16), randn(gen, 1280)
     unit_index = torch.tensor([3, 1, 4, 1])
-    good = qwen_kernels.patch_merge(x, weight, EPS, unit_index, "torch")
+    good = qwen_kernels.patch_merge(x, weight, EPS, unit_index, backend="torch")
     assert_exact_up_to_rstd(good, x, weight, unit_index)
 
     def truncate(t: torch.Tensor) -> torch.Tensor:
@@ -281,17 +318,17 @@ def test_exactness_check_rejects_broken_kernels(gen):
 
 def test_opcheck(gen):
     x, weight = randn(gen, 12, 8), randn(gen, 8)
-    torch.library.opcheck(torch.ops.qwen.patch_merge, (x, weight, EPS, None, "torch"))
+    torch.library.opcheck(torch.ops.qwen.patch_merge, (x, weight, EPS, None, 2, "torch"))
     index = torch.tensor([2, 0, 1])
-    torch.library.opcheck(torch.ops.qwen.patch_merge, (x, weight, EPS, index, "torch"))
+    torch.library.opcheck(torch.ops.qwen.patch_merge, (x, weight, EPS, index, 2, "torch"))
 
 
 @pytest.mark.parametrize(("backend", "device"), targets("patch_merge"))
 def test_opcheck_kernels(gen, backend, device):
-    x, weight = randn(gen, 12, 40).to(device), randn(gen, 40).to(device)
+    x, weight = randn(gen, 36, 40).to(device), randn(gen, 40).to(device)
     index = torch.tensor([2, 0, 1], dtype=torch.int32, device=device)
-    torch.library.opcheck(torch.ops.qwen.patch_merge, (x, weight, EPS, index, backend))
-    torch.library.opcheck(torch.ops.qwen.patch_merge, (x, weight, EPS, None, backend))
+    torch.library.opcheck(torch.ops.qwen.patch_merge, (x, weight, EPS, index, 2, backend))
+    torch.library.opcheck(torch.ops.qwen.patch_merge, (x, weight, EPS, None, 3, backend))
 
 
 def test_compiles_fullgraph(gen):
@@ -306,6 +343,14 @@ def test_bad_input(gen):
     x, weight = randn(gen, 12, 8), randn(gen, 8)
     cases = [
         (lambda: qwen_kernels.patch_merge(x[:10], weight, EPS), "T a multiple of 4"),
+        (
+            lambda: qwen_kernels.patch_merge(x, weight, EPS, None, 3),
+            r"T a multiple of 9 \(whole 3x3 merge units\)",
+        ),
+        (
+            lambda: qwen_kernels.patch_merge(x, weight, EPS, None, 0),
+            "`merge_size` must be a positive int",
+        ),
         (lambda: qwen_kernels.patch_merge(x[None], weight, EPS), "`x` must be 2-D"),
         (lambda: qwen_kernels.patch_merge(x.long(), weight, EPS), "`x` must be of dtype"),
         (lambda: qwen_kernels.patch_merge(x, weight[:7], EPS), "`weight` must be 1-D of size"),
@@ -349,7 +394,7 @@ def test_index_out_of_range(gen, backend, device, index_dtype):
         with pytest.raises(
             ValueError, match=r"`unit_index` must be indices of merge units in \[0, 3\)"
         ):
-            qwen_kernels.patch_merge(x, weight, EPS, index, backend)
+            qwen_kernels.patch_merge(x, weight, EPS, index, backend=backend)
 
 
 def test_unknown_and_unavailable_backend(gen):
@@ -367,7 +412,7 @@ def test_kernel_backends_reject_float64(gen, backend, device):
     x = randn(gen, 4, 8, dtype=torch.float64).to(device)
     weight = randn(gen, 8, dtype=torch.float64).to(device)
     with pytest.raises(ValueError, match="only the 'torch' reference runs in float64"):
-        qwen_kernels.patch_merge(x, weight, EPS, None, backend)
+        qwen_kernels.patch_merge(x, weight, EPS, None, backend=backend)
 
 
 @pytest.mark.parametrize(
@@ -381,12 +426,16 @@ def test_native_op_checks_its_arguments(gen, backend, device):
     weight = randn(gen, 16).to(device)
     index = torch.tensor([1, 0], device=device)
     with pytest.raises(ValueError, match="argument 'x'"):
-        library.patch_merge(x[:6], weight, EPS, index)
+        library.patch_merge(x[:6], weight, EPS, index, 2)
     with pytest.raises(ValueError, match="argument 'x'"):
-        library.patch_merge(x.double(), weight, EPS, index)
+        library.patch_merge(x.double(), weight, EPS, index, 2)
     with pytest.raises(ValueError, match="argument 'weight'"):
-        library.patch_merge(x, weight[:15], EPS, index)
+        library.patch_merge(x, weight[:15], EPS, index, 2)
     with pytest.raises(ValueError, match="argument 'unit_index'"):
-        library.patch_merge(x, weight, EPS, index.short())
+        library.patch_merge(x, weight, EPS, index.short(), 2)
     with pytest.raises(ValueError, match="argument 'unit_index'"):
-        library.patch_merge(x, weight, EPS, index[None])
+        library.patch_merge(x, weight, EPS, index[None], 2)
+    with pytest.raises(ValueError, match="argument 'merge_size'"):
+        library.patch_merge(x, weight, EPS, index, -2)
+    with pytest.raises(ValueError, match="T a multiple of 9"):
+        library.patch_merge(x, weight, EPS, index, 3)
