@@ -210,6 +210,15 @@ def op_backends(op: str) -> tuple[str, ...]:
     return tuple(b for b in _backends.BACKENDS if b in impls)
 
 
+def _misfit(op: str, backend: str, head_dim: int) -> str | None:
+    """Why ``backend``'s kernel of ``op`` cannot take ``head_dim`` here, or None (also where the
+    op has no such limit, or where the backend cannot run on this machine at all)."""
+    table = _backends.REGISTRY[op]
+    if backend == "auto" or table.misfit is None or _backends.runtime_missing(backend):
+        return None
+    return table.misfit(backend, head_dim)
+
+
 def _has_code(backend: str, ops: tuple[str, ...]) -> bool:
     return backend == "auto" or all(backend in op_backends(op) for op in ops)
 
@@ -343,20 +352,39 @@ class KernelConfig(LayerKernels):
             return cls(**spec)
         raise TypeError(f"kernels must be a backend name, a dict or a KernelConfig, got {spec!r}")
 
+    def _shape_problems(self, depth: int, head_dim: int) -> list[str]:
+        """What the backends each layer names cannot take at the model's ``head_dim``."""
+        misfits: dict[tuple[str, str, str, str], list[int]] = {}
+        for index in range(depth):
+            layer = self.for_layer(index)
+            for group in LAYER_GROUPS:
+                backend = getattr(layer, group)
+                for op in group_ops(group, layer.fuse_mlp_norm, layer.rotary_fused):
+                    why = _misfit(op, backend, head_dim)
+                    if why is not None:
+                        misfits.setdefault((group, op, backend, why), []).append(index)
+        return [
+            f"{_format_layers(layers)}: {group!r} runs qwen.{op} on {backend!r} over heads of "
+            f"head_dim {head_dim}, which it cannot take: {why}"
+            for (group, op, backend, why), layers in misfits.items()
+        ]
+
     def for_layer(self, index: int) -> LayerKernels:
         """The kernels block ``index`` uses: the defaults with that block's overrides."""
         base = {f.name: getattr(self, f.name) for f in dataclasses.fields(LayerKernels)}
         return LayerKernels(**{**base, **self.layers.get(index, {})})
 
-    def validate(self, depth: int) -> None:
+    def validate(self, depth: int, head_dim: int | None = None) -> None:
         """Check the config against an encoder of ``depth`` blocks: every override names an
-        existing block, and every op of every group has code for the backend the group names
-        ("auto" always passes; whether a backend can run on this machine is known only at the
-        first call, on the inputs' device).
+        existing block, every op of every group has code for the backend the group names, and,
+        given the model's ``head_dim``, that backend's kernels hold it ("auto" always passes: it
+        falls back per call; whether a backend can run on this machine is known only at the
+        first call, on the inputs' device, and where its runtime is missing here the shape is
+        not checked either).
 
         Raises:
             ValueError: naming each offending group with its layers, op, the backend asked for
-                and the backends that op has.
+                and the backends that op has, or what the backend's kernels hold.
         """
         bad = sorted(i for i in self.layers if not 0 <= i < depth)
         if bad:
@@ -375,6 +403,8 @@ class KernelConfig(LayerKernels):
             f"kernel (it has: {', '.join(op_backends(op))})"
             for (group, op, backend), layers in missing.items()
         ]
+        if head_dim is not None and not problems:
+            problems += self._shape_problems(depth, head_dim)
         for op in GROUP_OPS["merge"]:
             if not _has_code(self.merge, (op,)):
                 problems.append(
@@ -383,8 +413,9 @@ class KernelConfig(LayerKernels):
                 )
         if problems:
             raise ValueError(
-                "kernel config names backends some ops lack: "
+                "kernel config names backends that cannot run some of its ops: "
                 + "; ".join(problems)
                 + ". Name a backend those ops have, or use KernelConfig.best_effort(backend) "
-                "for that backend where it exists and 'auto' elsewhere."
+                "for that backend where it exists and 'auto' elsewhere (which falls back per "
+                "call where a kernel cannot take the shape)."
             )

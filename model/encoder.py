@@ -244,7 +244,7 @@ class VisionEncoder(nn.Module):
                 that one of its ops has no code for (checked here rather than at the first call).
         """
         config = KernelConfig.coerce(kernels)
-        config.validate(self.config.depth)
+        config.validate(self.config.depth, self.config.head_dim)
         self.kernels = config
         for index, block in enumerate(self.blocks):
             block.kernels = config.for_layer(index)

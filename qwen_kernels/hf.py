@@ -401,10 +401,10 @@ def _tower_forward(tower: nn.Module, original: Callable, fused: bool) -> Callabl
 
 
 def _coerce_kernels(
-    kernels: str | KernelConfig | Mapping[str, Any], depth: int, text: bool
+    kernels: str | KernelConfig | Mapping[str, Any], depth: int, head_dim: int | None, text: bool
 ) -> KernelConfig:
     config = KernelConfig.coerce(kernels)
-    config.validate(depth)
+    config.validate(depth, head_dim)
     # The rotaries the patch runs besides the encoder's ops (which validate covers): transformers
     # passes cos/sin tables, so the vision blocks run the in-place table form and the text model
     # the out-of-place one, on the top-level rotary backend.
@@ -456,7 +456,8 @@ def patch_qwen2_5_vl(
     # Structure checks first: nothing is replaced unless the whole model is understood.
     text_layers = _text_layers(text) if text is not None else []
     depth = len(tower.blocks) if tower is not None else 0
-    config = _coerce_kernels(kernels, depth, text=bool(text_layers))
+    head_dim = tower.blocks[0].attn.head_dim if depth else None
+    config = _coerce_kernels(kernels, depth, head_dim, text=bool(text_layers))
 
     handle = PatchHandle(parts, config)
     if tower is not None:
