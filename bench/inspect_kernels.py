@@ -100,6 +100,10 @@ class Row:
     occupancy: dict[str, int | None]
     cases: list[str] = field(default_factory=list)
     useful_mma: float | None = None
+    # Whether multiply-adds may contract into FMAs (Triton's enable_fp_fusion; None for the CUDA
+    # kernels, whose contraction nvcc decides per expression): off where a kernel claims a
+    # reference's rounding.
+    fp_fusion: bool | None = None
 
     @property
     def spills(self) -> bool:
@@ -286,6 +290,8 @@ def specialise(launch: Launch, arch: str) -> Specialised:
     )
     if aligned:
         variant += f"; 16-divisible: {', '.join(aligned)}"
+    if not options.enable_fp_fusion:
+        variant += "; no fp fusion"
     key = (fn.__name__, arch, tuple(signature.items()), variant)
     source = ASTSource(fn, signature, constexprs, attrs)
     return Specialised(key, variant, source, target, options.__dict__)
@@ -393,6 +399,7 @@ def _triton_row(op: str, launch: Launch, compiled: Any, variant: str, arch: str)
         shared_bytes=shared,
         counts=function.counts,
         occupancy=_occupancy(warps, function.registers, shared),
+        fp_fusion=getattr(compiled.metadata, "enable_fp_fusion", None),
     )
 
 

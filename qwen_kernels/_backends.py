@@ -163,7 +163,12 @@ class OpBackends:
     def _load(self, backend: str) -> Callable:
         impl = self.impls[backend]
         if isinstance(impl, str):
-            impl = _load_native(backend, impl) if impl.startswith(_NATIVE_PREFIX) else _import(impl)
+            if impl.startswith(_NATIVE_PREFIX):
+                impl = _load_native(backend, impl)  # the C++ launchers guard the device
+            else:
+                impl = _import(impl)
+                if backend == "triton":
+                    impl = on_inputs_device(impl)
             self.impls[backend] = impl
         return impl
 
@@ -240,6 +245,23 @@ class OpBackends:
         if backend == "torch" or self.misfit is None:
             return None
         return self.misfit(backend, like.shape[-1])
+
+
+def on_inputs_device(launcher: Callable) -> Callable:
+    """``launcher`` run with the device of its first tensor argument current: Triton launches go
+    to the current CUDA device and stream, so inputs on cuda:1 while cuda:0 is current would
+    otherwise read another GPU's addresses. The one device guard of every Triton launcher (the
+    op layer wraps each as it loads it); a no-op for other devices and for the current one."""
+
+    @functools.wraps(launcher)
+    def guarded(*args):
+        device = next(a for a in args if isinstance(a, torch.Tensor)).device
+        if device.type != "cuda" or device.index == torch.cuda.current_device():
+            return launcher(*args)
+        with torch.cuda.device(device):
+            return launcher(*args)
+
+    return guarded
 
 
 def _import(path: str) -> Callable:

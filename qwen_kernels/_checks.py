@@ -55,6 +55,16 @@ def value_checks_enabled() -> bool:
     return not getattr(_state, "skip", False)
 
 
+def values_readable(t: torch.Tensor) -> bool:
+    """Whether a check may read the values of ``t`` now: not while torch.compile traces, and not
+    while the current CUDA stream is capturing a graph (a read would synchronise, which capture
+    forbids; ``torch.compile(mode="reduce-overhead")`` captures too). Such calls skip their value
+    checks, as inside ``skip_value_checks()``."""
+    if torch.compiler.is_compiling():
+        return False
+    return t.device.type != "cuda" or not torch.cuda.is_current_stream_capturing()
+
+
 def fail(op: str, arg: str, expected: str, got: object) -> None:
     """Raise the ValueError every op uses for a bad argument."""
     raise ValueError(f"qwen.{op}: `{arg}` must be {expected}, got {got}")

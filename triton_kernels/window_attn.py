@@ -582,6 +582,8 @@ def _rotate_qk(
         BLOCK_T=config.block_tokens,
         **bands,
         num_warps=config.num_warps,
+        # The rotated q and k are mrope_pos's, bit for bit: products rounded one by one.
+        enable_fp_fusion=False,
     )
     return out[:, 0], out[:, 1]
 
@@ -651,6 +653,9 @@ def _launch(
         IEEE=q.dtype == torch.float32,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
+        # With the rotary in the loads, q and k must come out as mrope_pos rounds them: no
+        # multiply-add contraction (the interpreter never contracts, so only a GPU would see it).
+        enable_fp_fusion=rotary is None,
     )
     return out
 

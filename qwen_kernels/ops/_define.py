@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from .._backends import REGISTRY, OpBackends
-from .._checks import value_checks_enabled
+from .._checks import value_checks_enabled, values_readable
 
 # Python annotations of the schema types, for the public functions' signatures.
 _ANNOTATIONS = {
@@ -62,7 +62,8 @@ class OpSpec:
         native: the C++ op of the same name is the ``"cuda"`` and ``"cuda_emu"`` backend (one
             kernel source, compiled by nvcc and by the emulation), bound when first resolved.
         check_values: checks of tensor values (a host sync), run on every call unless inside
-            ``skip_value_checks()``.
+            ``skip_value_checks()``, while torch.compile traces or while a CUDA graph captures
+            (``values_readable``).
         defaults: defaults that depend on the inputs, by argument name: a function of the first
             tensor argument giving the value where the caller passed None (the softmax scale
             from the head dim). Filled in before any implementation runs, so none computes it.
@@ -161,10 +162,10 @@ def _generate(spec: OpSpec, table: OpBackends, overload: Callable | None) -> dic
         "    if run is None:",
         f"        run = table.resolve(key, backend, ({names},))",
     ]
-    if spec.check_values is not None:
-        lines.append("    if value_checks_enabled():")
-        lines.append(f"        check_values({names})")
     first_tensor = next(arg.name for arg in arguments if str(arg.type) == "Tensor")
+    if spec.check_values is not None:
+        lines.append(f"    if value_checks_enabled() and values_readable({first_tensor}):")
+        lines.append(f"        check_values({names})")
     for name in spec.defaults:
         lines.append(f"    if {name} is None:")
         lines.append(f"        {name} = default_{name}({first_tensor})")
@@ -188,6 +189,7 @@ def _generate(spec: OpSpec, table: OpBackends, overload: Callable | None) -> dic
         "outputs": spec.outputs,
         "check_values": spec.check_values,
         "value_checks_enabled": value_checks_enabled,
+        "values_readable": values_readable,
         "overload": overload,
         **{f"default_{name}": default for name, default in spec.defaults.items()},
     }

@@ -127,3 +127,21 @@ def test_triton_memory_kernels_use_16_byte_loads_on_aligned_rows(op):
     assert rows, f"{op} launched no Triton kernel"
     for kernel, arch, wide_loads in rows:
         assert wide_loads > 0, (op, kernel, arch)
+
+
+def test_kernels_that_claim_a_reference_rounding_compile_without_fp_fusion(report):
+    """Multiply-add contraction on a GPU would change the rotated q and k (the interpreter never
+    contracts): the rotary kernels and the rotary-fused attention compile without it, and the
+    report says so per variant; plain attention (also the long path of the fused op, after its
+    rotary pre-pass) keeps it."""
+    rows, _ = report
+    triton_rows = [row for row in rows if row["backend"] == "triton"]
+    assert all(row["fp_fusion"] in (True, False) for row in triton_rows)
+    assert any("ROTARY=True" in row["variant"] for row in triton_rows)
+    for row in triton_rows:
+        rotates = (
+            row["op"].startswith("mrope")
+            or row["kernel"] == "_rotate_qk_kernel"
+            or "ROTARY=True" in row["variant"]
+        )
+        assert row["fp_fusion"] is not rotates, (row["op"], row["kernel"], row["variant"])

@@ -3,6 +3,7 @@ has its op's schema for a signature and a docstring; calls are memoised by a key
 schema (every tensor's dtype, shape, strides and device), failures are never remembered, value
 checks run on every call, and registering an implementation forgets what was resolved."""
 
+import importlib
 import inspect
 
 import pytest
@@ -84,3 +85,40 @@ def test_strided_views_and_contiguous_inputs_in_turn(gen, backend, device):
         ref64 = rms_norm_reference(x.cpu().double(), weight.cpu().double(), EPS)
         eager = rms_norm_reference(x.cpu(), weight.cpu(), EPS)
         assert_close_to_reference(out.cpu(), ref64, eager)
+
+
+def test_triton_launchers_run_on_the_inputs_device(monkeypatch):
+    """Every Triton launcher the op layer loads runs under the device of its inputs (a stand-in
+    device context records it; the inputs are fake tensors on cuda:1 while cuda:0 is current),
+    and under no guard for CPU tensors or the current device."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    backends = importlib.import_module("qwen_kernels._backends")
+    entered, ran = [], []
+
+    class RecordingDevice:
+        def __init__(self, device):
+            entered.append(torch.device(device))
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(torch.cuda, "device", RecordingDevice)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    guarded = backends.on_inputs_device(lambda *args: ran.append(len(entered)))
+    with FakeTensorMode():
+        other, current = torch.empty(2, device="cuda:1"), torch.empty(2, device="cuda:0")
+    guarded(other, 3)
+    assert entered == [torch.device("cuda:1")] and ran == [1]
+    guarded(current)
+    guarded(torch.ones(2))
+    assert len(entered) == 1 and ran == [1, 1, 1]
+    table = REGISTRY["swiglu"]
+    pytest.importorskip("triton")
+    assert (
+        table._load("triton").__wrapped__
+        is importlib.import_module("qwen_kernels.triton_kernels.swiglu").swiglu
+    )

@@ -126,7 +126,7 @@ def check_backend(backend, device, q, k, v, cu, max_seqlen, softmax_scale=None):
     eager = qwen_kernels.window_attn(q, k, v, cu, max_seqlen, softmax_scale, backend="torch")
     args = [t.to(device) for t in (q, k, v, cu)]
     got = qwen_kernels.window_attn(*args, max_seqlen, softmax_scale, backend=backend)
-    assert got.device.type == device and got.is_contiguous()
+    assert got.device.type == torch.device(device).type and got.is_contiguous()
     accumulation = attention_accumulation(q, k, v, cu, softmax_scale)
     assert_attention_close(got.cpu(), ref64, eager, q.dtype, accumulation)
 
@@ -506,3 +506,54 @@ def test_auto_picks_a_kernel_that_holds_the_head_dim(monkeypatch, op):
     for head_dim, backend in expected.items():
         like = torch.empty(4, 3, 2, head_dim, device="meta")
         assert table.select_name("auto", like) == backend, head_dim
+
+
+# ---- What only a GPU shows (issue: device guards, capture-safe checks, FMA contraction) --------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_inputs_on_the_second_gpu(gen, backend):
+    """Inputs on cuda:1 while cuda:0 is current: the launch goes to the inputs' device."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    cu = cu_seqlens_of(WINDOW_LENGTHS)
+    q, k, v = random_qkv(gen, int(cu[-1]), 2, 80, torch.bfloat16)
+    with torch.cuda.device(0):
+        check_backend(backend, "cuda:1", q, k, v, cu, 64)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_direct_call_captured_in_a_cuda_graph_replays_like_eager(gen, backend):
+    """A direct op call (value checks on) inside torch.cuda.graph: the checks that would sync
+    are skipped during capture, and the replay computes what the eager call does."""
+    cu = cu_seqlens_of(WINDOW_LENGTHS).cuda()
+    q, k, v = (t.cuda() for t in random_qkv(gen, int(cu[-1]), 2, 80, torch.bfloat16))
+    eager = qwen_kernels.window_attn(q, k, v, cu, 64, backend=backend)
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):  # warm up on the side stream, as capture requires
+        qwen_kernels.window_attn(q, k, v, cu, 64, backend=backend)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = qwen_kernels.window_attn(q, k, v, cu, 64, backend=backend)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, eager)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_checks_off_never_sync(gen, backend):
+    """Inside skip_value_checks() a call makes no host sync (sync debug mode "error")."""
+    cu = cu_seqlens_of(WINDOW_LENGTHS).cuda()
+    q, k, v = (t.cuda() for t in random_qkv(gen, int(cu[-1]), 2, 80, torch.bfloat16))
+    qwen_kernels.window_attn(q, k, v, cu, 64, backend=backend)  # resolve outside the check
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with qwen_kernels.skip_value_checks():
+            qwen_kernels.window_attn(q, k, v, cu, 64, backend=backend)
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)

@@ -212,3 +212,20 @@ def test_kernel_rejects_more_axes_than_it_takes(gen, backend, device):
     cu = cu_seqlens_of([4]).to(device)
     with pytest.raises(ValueError, match="`mrope_section` must have at most 4 parts"):
         qwen_kernels.window_attn_rope(qkv, cu, 4, positions, inv_freq, [2] * 5, backend=backend)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_rotated_inputs_bit_equal_to_mrope_pos_on_the_gpu(gen, backend):
+    """On a GPU, where multiply-adds may contract: the fused op equals mrope_pos_ then
+    window_attn of the same backend bit for bit on the window path (the rotated q and k are the
+    same numbers), and the launch compiled without fp fusion is what makes it so."""
+    layout, rotary = vision_rotary(GRIDS, 80)
+    qkv = randn(gen, layout.num_tokens, 3, 2, 80, dtype=torch.bfloat16).cuda()
+    rotary = tuple(t.cuda() if isinstance(t, torch.Tensor) else t for t in rotary)
+    cu = layout.cu_window_seqlens.cuda()
+    fused = qwen_kernels.window_attn_rope(qkv, cu, 64, *rotary, backend=backend)
+    q, k, v = qkv.clone().unbind(1)
+    qwen_kernels.mrope_pos_(q, k, *rotary, backend=backend)
+    chained = qwen_kernels.window_attn(q, k, v, cu, 64, backend=backend)
+    assert torch.equal(fused, chained)
