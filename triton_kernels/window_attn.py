@@ -331,6 +331,8 @@ def _window_attn_kernel(
     stride_pt,
     heads,
     m_blocks,
+    n_tokens,
+    max_seqlen,
     qk_scale,
     HEAD_DIM: tl.constexpr,
     D_MAIN: tl.constexpr,
@@ -352,8 +354,11 @@ def _window_attn_kernel(
     tl.static_assert(ONE_PASS or not ROTARY)
     segment = tl.program_id(0) // m_blocks
     m_block = tl.program_id(0) % m_blocks
-    start = tl.load(cu_seqlens_ptr + segment)
-    seqlen = tl.load(cu_seqlens_ptr + segment + 1) - start
+    # Bounds clamped to [0, T] and cut at max_seqlen, as every backend does: a layout the op's
+    # value checks would refuse (skipped by the caller) never reads or writes out of bounds.
+    start = tl.minimum(tl.maximum(tl.load(cu_seqlens_ptr + segment), 0), n_tokens)
+    end = tl.minimum(tl.maximum(tl.load(cu_seqlens_ptr + segment + 1), start), n_tokens)
+    seqlen = tl.minimum(end - start, max_seqlen)
     if m_block * BLOCK_M >= seqlen:  # an empty segment, or rows past the end of this one
         return
     MASK_COLS: tl.constexpr = D_MAIN + D_TAIL != HEAD_DIM
@@ -638,6 +643,8 @@ def _launch(
         stride_pt,
         heads,
         m_blocks,
+        tokens,
+        max_seqlen,
         softmax_scale * LOG2_E,
         HEAD_DIM=head_dim,
         D_MAIN=d_main,

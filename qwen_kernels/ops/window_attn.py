@@ -41,15 +41,18 @@ def window_attn_reference(
     """Eager reference: segments padded to ``max_seqlen`` and run through SDPA with a key mask.
 
     Computes in fp32 (fp64 for fp64 inputs). Only gathers and selects, no boolean indexing, so
-    it never synchronises with the host (the encoder runs whole forwards without a sync).
+    it never synchronises with the host (the encoder runs whole forwards without a sync). Bounds
+    are clamped to [0, T] and segments cut at ``max_seqlen``, as in the kernels (the contract for
+    layouts the value checks would refuse, see ``window_attn``).
     """
     tokens, heads, head_dim = q.shape
     segments = cu_seqlens.numel() - 1
     if tokens == 0:
         return torch.empty_like(q, memory_format=torch.contiguous_format)
     acc = compute_dtype(q.dtype)
-    starts = cu_seqlens[:-1].long()
-    lengths = cu_seqlens[1:].long() - starts
+    bounds = cu_seqlens.long().clamp(0, tokens)
+    starts = bounds[:-1]
+    lengths = (bounds[1:] - starts).clamp_(min=0)
     slot = torch.arange(max_seqlen, device=q.device)
     # Where each token sits in the padded layout: its segment and its slot within it.
     token = torch.arange(tokens, device=q.device, dtype=cu_seqlens.dtype)
@@ -192,6 +195,12 @@ window_attn = define(
 
     Returns:
         ``[T, H, D]`` contiguous in q's dtype; the softmax runs in fp32.
+
+    A layout the value checks refuse, passed with the checks skipped (``skip_value_checks()``),
+    never makes a backend read or write out of bounds: every backend clamps each segment to
+    ``[clamp(cu[s], 0, T), clamp(cu[s+1], start, T))`` and cuts it after ``max_seqlen`` tokens,
+    and the rows of such a segment's first ``max_seqlen`` tokens are attention over those tokens.
+    Other rows (past the cut, or of tokens that overlapping segments share) are undefined.
     """,
         reference=window_attn_reference,
         check=lambda *args: check_attention_args(OP, *args),

@@ -557,3 +557,35 @@ def test_checks_off_never_sync(gen, backend):
             qwen_kernels.window_attn(q, k, v, cu, 64, backend=backend)
     finally:
         torch.cuda.set_sync_debug_mode(previous)
+
+
+@pytest.mark.parametrize(("backend", "device"), targets("window_attn", with_reference=True))
+@pytest.mark.parametrize(
+    ("bounds", "max_seqlen", "defined"),
+    [
+        ([0, 20, 64, 999], 64, [(0, 20), (20, 64), (64, 90)]),  # the last bound past T
+        ([-5, 10, 90], 80, [(0, 10), (10, 90)]),  # a negative first bound
+        ([0, 50, 90], 32, [(0, 32), (50, 82)]),  # segments longer than max_seqlen: cut
+        ([0, 85, 90], 70, [(0, 70), (85, 90)]),  # the same on the long path
+        # A decrease: segment 2 is [10, 90), and rows 10-69, which segment 0 holds too, are
+        # undefined; segment 0's first 10 rows are not.
+        ([0, 70, 10, 90], 80, [(0, 70, 10)]),
+    ],
+    ids=["past-end", "negative", "cut", "cut-long", "decreasing"],
+)
+def test_bad_layouts_with_checks_off(gen, backend, device, bounds, max_seqlen, defined):
+    """With the value checks skipped, every backend clamps the segment bounds to [0, T] and cuts
+    segments at max_seqlen: no access out of bounds, and the defined rows (each clamped segment's
+    first max_seqlen tokens) are attention over those tokens, the same on every backend."""
+    tokens = 90
+    q, k, v = random_qkv(gen, tokens, 2, 64)
+    cu = torch.tensor(bounds, dtype=torch.int32)
+    with qwen_kernels.skip_value_checks():
+        out = qwen_kernels.window_attn(
+            *(t.to(device) for t in (q, k, v, cu)), max_seqlen, backend=backend
+        ).cpu()
+    for start, end, *rows in defined:
+        piece = slice(start, end)
+        expected = segment_loop(q[piece], k[piece], v[piece], cu_seqlens_of([end - start]))
+        kept = rows[0] if rows else end - start
+        assert rel_err(out[start : start + kept], expected[:kept]) < 1e-5, (start, end)
