@@ -73,20 +73,6 @@ def _check(gen, dtype: torch.dtype, mode: int) -> None:
     assert_close_to_reference(_rms_norm(x, weight, mode), ref64, eager)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_right_kernel_passes(gen, dtype):
-    _check(gen, dtype, RIGHT)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("defect", DEFECTS)
-def test_broken_kernel_is_rejected(gen, dtype, defect):
-    if defect == "truncated" and dtype == torch.float32:
-        pytest.skip("fp32 outputs are not rounded to a narrower type")
-    with pytest.raises(AssertionError):
-        _check(gen, dtype, DEFECTS[defect])
-
-
 # The same defects in the fused RMSNorm + gate/up GEMM + SwiGLU, held to the rule with the
 # summation-order slack of its reduction (``Accumulation``): the slack admits a correct kernel
 # that sums in another order, and still rejects each defect.
@@ -150,18 +136,24 @@ def _check_gemm(gen, dtype: torch.dtype, mode: int) -> None:
     )
 
 
+# The RMSNorm kernel, and the GEMM summed in an order no BLAS uses.
+CHECKS = {"norm": _check, "gemm": _check_gemm}
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_gemm_in_another_summation_order_passes(gen, dtype):
-    _check_gemm(gen, dtype, RIGHT)
+@pytest.mark.parametrize("kernel", CHECKS)
+def test_right_kernel_passes(gen, dtype, kernel):
+    CHECKS[kernel](gen, dtype, RIGHT)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("defect", DEFECTS)
-def test_broken_gemm_is_rejected(gen, dtype, defect):
+@pytest.mark.parametrize("kernel", CHECKS)
+def test_broken_kernel_is_rejected(gen, dtype, defect, kernel):
     if defect == "truncated" and dtype == torch.float32:
         pytest.skip("fp32 outputs are not rounded to a narrower type")
     with pytest.raises(AssertionError):
-        _check_gemm(gen, dtype, DEFECTS[defect])
+        CHECKS[kernel](gen, dtype, DEFECTS[defect])
 
 
 def test_tf32_products_in_an_fp32_gemm_are_rejected(gen):

@@ -11,7 +11,7 @@ band of frequencies (Qwen2.5-VL's text model). ``mrope_pos`` takes the integer p
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -227,7 +227,7 @@ _TABLES = "Tensor cos, Tensor sin, int[]? mrope_section=None"
 _POSITIONS = "Tensor positions, Tensor inv_freq, int[] mrope_section"
 
 
-def _rotary(name: str, in_place: bool, from_positions: bool) -> object:
+def _rotary(name: str, in_place: bool, from_positions: bool) -> Callable:
     """One of the four forms: tables or positions as the angle source, out of place or in place.
     Each kernel serves the in-place and the out-of-place form (an output pointer), so all four
     name the same kernels."""
