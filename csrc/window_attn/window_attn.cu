@@ -427,9 +427,18 @@ bool rows_aligned(const at::Tensor& t) {
          t.stride(0) % chunk == 0 && t.stride(1) % chunk == 0;
 }
 
-// t itself, or a contiguous copy where its layout rules out 16-byte copies.
-at::Tensor with_aligned_rows(const at::Tensor& t) {
-  return rows_aligned(t) ? t : t.clone(at::MemoryFormat::Contiguous);
+// t itself, or a contiguous copy where its layout rules out 16-byte copies. The copy costs a read
+// and a write of t and its memory for the call, so it is not silent: the first one warns.
+at::Tensor with_aligned_rows(const at::Tensor& t, const char* name) {
+  if (rows_aligned(t)) return t;
+  TORCH_WARN_ONCE(
+      "qwen_kernels: the CUDA window_attn copies ", name, " (shape ", t.sizes(), ", strides ",
+      t.strides(), ") to a contiguous tensor before the kernel: ", t.nbytes(),
+      " bytes more memory and one more read and write of it per call. ",
+      "Its kernels move rows as 16-byte copies, which need a unit last stride and a ",
+      "base address and token and head strides that are multiples of 16 bytes (",
+      16 / t.element_size(), " elements of ", t.scalar_type(), "). ", "Warned once per process.");
+  return t.clone(at::MemoryFormat::Contiguous);
 }
 
 // One block per (segment, head) pair and block of Traits::kBlockM query rows.
@@ -546,8 +555,8 @@ at::Tensor launch(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tens
                   const Rope* rope) {
   at::Tensor out = at::empty(q_in.sizes(), q_in.options());
   if (q_in.numel() == 0) return out;
-  const at::Tensor q = with_aligned_rows(q_in), k = with_aligned_rows(k_in),
-                   v = with_aligned_rows(v_in);
+  const at::Tensor q = with_aligned_rows(q_in, "q"), k = with_aligned_rows(k_in, "k"),
+                   v = with_aligned_rows(v_in, "v");
   const at::Tensor cu_seqlens = cu_seqlens_in.contiguous();
 
   WindowAttnParams params{};

@@ -5,6 +5,8 @@ strided views), opcheck, and bad input."""
 import dataclasses
 import importlib
 import itertools
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -422,6 +424,41 @@ def test_native_misaligned_views(gen, backend, device, dtype):
     transposed = randn(gen, tokens, 64, 2, dtype=dtype).transpose(1, 2)
     v = randn(gen, tokens, 2, 64, dtype=dtype)
     check_backend(backend, device, shifted, transposed, v, cu, 64)
+
+
+# Run in a fresh process: the warning is once per process, and other tests may have shown it.
+COPY_WARNING_SCRIPT = """
+import sys, warnings
+import torch, qwen_kernels
+backend, device = sys.argv[1:]
+cu = torch.tensor([0, 5, 69], dtype=torch.int32, device=device)
+q, k, v = torch.randn(3, 69, 2, 64, dtype=torch.bfloat16, device=device)
+shifted = torch.randn(69 * 2 * 64 + 1, dtype=torch.bfloat16, device=device)[1:].view(69, 2, 64)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    qwen_kernels.window_attn(q, k, v, cu, 64, backend=backend)
+    aligned = len(caught)
+    for _ in range(2):
+        qwen_kernels.window_attn(shifted, k, v, cu, 64, backend=backend)
+print(aligned, len(caught) - aligned)
+print(caught[-1].message if len(caught) > aligned else "")
+"""
+
+
+@pytest.mark.parametrize(("backend", "device"), NATIVE)
+def test_native_copy_of_misaligned_rows_warns_once(backend, device):
+    """The copy of a misaligned q is not silent: the first one warns, naming the tensor, its
+    strides and the bytes copied; aligned inputs warn nothing."""
+    run = subprocess.run(
+        [sys.executable, "-c", COPY_WARNING_SCRIPT, backend, device],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    counts, message = run.stdout.splitlines()
+    assert counts == "0 1"
+    assert "copies q" in message and "strides [128, 64, 1]" in message
+    assert f"{69 * 2 * 64 * 2} bytes" in message
 
 
 @pytest.mark.parametrize(("backend", "device"), NATIVE)
