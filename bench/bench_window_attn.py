@@ -162,7 +162,7 @@ def peers(op: str) -> list[Impl]:
             cpu_missing=cpu_bf16_sdpa_problem(),
         ),
         Impl("varlen_attn", _varlen_attn, missing=_varlen_missing(), cpu=False),
-        Impl("flex_attention", _flex_attention, prepare=_with_block_mask, cpu=False),
+        Impl("flex_attention", _flex_attention, prepare=_with_block_mask, cpu=False, compiles=True),
         Impl(
             "flash-attn", _flash_attn, missing=missing_module("flash_attn", "flash-attn"), cpu=False
         ),

@@ -19,6 +19,7 @@ import importlib.util
 import itertools
 import math
 import platform
+import re
 import shutil
 import subprocess
 from collections.abc import Callable, Sequence
@@ -89,6 +90,9 @@ class Case:
         args: the op's positional arguments, as keys of the input set.
         build: makes one input set (the op's arguments by name, plus metadata peers may use).
         lengths: attention only: the segment lengths (for the useful share of mma tiles).
+        reference: computes the expected output from an input set (None: our op's "torch"
+            backend on ``args``).
+        rel_err_limit: the largest relative error against the reference that counts as right.
     """
 
     op: str
@@ -102,6 +106,8 @@ class Case:
     args: tuple[str, ...]
     build: Callable[[Maker], Inputs]
     lengths: tuple[int, ...] | None = None
+    reference: Callable[[Inputs], Any] | None = None
+    rel_err_limit: float = REL_ERR_LIMIT
 
 
 @dataclass(frozen=True)
@@ -110,6 +116,8 @@ class Impl:
 
     ``run`` returns the op's output in the op's layout (views are fine). ``prepare`` derives what a
     peer needs from an input set (a padded index, a block mask) once per set, outside the timing.
+    ``compiles``: the first call compiles (seconds to minutes), so the runner runs it after the
+    rest, and a run stopped by its time limit loses these rows first.
     """
 
     name: str
@@ -122,6 +130,7 @@ class Impl:
     cpu_missing: str | None = None
     prepare: Callable[[Inputs], Inputs] | None = None
     series: frozenset[str] | None = None
+    compiles: bool = False
 
     def applies_to(self, case: Case) -> bool:
         """Whether this implementation computes ``case``'s form of the op."""
@@ -130,12 +139,22 @@ class Impl:
 
 @dataclass(frozen=True)
 class Suite:
-    """One benchmark file: its cases at a scale, and the peers of each of its ops."""
+    """One benchmark file: its cases at a scale, and the peers of each of its ops.
+
+    ``ours`` gives our implementations of a case on a device type (None: one per usable backend
+    of the case's op). ``profile``: timed rows also get the peak memory of a call and its share
+    of GPU time outside GEMMs (one profiled call). ``warmup_ms`` and ``rep_ms`` are
+    ``do_bench``'s: a suite of slow calls asks for longer repetitions.
+    """
 
     name: str
     ops: tuple[str, ...]
     cases: Callable[[Scale], list[Case]]
     peers: Callable[[str], list[Impl]]
+    ours: Callable[[Case, str], list[Impl]] | None = None
+    profile: bool = False
+    warmup_ms: int = WARMUP_MS
+    rep_ms: int = REP_MS
 
 
 @dataclass(frozen=True)
@@ -174,6 +193,8 @@ class Row:
     floor_ms: float | None = None
     pct_of_floor: float | None = None
     rel_err: float | None = None
+    peak_mib: float | None = None  # profiled suites: peak memory of a call above what was live
+    non_gemm_share: float | None = None  # profiled suites: GPU time outside GEMM kernels
     speedup: dict[str, float] = field(default_factory=dict)
 
     @classmethod
@@ -242,19 +263,19 @@ def _call(function: Callable, args: tuple[str, ...], backend: str, inputs: Input
 
 
 def impls_for(case: Case, suite: Suite, device_type: str) -> list[Impl]:
-    """Our backends, then the peers that compute this case's form of the op."""
-    ours = qwen_impls(case.op, case.args, device_type)
+    """Ours (our op's backends, or the suite's own), then the peers of this case's form."""
+    if suite.ours is None:
+        ours = qwen_impls(case.op, case.args, device_type)
+    else:
+        ours = suite.ours(case, device_type)
     return ours + [peer for peer in suite.peers(case.op) if peer.applies_to(case)]
-
-
-# Peers whose first call compiles (seconds to minutes): the runner times them after the rest.
-COMPILES_ON_FIRST_USE = frozenset({"torch.compile", "flex_attention"})
 
 
 def compile_peer(reference: Callable, args: tuple[str, ...]) -> Impl:
     """``torch.compile`` of an eager reference, compiled once per process (on the first call,
     outside the timing) and shared by every case, as a user would."""
-    return Impl("torch.compile", functools.partial(_call_compiled, reference, args), cpu=False)
+    call = functools.partial(_call_compiled, reference, args)
+    return Impl("torch.compile", call, cpu=False, compiles=True)
 
 
 @functools.cache
@@ -305,7 +326,7 @@ def check_counts(case: Case, scale: str, device: str) -> CaseCheck:
     """Build ``case`` on ``device`` ("meta" costs nothing at any size), run our op's reference
     (its fake kernel on "meta") and compare the case's byte count with the tensors moved."""
     inputs = case.build(Maker(device, seed=0))
-    output = _call(getattr(qwen_kernels, case.op), case.args, "torch", inputs)
+    output = _reference(case, inputs)
     counted = tensor_bytes({name: inputs[name] for name in case.args}) + tensor_bytes(output)
     return CaseCheck(
         case.op,
@@ -321,14 +342,20 @@ def check_counts(case: Case, scale: str, device: str) -> CaseCheck:
 
 
 def rel_err(out: Any, ref: Any) -> float:
-    """``||out - ref|| / ||ref||`` over all output tensors, in fp32; inf on a shape mismatch."""
+    """``||out - ref|| / ||ref||`` over all output tensors (a tensor, or tuples of them) in fp64;
+    inf on a shape mismatch or a non-finite output. The one relative error of the benchmarks and
+    the tests."""
     outs, refs = tensors(out), tensors(ref)
     if len(outs) != len(refs) or any(o.shape != r.shape for o, r in zip(outs, refs, strict=True)):
         return math.inf
-    pairs = zip(outs, refs, strict=True)
-    diff = sum(float((o.float() - r.float()).square().sum()) for o, r in pairs)
-    norm = sum(float(r.float().square().sum()) for r in refs)
-    return math.sqrt(diff / max(norm, 1e-30))
+    diff = norm = 0.0
+    for o, r in zip(outs, refs, strict=True):
+        o64, r64 = o.detach().double(), r.detach().double()
+        if not bool(torch.isfinite(o64).all()):
+            return math.inf
+        diff += float((o64 - r64).square().sum())
+        norm += float(r64.square().sum())
+    return math.sqrt(diff / max(norm, 1e-60))
 
 
 def clone_inputs(inputs: Inputs) -> Inputs:
@@ -359,12 +386,52 @@ def cycler(impl: Impl, sets: list[Inputs]) -> Callable[[], Any]:
     return call
 
 
-def measure(fn: Callable[[], Any]) -> tuple[float, float, float]:
+def measure(
+    fn: Callable[[], Any], warmup_ms: int = WARMUP_MS, rep_ms: int = REP_MS
+) -> tuple[float, float, float]:
     """Median, 20 % and 80 % quantile of ``fn``'s GPU time in ms (CUDA events, L2 flushed)."""
     from triton.testing import do_bench
 
-    median, p20, p80 = do_bench(fn, warmup=WARMUP_MS, rep=REP_MS, quantiles=[0.5, 0.2, 0.8])
+    median, p20, p80 = do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
     return median, p20, p80
+
+
+# GPU kernels that are GEMMs (cuBLAS, cuBLASLt's nvjet, CUTLASS, Inductor's Triton mm templates),
+# matched on the name before its template arguments; attention kernels built on CUTLASS (named
+# as such anywhere in the full name) are not.
+GEMM_KERNEL = re.compile(r"gemm|cutlass|xmma|cublas|nvjet|triton_tem_\w*mm", re.IGNORECASE)
+ATTENTION_KERNEL = re.compile(r"flash|attn|attention|fmha", re.IGNORECASE)
+
+
+def is_gemm_kernel(name: str) -> bool:
+    """Whether a GPU kernel name is a GEMM's: a GEMM name before the template arguments (which
+    may mention CUTLASS types for any kernel), and no attention kernel (FlashAttention 3 is a
+    ``cutlass::device_kernel<flash::...>``)."""
+    head = re.split(r"[<(]", name.removeprefix("void "), maxsplit=1)[0]
+    return bool(GEMM_KERNEL.search(head)) and not ATTENTION_KERNEL.search(name)
+
+
+def profile(fn: Callable[[], Any], device: str = "cuda") -> tuple[float, float | None]:
+    """Peak memory of one call of ``fn`` above the tensors live before it (MiB), and the share of
+    the GPU time of one profiled call spent outside GEMM kernels (memory copies and sets count as
+    outside; None when the profiler saw no GPU activity)."""
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    fn()
+    torch.cuda.synchronize(device)
+    peak = (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    # CUDA activity only: CPU events are unused, and some peers make ~100k of them per call.
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as trace:
+        fn()
+        torch.cuda.synchronize(device)
+    total = gemm = 0.0
+    for event in trace.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            elapsed = event.time_range.elapsed_us()
+            total += elapsed
+            gemm += elapsed if is_gemm_kernel(event.name) else 0.0
+    return peak, (1 - gemm / total if total else None)
 
 
 def measure_ceilings(device: str = "cuda") -> Ceilings:
@@ -392,6 +459,7 @@ def _gemm_tflops(device: str) -> float:
 
 def run_case(
     case: Case,
+    suite: Suite,
     impls: list[Impl],
     ceilings: Ceilings | None,
     progress: Callable[[Case, Impl, Row | None], None],
@@ -410,7 +478,7 @@ def run_case(
     rows = []
     for impl in impls:
         progress(case, impl, None)
-        rows.append(_run_impl(case, impl, sets, pristine, reference, ceilings))
+        rows.append(_run_impl(case, suite, impl, sets, pristine, reference, ceilings))
         progress(case, impl, rows[-1])
         _release(device)
     add_speedups(rows)
@@ -418,11 +486,14 @@ def run_case(
 
 
 def _reference(case: Case, inputs: Inputs) -> Any:
+    if case.reference is not None:
+        return case.reference(clone_inputs(inputs))
     return _call(getattr(qwen_kernels, case.op), case.args, "torch", clone_inputs(inputs))
 
 
 def _run_impl(
     case: Case,
+    suite: Suite,
     impl: Impl,
     sets: list[Inputs],
     pristine: Inputs,
@@ -446,13 +517,18 @@ def _run_impl(
         )
         row.status = "ok" if ceilings else "ran"
         if ceilings:
-            fill_timing(row, measure(cycler(impl, sets)), ceilings)
+            call = cycler(impl, sets)
+            fill_timing(row, measure(call, suite.warmup_ms, suite.rep_ms), ceilings)
+            if suite.profile:
+                row.peak_mib, row.non_gemm_share = profile(call)
     except Exception as exc:  # a failing peer or kernel is reported, the suite goes on
         row.status, row.detail = "error", f"{type(exc).__name__}: {_first_line(exc)}"
         return row
-    if not row.rel_err <= REL_ERR_LIMIT:
+    if not row.rel_err <= case.rel_err_limit:
         row.status = "mismatch"
-        row.detail = f"relative error {row.rel_err:.3g} against {REFERENCE} (limit {REL_ERR_LIMIT})"
+        row.detail = (
+            f"relative error {row.rel_err:.3g} against {REFERENCE} (limit {case.rel_err_limit})"
+        )
     return row
 
 

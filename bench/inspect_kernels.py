@@ -577,7 +577,8 @@ def inspect(
 def benchmark_cases(scale: Scale | str, ops: Sequence[str] | None = None) -> list[Case]:
     """The benchmark suite's cases at ``scale`` (of ``ops``, or all)."""
     scale = SCALES[scale] if isinstance(scale, str) else scale
-    return [case for suite in SUITES for case in suite.cases(scale) if not ops or case.op in ops]
+    found = [case for suite in SUITES for case in suite.cases(scale) if case.op in REGISTRY]
+    return [case for case in found if not ops or case.op in ops]
 
 
 def summary(rows: Sequence[Row], cases: Sequence[Case] = ()) -> list[str]:

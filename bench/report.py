@@ -56,6 +56,17 @@ def _columns(report: Report, rows: list[Row]) -> list[Column]:
         (f"x {name}", lambda r, name=name: _num(r.speedup.get(name), ".2f"))
         for name in baselines(rows)
     ]
+    profiled: list[Column] = []
+    if any(r.peak_mib is not None for r in rows):
+        profiled = [
+            ("peak MiB", lambda r: _num(r.peak_mib, ".0f")),
+            (
+                "non-GEMM",
+                lambda r: _num(
+                    None if r.non_gemm_share is None else 100 * r.non_gemm_share, ".0f", "%"
+                ),
+            ),
+        ]
     return [
         *head,
         ("median ms", lambda r: _num(r.median_ms, ".4g")),
@@ -63,6 +74,7 @@ def _columns(report: Report, rows: list[Row]) -> list[Column]:
         ("GB/s", lambda r: _num(r.gbps, ".0f")),
         ("TFLOP/s", lambda r: _num(r.tflops, ".1f")),
         ("% of floor", lambda r: _num(r.pct_of_floor, ".0f", "%")),
+        *profiled,
         *speedups,
         ("status", lambda r: r.status if not r.detail else f"{r.status}: {r.detail}"),
     ]

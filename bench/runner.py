@@ -15,7 +15,6 @@ import torch
 
 from . import report as report_io
 from .harness import (
-    COMPILES_ON_FIRST_USE,
     Case,
     Ceilings,
     Impl,
@@ -111,19 +110,19 @@ def _run_all(
     ceilings: Ceilings | None,
     stream: TextIO,
 ) -> None:
-    plans = [(case, impls_for(case, suite, device)) for suite, case in work]
-    progress = Progress(sum(len(impls) for _, impls in plans), stream)
+    plans = [(suite, case, impls_for(case, suite, device)) for suite, case in work]
+    progress = Progress(sum(len(impls) for _, _, impls in plans), stream)
     rows: list[list[Row]] = [[] for _ in plans]
     try:
         # Implementations that compile on first use go last, over all cases: a run stopped by
         # its time limit then loses peer rows, not ours.
         for compiling in (False, True):
-            for case_rows, (case, impls) in zip(rows, plans, strict=True):
-                chosen = [
-                    impl for impl in impls if (impl.name in COMPILES_ON_FIRST_USE) == compiling
-                ]
+            for case_rows, (suite, case, impls) in zip(rows, plans, strict=True):
+                chosen = [impl for impl in impls if impl.compiles == compiling]
                 if chosen:
-                    case_rows += _run_or_report(case, chosen, ceilings, progress, device, stream)
+                    case_rows += _run_or_report(
+                        case, suite, chosen, ceilings, progress, device, stream
+                    )
     except Interrupted:
         report.complete = False
         done = sum(len(case_rows) for case_rows in rows)
@@ -136,6 +135,7 @@ def _run_all(
 
 def _run_or_report(
     case: Case,
+    suite: Suite,
     impls: list[Impl],
     ceilings: Ceilings | None,
     progress: Progress,
@@ -143,7 +143,7 @@ def _run_or_report(
     stream: TextIO,
 ) -> list[Row]:
     try:
-        return run_case(case, impls, ceilings, progress, device)
+        return run_case(case, suite, impls, ceilings, progress, device)
     except Exception as exc:  # building the inputs or the reference failed: report, go on
         print(f"case failed: {type(exc).__name__}: {exc}", file=stream)
         detail = f"case setup failed: {type(exc).__name__}: {exc}"

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import qwen_kernels
+from bench.harness import rel_err
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -18,14 +19,6 @@ def randn(
 ) -> torch.Tensor:
     """Seeded normal values (never zeros or ones), cast to ``dtype``."""
     return (torch.randn(*shape, generator=gen) * scale).to(dtype)
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """``||out - ref|| / ||ref||`` in fp64; inf when out has NaN/inf where ref is finite."""
-    out64, ref64 = out.detach().double(), ref.detach().double()
-    if not torch.isfinite(out64).all():
-        return float("inf")
-    return float((out64 - ref64).norm() / ref64.norm().clamp_min(1e-30))
 
 
 def max_abs_err(out: torch.Tensor, ref: torch.Tensor) -> float:

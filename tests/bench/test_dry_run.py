@@ -30,7 +30,17 @@ TOP_KEYS = {
 }
 ROW_KEYS = {f.name for f in dataclasses.fields(harness.Row)}
 CASE_KEYS = {f.name for f in dataclasses.fields(harness.CaseCheck)}
-TIMING_KEYS = ("median_ms", "p20_ms", "p80_ms", "gbps", "tflops", "floor_ms", "pct_of_floor")
+TIMING_KEYS = (
+    "median_ms",
+    "p20_ms",
+    "p80_ms",
+    "gbps",
+    "tflops",
+    "floor_ms",
+    "pct_of_floor",
+    "peak_mib",
+    "non_gemm_share",
+)
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +86,7 @@ def test_results_follow_the_schema_and_claim_no_timing(dry_run):
 def test_every_op_is_benchmarked(dry_run):
     _, results, _, _ = dry_run
     benched = set(suites.benched_ops())
-    assert benched | set(suites.NOT_BENCHED) == set(REGISTRY)
+    assert benched | set(suites.NOT_BENCHED) == set(REGISTRY) | {"encoder"}
     assert {row["op"] for row in results["rows"]} == benched
     assert {case["op"] for case in results["cases"] if case["scale"] == "full"} == benched
     reference_rows = {(r["op"], r["case"]) for r in results["rows"] if r["impl"] == "qwen/torch"}
@@ -105,6 +115,16 @@ def test_byte_and_flop_counts_equal_an_independent_count(dry_run):
     assert norm["bytes"] == 2 * 1024 * 1280 * 2 + 1280 * 2
     fused = _case(results, "rms_norm_swiglu", "T=4k")
     assert fused["flops"] == 2 * 4096 * 1280 * 6840
+    # The 7B tower on the image: per block qkv, proj, gate, up and down; the patch embedding;
+    # the merger's two matrices on a quarter of the rows; QK^T and PV of 28 window blocks and of
+    # 4 blocks over the whole frame.
+    hidden, inter, merged, out = 1280, 3420, 4 * 1280, 3584
+    block = 3 * hidden * hidden + hidden * hidden + 3 * hidden * inter
+    matrices = 2 * tokens * (32 * block + hidden * 3 * 2 * 14 * 14)
+    matrices += 2 * (tokens // 4) * (merged * merged + out * merged)
+    squares = 28 * (88 * 64**2 + 19 * 32**2 + 16**2) + 4 * tokens**2
+    encoder = _case(results, "encoder", "image-1288x952")
+    assert encoder["flops"] == matrices + 4 * hidden * squares
 
 
 def test_markdown_has_every_op_and_no_times(dry_run):
@@ -148,14 +168,14 @@ def test_cli_rejects_an_unknown_op(tmp_path, capsys):
 def test_peers_that_compile_run_after_everything_else(monkeypatch):
     calls = []
 
-    def record(case, impls, ceilings, progress, device, stream):
-        calls.extend(impl.name for impl in impls)
+    def record(case, suite, impls, ceilings, progress, device, stream):
+        calls.extend(impls)
         return []
 
     monkeypatch.setattr(runner, "_run_or_report", record)
     work = runner._cases(suites.select(None), TINY)
     report = runner._new_report("dry-run", TINY, "test", None)
     runner._run_all(report, work, "cuda", None, io.StringIO())
-    compiling = [name in harness.COMPILES_ON_FIRST_USE for name in calls]
+    compiling = [impl.compiles for impl in calls]
     assert any(compiling) and not all(compiling)
     assert compiling == sorted(compiling), "a compiling peer ran before an uncompiled row"

@@ -1,6 +1,7 @@
 """The timed path of the harness and the report writers, driven by a stub clock: this checks the
 arithmetic (bandwidth, floor, speedups) and the files, never a real timing."""
 
+import dataclasses
 import json
 
 import pytest
@@ -17,7 +18,7 @@ def fake_measure(times):
     """A stand-in for do_bench: each implementation takes the next of ``times`` (ms)."""
     queue = iter(times)
 
-    def measure(fn):
+    def measure(fn, warmup_ms, rep_ms):
         fn()
         median = next(queue)
         return median, 0.9 * median, 1.1 * median
@@ -31,7 +32,7 @@ def timed_rows(monkeypatch):
     impls = [i for i in harness.impls_for(case, SUITE, "cpu") if i.cpu and not i.missing]
     monkeypatch.setattr(harness, "measure", fake_measure([2.0, 1.0, 4.0, 8.0][: len(impls)]))
     monkeypatch.setattr(harness, "l2_bytes", lambda: 1 << 20)
-    rows = harness.run_case(case, impls, CEILINGS, lambda *args: None, device="cpu")
+    rows = harness.run_case(case, SUITE, impls, CEILINGS, lambda *args: None, device="cpu")
     return case, rows
 
 
@@ -119,3 +120,22 @@ def test_non_finite_numbers_become_null():
     )
     result = harness.Report("dry-run", False, "", "tiny", "", "", {}, {}, None, rows=[row])
     assert report.to_dict(result)["rows"][0]["rel_err"] is None
+
+
+def test_profiled_suites_add_memory_and_non_gemm_columns(monkeypatch, tmp_path):
+    """A suite with ``profile`` gets each timed row's peak memory and non-GEMM share (from a stub
+    profiler here), and the tables show them; other suites' tables do not."""
+    profiled = dataclasses.replace(SUITE, profile=True)
+    case = next(c for c in profiled.cases(TINY) if c.op == "rms_norm")
+    impls = [i for i in harness.impls_for(case, profiled, "cpu") if i.cpu and not i.missing][:2]
+    monkeypatch.setattr(harness, "measure", fake_measure([2.0, 1.0]))
+    monkeypatch.setattr(harness, "profile", lambda fn: (12.0, 0.25))
+    monkeypatch.setattr(harness, "l2_bytes", lambda: 1 << 20)
+    rows = harness.run_case(case, profiled, impls, CEILINGS, lambda *args: None, device="cpu")
+    assert [(r.peak_mib, r.non_gemm_share) for r in rows] == [(12.0, 0.25)] * 2
+    result = harness.Report("gpu", True, "", "tiny", "", "", {}, {}, CEILINGS, rows=rows)
+    assert "| peak MiB | non-GEMM |" in report.markdown(result)
+    assert "| 12 | 25% |" in report.markdown(result)
+    for row in rows:
+        row.peak_mib = row.non_gemm_share = None
+    assert "peak MiB" not in report.markdown(result)
