@@ -27,7 +27,7 @@ import re
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,7 @@ import torch
 
 from qwen_kernels._backends import REGISTRY
 from qwen_kernels.ops._define import prepared
+from qwen_kernels.triton_kernels._common import Launch, recorded_launches
 
 from .harness import Case, Maker
 from .shapes import SCALES, Scale
@@ -227,38 +228,12 @@ def _occupancy(warps: int | None, registers: int, shared_bytes: int) -> dict[str
 # Triton
 
 
-@dataclass
-class Launch:
-    """One captured Triton launch: the kernel and its arguments as the launcher passed them."""
-
-    kernel: Any  # triton.runtime.jit.JITFunction
-    args: tuple
-    kwargs: dict
-
-
-@contextlib.contextmanager
-def captured_launches() -> Iterator[list[Launch]]:
-    """Inside the block, Triton kernel launches are recorded instead of run."""
-    from triton.runtime.jit import JITFunction
-
-    launches: list[Launch] = []
-    original = JITFunction.run
-
-    def record(self, *args, grid, warmup, **kwargs):
-        launches.append(Launch(self, args, dict(kwargs)))
-
-    JITFunction.run = record
-    try:
-        yield launches
-    finally:
-        JITFunction.run = original
-
-
 @dataclass(frozen=True)
 class Specialised:
-    """A launch specialised for one arch as the JIT would (Triton's own argument binder: dtypes,
-    divisibility by 16, integer constants): ``key`` is everything that decides the code, as the
-    JIT's cache key; ``variant`` says it briefly for the report."""
+    """A launch specialised for one arch as Triton's JIT specialises arguments by default (types
+    from ``triton.runtime.jit.mangle_type``, which makes an integer 1 and None constants;
+    pointers and integers divisible by 16 marked so): ``key`` is everything that decides the
+    code, ``variant`` says it briefly for the report."""
 
     key: tuple
     variant: str
@@ -267,40 +242,51 @@ class Specialised:
     options: dict
 
 
+def _divisible_by_16(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return value.data_ptr() % 16 == 0  # 0 for meta tensors, as for fresh allocations
+    return isinstance(value, int) and not isinstance(value, bool) and value % 16 == 0
+
+
 def specialise(launch: Launch, arch: str) -> Specialised:
     """``launch`` as the JIT would compile it for ``arch`` (e.g. "9.0a")."""
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource, make_backend
-    from triton.runtime.jit import create_function_from_signature
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import mangle_type
 
-    major, minor = _capability(arch)
-    target = GPUTarget("cuda", major * 10 + minor, 32)
-    backend = make_backend(target)
     fn = launch.kernel
-    binder = create_function_from_signature(fn.signature, fn.params, backend)
-    bound, specialization, options = binder(*launch.args, **launch.kwargs)
-    options, signature, constexprs, attrs = fn._pack_args(
-        backend, launch.kwargs, bound, specialization, options
-    )
-    names = [p.name for p in fn.params]
-    shown = [f"{names[path[0]]}={value}" for path, value in constexprs.items() if len(path) == 1]
-    aligned = [names[path[0]] for path, attr in attrs.items() if len(path) == 1 and attr]
+    values = dict(zip((p.name for p in fn.params), launch.args, strict=False)) | launch.kwargs
+    signature, constexprs, attrs, shown, aligned = {}, {}, {}, [], []
+    for index, param in enumerate(fn.params):
+        value = values.get(param.name, param.default)
+        kind = (
+            "constexpr" if param.is_constexpr else mangle_type(value, not param.do_not_specialize)
+        )
+        signature[param.name] = kind
+        if kind == "constexpr":
+            constexprs[(index,)] = value
+            shown.append(f"{param.name}={value}")
+        elif not param.do_not_specialize_on_alignment and _divisible_by_16(value):
+            attrs[(index,)] = [["tt.divisibility", 16]]
+            aligned.append(param.name)
+    options = dict(launch.options)
     variant = ", ".join(
-        [*shown, f"num_warps={options.num_warps}", f"num_stages={options.num_stages}"]
+        [*shown, *(f"{k}={v}" for k, v in options.items() if k != "enable_fp_fusion")]
     )
     if aligned:
         variant += f"; 16-divisible: {', '.join(aligned)}"
-    if not options.enable_fp_fusion:
+    if not options.get("enable_fp_fusion", True):
         variant += "; no fp fusion"
+    major, minor = _capability(arch)
     key = (fn.__name__, arch, tuple(signature.items()), variant)
     source = ASTSource(fn, signature, constexprs, attrs)
-    return Specialised(key, variant, source, target, options.__dict__)
+    return Specialised(key, variant, source, GPUTarget("cuda", major * 10 + minor, 32), options)
 
 
 def launches_of(op: str, args: Sequence[Any]) -> list[Launch]:
     """The Triton launches the "triton" backend of ``op`` makes for ``args`` (not run)."""
     impl = REGISTRY[op]._load("triton")
-    with captured_launches() as launches:
+    with recorded_launches() as launches:
         impl(*prepared(op, args))
     return launches
 

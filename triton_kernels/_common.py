@@ -14,6 +14,8 @@ import contextvars
 import functools
 import itertools
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import triton
@@ -119,6 +121,49 @@ def launch_arch(device: torch.device) -> Arch:
     if device.type == "cuda":
         return torch.cuda.get_device_capability(device)
     return None
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch as a launcher makes it: the kernel, the grid, the arguments (by position
+    and by name, runtime values and constexprs alike) and Triton's launch options
+    (``num_warps``, ``num_stages``, ``enable_fp_fusion``)."""
+
+    kernel: Any  # triton.runtime.jit.JITFunction
+    grid: tuple[int, ...]
+    args: tuple
+    kwargs: dict[str, Any]
+    options: dict[str, Any]
+
+
+LAUNCH_OPTIONS = ("num_warps", "num_stages", "enable_fp_fusion")
+_RECORDING: contextvars.ContextVar[list[Launch] | None] = contextvars.ContextVar(
+    "recorded_launches", default=None
+)
+
+
+def launch(kernel: Any, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> None:
+    """``kernel[grid](*args, **kwargs)``: every launcher launches through here, so that inside
+    ``recorded_launches`` the launches are recorded instead of run."""
+    recording = _RECORDING.get()
+    if recording is None:
+        kernel[grid](*args, **kwargs)
+        return
+    options = {name: kwargs.pop(name) for name in LAUNCH_OPTIONS if name in kwargs}
+    recording.append(Launch(kernel, grid, args, kwargs, options))
+
+
+@contextlib.contextmanager
+def recorded_launches() -> Iterator[list[Launch]]:
+    """Inside the block, launchers record their launches in the list yielded and run nothing:
+    what ``qwen-kernels inspect`` compiles offline, with exactly the arguments and options the
+    launcher chose."""
+    launches: list[Launch] = []
+    token = _RECORDING.set(launches)
+    try:
+        yield launches
+    finally:
+        _RECORDING.reset(token)
 
 
 def vector_alignment(itemsize: int, *offsets: int) -> int:

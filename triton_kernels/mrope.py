@@ -27,6 +27,7 @@ import triton.language as tl
 from ._common import (
     Arch,
     band_bounds,
+    launch,
     launch_arch,
     needs_constexpr_trip_counts,
     num_warps_for,
@@ -257,7 +258,9 @@ def _launch(
     head_tiles = 0
     if config.constexpr_trips:
         head_tiles = triton.cdiv(max(q_heads, k.shape[2]), config.block_heads)
-    _mrope_kernel[grid](
+    launch(
+        _mrope_kernel,
+        grid,
         q,
         k,
         q_out,

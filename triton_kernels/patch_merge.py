@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import Arch, as_rows, launch_arch, num_warps_for, round_to
+from ._common import Arch, as_rows, launch, launch_arch, num_warps_for, round_to
 
 # Elements one program aims to hold: many short tokens per program, 4 long ones (4 x 1280 -> a
 # [4, 2048] tile: one 2x2 unit of the tower) together.
@@ -115,7 +115,9 @@ def patch_merge(
     index = unit_index.contiguous() if unit_index is not None else x_rows
     config = patch_merge_config(n_cols, launch_arch(x.device))
     grid = (triton.cdiv(n_out_units * unit, config.rows),)
-    _patch_merge_kernel[grid](
+    launch(
+        _patch_merge_kernel,
+        grid,
         x_rows,
         weight.contiguous(),
         index,

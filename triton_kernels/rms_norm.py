@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import Arch, as_rows, launch_arch, num_warps_for, round_to
+from ._common import Arch, as_rows, launch, launch_arch, num_warps_for, round_to
 
 # Elements one program aims to hold: several short rows per program, one long row alone.
 _ELEMENTS_PER_PROGRAM = 4096
@@ -91,7 +91,9 @@ def _launch(
     n_rows, n_cols = x_rows.shape
     config = rms_norm_config(n_cols, launch_arch(x.device))
     grid = (triton.cdiv(n_rows, config.rows),)
-    _rms_norm_kernel[grid](
+    launch(
+        _rms_norm_kernel,
+        grid,
         x_rows,
         residual_rows,
         weight,

@@ -17,7 +17,7 @@ import triton.language as tl
 
 from qwen_kernels.ops.rms_norm_swiglu import fold_norm_weight
 
-from ._common import Arch, as_rows, launch_arch, round_to
+from ._common import Arch, as_rows, launch, launch_arch, round_to
 
 
 @dataclass(frozen=True)
@@ -129,7 +129,9 @@ def rms_norm_swiglu(
     config = gemm_config(n_in, launch_arch(x.device))
     bias = gate_up_bias.contiguous() if gate_up_bias is not None else None
     grid = (triton.cdiv(n_rows, config.block_m), triton.cdiv(n_out, config.block_n))
-    _rms_norm_swiglu_kernel[grid](
+    launch(
+        _rms_norm_swiglu_kernel,
+        grid,
         rows,
         folded,
         folded[n_out:],

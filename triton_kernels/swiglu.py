@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import Arch, as_rows, launch_arch, round_to, vector_alignment
+from ._common import Arch, as_rows, launch, launch_arch, round_to, vector_alignment
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,9 @@ def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     config = swiglu_config(n_cols, launch_arch(gate_up.device))
     grid = (n_rows, triton.cdiv(n_cols, config.block))
     align = vector_alignment(rows.element_size(), n_cols, rows.stride(0))
-    _swiglu_kernel[grid](
+    launch(
+        _swiglu_kernel,
+        grid,
         rows,
         out,
         n_cols // align,

@@ -40,6 +40,7 @@ from ._common import (
     INTERPRETING,
     Arch,
     band_bounds,
+    launch,
     launch_arch,
     needs_constexpr_trip_counts,
     round_to,
@@ -567,7 +568,9 @@ def _rotate_qk(
     positions, inv_freq, stride_pa, stride_pt, bands = _rotary_args(rotary, head_dim)
     d_main, d_tail = head_dim_blocks(head_dim)
     config = rotate_config(head_dim, launch_arch(q.device))
-    _rotate_qk_kernel[(triton.cdiv(tokens, config.block_tokens), heads)](
+    launch(
+        _rotate_qk_kernel,
+        (triton.cdiv(tokens, config.block_tokens), heads),
         q,
         k,
         out,
@@ -625,7 +628,9 @@ def _launch(
     if rotary is not None:
         positions, inv_freq, stride_pa, stride_pt, bands = _rotary_args(rotary, head_dim)
     grid = ((cu_seqlens.shape[0] - 1) * m_blocks, heads // config.heads_per_program)
-    _window_attn_kernel[grid](
+    launch(
+        _window_attn_kernel,
+        grid,
         q,
         k,
         v,
