@@ -22,6 +22,12 @@
 #   QK_CUDA_ARCHS               archs to build (default: the visible GPU's only, for a short build)
 #   QK_GPU_CHECK_CPU_TESTS=1    run the tests even without a GPU (skipped otherwise); without a
 #                               GPU the benchmark steps are CPU dry runs
+#   QK_GPU_CHECK_DRY_RUN=1      run nothing: print and record the plan, every step taking its
+#                               whole limit (the worst case), to show the order and the budget
+#
+# Budget: each step has a cap (the most it may take) and a floor (the least it is promised);
+# a step never runs into the floors of the steps after it, so a step that ends early leaves its
+# time to the later ones, and the floors add up to the whole budget.
 set -uo pipefail
 
 if [[ $# -ne 1 ]]; then
@@ -34,11 +40,30 @@ cd "$ROOT" || exit 2
 
 export PYTHON=${PYTHON:-python3}
 BUDGET=${QK_GPU_CHECK_BUDGET:-420}
-START=$(date +%s)
-DEADLINE=$((START + BUDGET))
+DRY_RUN=${QK_GPU_CHECK_DRY_RUN:-0}
 STEPS="$OUT/steps.tsv"
 : >"$STEPS"
 LAST_STATUS=
+
+# The steps in the order they run, by value, with their floors in seconds (adding up to 420).
+ORDER=(gpu build info tests heart memcheck racecheck bench)
+declare -A FLOOR=([gpu]=20 [build]=145 [info]=15 [tests]=80 [heart]=70 [memcheck]=30
+    [racecheck]=30 [bench]=30)
+
+CLOCK=$(date +%s)  # advanced by each step's limit in a dry run
+now() { if ((DRY_RUN)); then echo "$CLOCK"; else date +%s; fi; }
+START=$(now)
+DEADLINE=$((START + BUDGET))
+
+floors_after() {  # NAME: the seconds promised to the steps after NAME, scaled to the budget
+    local name total=0 after=0 later=0
+    for name in "${ORDER[@]}"; do
+        total=$((total + FLOOR[$name]))
+        ((later)) && after=$((after + FLOOR[$name]))
+        [[ $name == "$1" ]] && later=1
+    done
+    echo $((after * BUDGET / total))
+}
 
 record() {  # NAME STATUS EXIT_CODE SECONDS LIMIT DETAIL
     printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$@" >>"$STEPS"
@@ -50,17 +75,25 @@ skip_step() {  # NAME REASON
     record "$1" skip - 0 0 "$2"
 }
 
-# run_step NAME CAP RESERVE COMMAND...: run COMMAND with its output in logs/NAME.log, for at most
-# CAP seconds and never into the last RESERVE seconds of the budget (kept for the later steps).
+# run_step NAME CAP COMMAND...: run COMMAND with its output in logs/NAME.log, for at most CAP
+# seconds and never into the floors of the later steps.
 run_step() {
-    local name=$1 cap=$2 reserve=$3
-    shift 3
-    local left=$((DEADLINE - reserve - $(date +%s)))
+    local name=$1 cap=$2
+    shift 2
+    local reserve
+    reserve=$(floors_after "$name")
+    local left=$((DEADLINE - reserve - $(now)))
     local limit=$((cap < left ? cap : left))
     if ((limit < 10)); then  # out of time: reported as a timeout, never as a pass
         echo "== $name: not started, the ${BUDGET}s budget is spent"
         record "$name" timeout - 0 0 \
             "not started: the ${BUDGET}s budget is spent (${reserve}s kept for later steps)"
+        return
+    fi
+    if ((DRY_RUN)); then
+        echo "== $name (limit ${limit}s, cap ${cap}s, ${reserve}s kept for later steps): $*"
+        CLOCK=$((CLOCK + limit))
+        record "$name" plan - "$limit" "$limit" "$*"
         return
     fi
     echo "== $name (limit ${limit}s): $*"
@@ -111,22 +144,22 @@ find_sanitizer() {
 
 # Steps by value: a run cut short keeps the results that matter most. Each step writes its own
 # results when it ends.
-run_step gpu 60 0 bash -c probe_gpu
+run_step gpu 60 bash -c probe_gpu
 HAVE_GPU=0
-[[ $LAST_STATUS == pass ]] && HAVE_GPU=1
+[[ $LAST_STATUS == pass || $LAST_STATUS == plan ]] && HAVE_GPU=1
 
-if ((HAVE_GPU)) && [[ -z ${QK_CUDA_ARCHS:-} ]]; then
+if ((HAVE_GPU && !DRY_RUN)) && [[ -z ${QK_CUDA_ARCHS:-} ]]; then
     QK_CUDA_ARCHS=$(gpu_arch) && export QK_CUDA_ARCHS
 fi
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
-run_step build 200 180 "$PYTHON" -m pip install --no-build-isolation --no-deps --no-index -e .
-run_step info 30 180 "$PYTHON" -m qwen_kernels info
+run_step build 240 "$PYTHON" -m pip install --no-build-isolation --no-deps --no-index -e .
+run_step info 30 "$PYTHON" -m qwen_kernels info
 
 # The GPU tests of the ops and the encoder, stopping at the first failure.
 if ((HAVE_GPU)) || [[ ${QK_GPU_CHECK_CPU_TESTS:-0} == 1 ]]; then
     PARALLEL=()  # pytest-xdist, where installed; loadfile keeps module fixtures on one worker
     if "$PYTHON" -c "import xdist" 2>/dev/null; then PARALLEL=(-n 4 --dist loadfile); fi
-    CUBLAS_WORKSPACE_CONFIG=:4096:8 STEP_SIGNAL=INT run_step tests 150 120 "$PYTHON" -m pytest \
+    CUBLAS_WORKSPACE_CONFIG=:4096:8 STEP_SIGNAL=INT run_step tests 180 "$PYTHON" -m pytest \
         -x -q -p no:cacheprovider --durations=25 "${PARALLEL[@]}" --junitxml="$OUT/junit.xml" \
         tests/ops tests/model
 else
@@ -137,30 +170,30 @@ fi
 # the encoder end to end against transformers.
 BENCH_MODE=(--quick)
 ((HAVE_GPU)) || BENCH_MODE=(--dry-run)
-run_step heart 150 60 "$PYTHON" -m qwen_kernels bench "${BENCH_MODE[@]}" --op window_attn \
+run_step heart 150 "$PYTHON" -m qwen_kernels bench "${BENCH_MODE[@]}" --op window_attn \
     --op encoder --out "$OUT/bench-heart"
 
 SANITIZER=$(find_sanitizer)
-KERNELS=$("$PYTHON" -m bench.sanitize_cases --list 2>/dev/null)
-declare -A LEAVE=([memcheck]=45 [racecheck]=30)  # seconds kept for the steps after each
+KERNELS=planned
+((DRY_RUN)) || KERNELS=$("$PYTHON" -m bench.sanitize_cases --list 2>/dev/null)
 for tool in memcheck racecheck; do
     if ((!HAVE_GPU)); then
         skip_step "$tool" "no CUDA GPU"
-    elif [[ -z $SANITIZER ]]; then
+    elif [[ -z $SANITIZER ]] && ((!DRY_RUN)); then
         skip_step "$tool" "compute-sanitizer not found (PATH, CUDA_HOME, /usr/local/cuda)"
     elif [[ -z $KERNELS ]]; then
         skip_step "$tool" "no op has a CUDA kernel yet (or the package failed to import)"
     else
         # Without the caching allocator every tensor is its own allocation, so memcheck sees
         # accesses past a tensor's end.
-        run_step "$tool" 60 "${LEAVE[$tool]}" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
-            "$SANITIZER" --tool "$tool" --error-exitcode 99 --print-limit 50 \
+        run_step "$tool" 60 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+            "${SANITIZER:-compute-sanitizer}" --tool "$tool" --error-exitcode 99 --print-limit 50 \
             "$PYTHON" -m bench.sanitize_cases
     fi
 done
 
 # The other ops, quick: the other benchmark files, and the fused op of the attention file.
-run_step bench 120 0 "$PYTHON" -m qwen_kernels bench "${BENCH_MODE[@]}" --op norm_swiglu \
+run_step bench 120 "$PYTHON" -m qwen_kernels bench "${BENCH_MODE[@]}" --op norm_swiglu \
     --op patch_merge --op mrope --op window_attn_rope --out "$OUT/bench"
 
 "$PYTHON" bench/gpu_check_report.py "$OUT" --started "$START" --budget "$BUDGET"

@@ -5,9 +5,9 @@
 Reads OUT_DIR/steps.tsv (one line per step: name, status, exit code, seconds, limit, command or
 reason) and the logs in OUT_DIR/logs/, and writes OUT_DIR/report.json and OUT_DIR/report.md:
 every step's status, duration and the tail of its log, the test counts from OUT_DIR/junit.xml and
-the benchmark summary from OUT_DIR/bench/results.json when they exist. Standard library only, so
-that it runs when the build or the torch install is broken. Exit status 0 when every step passed
-or was skipped, 1 otherwise.
+the summaries of the benchmark runs (OUT_DIR/bench-heart, OUT_DIR/bench) when they exist.
+Standard library only, so that it runs when the build or the torch install is broken. Exit status
+0 when every step passed or was skipped (or, in a dry run, was planned), 1 otherwise.
 """
 
 from __future__ import annotations
@@ -15,7 +15,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
 import json
+import subprocess
 import sys
 import time
 import xml.etree.ElementTree as ET
@@ -33,7 +35,7 @@ class Step:
     """One step of the check as gpu_check.sh recorded it."""
 
     name: str
-    status: str  # pass | fail | timeout | skip
+    status: str  # pass | fail | timeout | skip | plan (a dry run)
     exit_code: int | None
     seconds: int
     limit: int
@@ -93,11 +95,11 @@ def junit_summary(path: Path) -> dict[str, Any] | None:
     return {**counts, "failed": failed[:FAILED_TESTS_SHOWN], "failed_total": len(failed)}
 
 
-def bench_summary(out: Path) -> dict[str, Any] | None:
-    """Mode, GPU and row counts by status of the benchmark results in ``out``/bench."""
-    path = out / "bench" / "results.json"
-    if not path.exists():
-        return None
+BENCH_DIRS = ("bench-heart", "bench")  # the check's benchmark steps, in the order they run
+
+
+def bench_summary(path: Path, out: Path) -> dict[str, Any]:
+    """Mode, GPU and row counts by status of the benchmark results at ``path``."""
     try:
         results = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
@@ -114,23 +116,47 @@ def bench_summary(out: Path) -> dict[str, Any] | None:
 
 
 def overall(steps: list[Step]) -> str:
-    """ "pass" when every step passed or was skipped, else "fail"."""
+    """ "plan" for a dry run, "pass" when every step passed or was skipped, else "fail"."""
+    if steps and all(s.status in ("plan", "skip") for s in steps):
+        return "plan"
     return "pass" if steps and all(s.status in ("pass", "skip") for s in steps) else "fail"
+
+
+def source_commit() -> str | None:
+    """The checkout's commit, "+dirty" when it has changes; None outside a git checkout."""
+    try:
+        run = functools.partial(
+            subprocess.run, capture_output=True, text=True, check=True, timeout=30
+        )
+        commit = run(["git", "rev-parse", "HEAD"]).stdout.strip()
+        dirty = run(["git", "status", "--porcelain", "--untracked-files=no"]).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("+dirty" if dirty else "")
 
 
 def build_report(out: Path, started: float | None, budget: int | None) -> dict[str, Any]:
     """Everything report.json holds."""
     steps = read_steps(out)
+    status = overall(steps)
     now = time.time()
+    seconds = sum(s.seconds for s in steps)  # a dry run's plan, or a check without its start
+    if started and status != "plan":
+        seconds = round(now - started)
     return {
-        "status": overall(steps),
+        "status": status,
         "started": _iso(started) if started else None,
         "finished": _iso(now),
-        "seconds": round(now - started) if started else sum(s.seconds for s in steps),
+        "seconds": seconds,
         "budget_seconds": budget,
+        "commit": source_commit(),
         "steps": [dataclasses.asdict(s) for s in steps],
         "tests": junit_summary(out / "junit.xml"),
-        "bench": bench_summary(out),
+        "bench": {
+            name: bench_summary(out / name / "results.json", out)
+            for name in BENCH_DIRS
+            if (out / name / "results.json").exists()
+        },
     }
 
 
@@ -146,7 +172,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"# GPU check: {report['status'].upper()}",
         "",
         f"Started {report['started']}, finished {report['finished']}, "
-        f"{report['seconds']} s (budget {report['budget_seconds']} s).",
+        f"{report['seconds']} s (budget {report['budget_seconds']} s), "
+        f"commit {report['commit'] or 'unknown'}.",
         "",
         "| step | status | exit | seconds | limit | command or reason |",
         "| --- | --- | --- | --- | --- | --- |",
@@ -199,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     for step in report["steps"]:
         print(f"{step['name']:<10} {step['status']:<8} {step['seconds']:>4} s")
     print(f"GPU check: {report['status']} -> {args.out / 'report.md'}")
-    return 0 if report["status"] == "pass" else 1
+    return 0 if report["status"] in ("pass", "plan") else 1
 
 
 if __name__ == "__main__":

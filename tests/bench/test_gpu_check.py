@@ -1,8 +1,10 @@
 """The GPU check's script and its report, exercised without a GPU."""
 
 import json
+import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -25,6 +27,36 @@ def test_script_parses():
     subprocess.run(["bash", "-n", str(SCRIPT)], check=True)
 
 
+STEP_ORDER = ["gpu", "build", "info", "tests", "heart", "memcheck", "racecheck", "bench"]
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+@pytest.mark.parametrize("budget", [420, 300])
+def test_dry_run_shows_the_step_order_within_the_budget(tmp_path, budget):
+    env = {
+        **os.environ,
+        "PYTHON": sys.executable,
+        "QK_GPU_CHECK_DRY_RUN": "1",
+        "QK_GPU_CHECK_BUDGET": str(budget),
+    }
+    run = subprocess.run(
+        ["bash", str(SCRIPT), str(tmp_path)], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["status"] == "plan"
+    assert [s["name"] for s in report["steps"]] == STEP_ORDER
+    assert all(s["status"] == "plan" for s in report["steps"])
+    # Worst case: every step takes its whole limit; each still gets time and the sum fits.
+    limits = [s["limit"] for s in report["steps"]]
+    assert min(limits) >= 10, limits
+    assert budget - len(limits) <= sum(limits) <= budget
+    assert report["seconds"] == sum(limits)
+    assert not list((tmp_path / "logs").iterdir()), "a dry run ran a step"
+    for name in STEP_ORDER:
+        assert f"== {name} (limit" in run.stdout
+
+
 def _fake_check(out: Path) -> None:
     (out / "logs").mkdir(parents=True)
     steps = [
@@ -36,8 +68,8 @@ def _fake_check(out: Path) -> None:
     (out / "steps.tsv").write_text("".join("\t".join(s) + "\n" for s in steps))
     (out / "logs" / "tests.log").write_text("".join(f"line {i}\n" for i in range(100)))
     (out / "junit.xml").write_text(JUNIT)
-    (out / "bench").mkdir()
-    (out / "bench" / "results.json").write_text(
+    (out / "bench-heart").mkdir()
+    (out / "bench-heart" / "results.json").write_text(
         json.dumps(
             {
                 "mode": "gpu",
@@ -62,7 +94,8 @@ def test_report_lists_every_step_with_its_log_tail(tmp_path):
     assert report["steps"][2]["exit_code"] is None
     assert report["tests"]["failed"] == ["tests.ops.test_rms_norm::test_bad"]
     assert (report["tests"]["tests"], report["tests"]["skipped"]) == (3, 1)
-    assert report["bench"]["rows"] == {"ok": 2, "skipped": 1}
+    assert report["bench"]["bench-heart"]["rows"] == {"ok": 2, "skipped": 1}
+    assert "bench" not in report["bench"]
     markdown = (tmp_path / "report.md").read_text()
     assert markdown.startswith("# GPU check: FAIL")
     for name in ("gpu", "tests", "memcheck", "bench", "test_bad"):
