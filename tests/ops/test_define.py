@@ -122,3 +122,28 @@ def test_triton_launchers_run_on_the_inputs_device(monkeypatch):
         table._load("triton").__wrapped__
         is importlib.import_module("qwen_kernels.triton_kernels.swiglu").swiglu
     )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("op", sorted(REGISTRY))
+def test_checks_off_never_sync(op, backend):
+    """Inside skip_value_checks() no op makes a host sync (sync debug mode "error"), on each
+    series' tiny case of the benchmarks."""
+    from bench.harness import Maker
+    from bench.sanitize_cases import cases_for
+
+    if backend not in REGISTRY[op].usable("cuda"):
+        pytest.skip(f"{op} has no usable {backend} kernel here")
+    public = getattr(qwen_kernels, op)
+    for case in cases_for(op):
+        inputs = case.build(Maker("cuda", seed=0))
+        args = [inputs[name] for name in case.args]
+        public(*args, backend=backend)  # resolve outside the check
+        previous = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            with qwen_kernels.skip_value_checks():
+                public(*args, backend=backend)
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)

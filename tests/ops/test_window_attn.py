@@ -580,22 +580,6 @@ def test_direct_call_captured_in_a_cuda_graph_replays_like_eager(gen, backend):
     assert torch.equal(captured, eager)
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
-def test_checks_off_never_sync(gen, backend):
-    """Inside skip_value_checks() a call makes no host sync (sync debug mode "error")."""
-    cu = cu_seqlens_of(WINDOW_LENGTHS).cuda()
-    q, k, v = (t.cuda() for t in random_qkv(gen, int(cu[-1]), 2, 80, torch.bfloat16))
-    qwen_kernels.window_attn(q, k, v, cu, 64, backend=backend)  # resolve outside the check
-    previous = torch.cuda.get_sync_debug_mode()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        with qwen_kernels.skip_value_checks():
-            qwen_kernels.window_attn(q, k, v, cu, 64, backend=backend)
-    finally:
-        torch.cuda.set_sync_debug_mode(previous)
-
-
 @pytest.mark.parametrize(("backend", "device"), targets("window_attn", with_reference=True))
 @pytest.mark.parametrize(
     ("bounds", "max_seqlen", "defined"),
