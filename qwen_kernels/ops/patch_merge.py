@@ -50,14 +50,9 @@ def _check_values(x: Tensor, unit_index: Tensor | None, merge_size: int) -> None
     if unit_index is None or unit_index.numel() == 0:
         return
     units = x.shape[0] // (merge_size * merge_size)
-    lo, hi = torch.aminmax(unit_index)
-    if bool((lo < 0) | (hi >= units)):
-        fail(
-            OP,
-            "unit_index",
-            f"indices of merge units in [0, {units})",
-            f"values in [{int(lo)}, {int(hi)}]",
-        )
+    lo, hi = torch.stack(torch.aminmax(unit_index)).tolist()  # one device-to-host copy
+    if lo < 0 or hi >= units:
+        fail(OP, "unit_index", f"indices of merge units in [0, {units})", f"values in [{lo}, {hi}]")
 
 
 def _out_shape(x: Tensor, unit_index: Tensor | None, merge_size: int) -> tuple[int, int]:
