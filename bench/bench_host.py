@@ -37,66 +37,29 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import qwen_kernels as qk
 from qwen_kernels._backends import REGISTRY
 from qwen_kernels.model import KernelConfig, VisionConfig, VisionEncoder
+from qwen_kernels.ops._define import SPECS
 
-# Bare custom ops: the same schema as the qwen op without `backend`, and nothing inside but the
-# qwen op's "torch" implementation (the reference, or the stub `stubbed` sets). Looked up in the
-# op registry, not in this module: the module may be imported twice (as bench/bench_host.py run
-# as a script, and as bench.bench_host) while the custom ops are registered once.
+# Bare custom ops: the qwen op's schema without `backend`, and nothing inside but the qwen op's
+# "torch" implementation (the reference, or the stub `stubbed` sets). Looked up in the op
+# registry, not in this module: the module may be imported twice (as bench/bench_host.py run as a
+# script, and as bench.bench_host) while the custom ops are registered once.
 _NS = "qwen_host_bench"
 
 
-def _run(op: str) -> Callable:
-    return REGISTRY[op].impls["torch"]
-
-
-@torch.library.custom_op(f"{_NS}::rms_norm", mutates_args=())
-def _bare_rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    return _run("rms_norm")(x, weight, eps)
-
-
-@torch.library.custom_op(f"{_NS}::add_rms_norm", mutates_args=())
-def _bare_add_rms_norm(
-    x: Tensor, residual: Tensor, weight: Tensor, eps: float
-) -> tuple[Tensor, Tensor]:
-    return _run("add_rms_norm")(x, residual, weight, eps)
-
-
-@torch.library.custom_op(f"{_NS}::swiglu", mutates_args=())
-def _bare_swiglu(gate_up: Tensor) -> Tensor:
-    return _run("swiglu")(gate_up)
-
-
-@torch.library.custom_op(f"{_NS}::mrope_pos_", mutates_args=("q", "k"))
-def _bare_mrope_pos_(
-    q: Tensor, k: Tensor, positions: Tensor, inv_freq: Tensor, mrope_section: list[int]
-) -> None:
-    _run("mrope_pos_")(q, k, positions, inv_freq, mrope_section)
-
-
-@torch.library.custom_op(f"{_NS}::window_attn", mutates_args=())
-def _bare_window_attn(
-    q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int
-) -> Tensor:
-    return _run("window_attn")(q, k, v, cu_seqlens, max_seqlen, None)
-
-
-@torch.library.custom_op(f"{_NS}::window_attn_rope", mutates_args=())
-def _bare_window_attn_rope(
-    qkv: Tensor,
-    cu_seqlens: Tensor,
-    max_seqlen: int,
-    positions: Tensor,
-    inv_freq: Tensor,
-    mrope_section: list[int],
-) -> Tensor:
-    return _run("window_attn_rope")(
-        qkv, cu_seqlens, max_seqlen, positions, inv_freq, mrope_section, None
-    )
-
-
-@torch.library.custom_op(f"{_NS}::patch_merge", mutates_args=())
-def _bare_patch_merge(x: Tensor, weight: Tensor, eps: float, unit_index: Tensor) -> Tensor:
-    return _run("patch_merge")(x, weight, eps, unit_index, 2)
+def _bare_op(op: str) -> Callable:
+    """The bare custom op of ``op``, defined on first use."""
+    if not hasattr(getattr(torch.ops, _NS), op):
+        schema = SPECS[op].schema
+        arguments = torch._C.parse_schema(f"{_NS}::{op}{schema}").arguments
+        # The dispatcher leaves out trailing arguments equal to their defaults.
+        defaults = [arg.default_value if arg.has_default_value() else None for arg in arguments]
+        torch.library.custom_op(
+            f"{_NS}::{op}",
+            lambda *args: REGISTRY[op].impls["torch"](*args, *defaults[len(args) :]),
+            mutates_args=tuple(arg.name for arg in arguments if arg.is_write),
+            schema=schema,
+        )
+    return getattr(getattr(torch.ops, _NS), op)
 
 
 def op_cases(device: str) -> dict[str, tuple[Callable, Callable]]:
@@ -107,43 +70,26 @@ def op_cases(device: str) -> dict[str, tuple[Callable, Callable]]:
         return torch.randn(*shape, generator=gen, device=device)
 
     x, res, w = randn(8, 16), randn(8, 16), randn(16)
-    gate_up = randn(8, 32)
     qkv = randn(8, 3, 2, 8)
     q, k, v = qkv.unbind(1)
     positions = torch.randint(0, 4, (2, 8), generator=gen, device=device, dtype=torch.int32)
     inv_freq, section = randn(4).abs(), [2, 2]
     cu = torch.tensor([0, 4, 8], dtype=torch.int32, device=device)
-    units = torch.tensor([1, 0], device=device)
-    bare = getattr(torch.ops, _NS)
+    args = {
+        "rms_norm": (x, w, 1e-6),
+        "add_rms_norm": (x, res, w, 1e-6),
+        "swiglu": (randn(8, 32),),
+        "mrope_pos_": (q, k, positions, inv_freq, section),
+        "window_attn": (q, k, v, cu, 4, None),
+        "window_attn_rope": (qkv, cu, 4, positions, inv_freq, section, None),
+        "patch_merge": (x, w, 1e-6, torch.tensor([1, 0], device=device), 2),
+    }
     return {
-        "rms_norm": (
-            lambda: bare.rms_norm(x, w, 1e-6),
-            lambda b: qk.rms_norm(x, w, 1e-6, backend=b),
-        ),
-        "add_rms_norm": (
-            lambda: bare.add_rms_norm(x, res, w, 1e-6),
-            lambda b: qk.add_rms_norm(x, res, w, 1e-6, backend=b),
-        ),
-        "swiglu": (
-            lambda: bare.swiglu(gate_up),
-            lambda b: qk.swiglu(gate_up, backend=b),
-        ),
-        "mrope_pos_": (
-            lambda: bare.mrope_pos_(q, k, positions, inv_freq, section),
-            lambda b: qk.mrope_pos_(q, k, positions, inv_freq, section, backend=b),
-        ),
-        "window_attn": (
-            lambda: bare.window_attn(q, k, v, cu, 4),
-            lambda b: qk.window_attn(q, k, v, cu, 4, backend=b),
-        ),
-        "window_attn_rope": (
-            lambda: bare.window_attn_rope(qkv, cu, 4, positions, inv_freq, section),
-            lambda b: qk.window_attn_rope(qkv, cu, 4, positions, inv_freq, section, backend=b),
-        ),
-        "patch_merge": (
-            lambda: bare.patch_merge(x, w, 1e-6, units),
-            lambda b: qk.patch_merge(x, w, 1e-6, units, backend=b),
-        ),
+        op: (
+            functools.partial(_bare_op(op), *op_args),
+            lambda backend, op=op, op_args=op_args: getattr(qk, op)(*op_args, backend=backend),
+        )
+        for op, op_args in args.items()
     }
 
 
