@@ -214,3 +214,53 @@ def tolerance(dtype: torch.dtype) -> float:
     return {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float64: 1e-12}[
         dtype
     ]
+
+
+def autograd_grads(fn, inputs: tuple, grad_outputs, wrt: tuple[int, ...]) -> list[torch.Tensor]:
+    """The gradients of ``fn(*inputs)`` for ``grad_outputs`` (a tensor or a tuple, one per
+    output) with respect to the inputs at the positions ``wrt``, each made a fresh leaf."""
+    leaves = list(inputs)
+    for i in wrt:
+        leaves[i] = inputs[i].detach().clone().requires_grad_(True)
+    out = fn(*leaves)
+    outs = out if isinstance(out, tuple) else (out,)
+    grads = grad_outputs if isinstance(grad_outputs, tuple) else (grad_outputs,)
+    torch.autograd.backward(outs, grads)
+    return [leaves[i].grad for i in wrt]
+
+
+@dataclass(frozen=True)
+class NormGradientBounds:
+    """What the math allows the gradients of RMSNorm (fp64) to differ by between two correct fp32
+    implementations, for ``assert_close_to_reference``.
+
+    ``grad_x = rstd (dn - n mean(dn n))`` with ``n = x rstd``, ``dn = grad * weight``: the C-term
+    sums of the mean square and of the dot product each round C times, relative to
+    ``rstd (|dn| + |n| mean|dn n|)`` (the size of both terms, also the measure of an ulp where
+    they cancel). ``grad_weight = sum over rows of grad * n``: as many roundings as rows,
+    relative to ``sum |grad n|``.
+    """
+
+    x_accumulation: Accumulation
+    x_magnitude: torch.Tensor
+    weight_accumulation: Accumulation
+    weight_magnitude: torch.Tensor
+
+    @classmethod
+    def of(cls, grad, x, weight, eps: float) -> NormGradientBounds:
+        """Bounds for ``rms_norm(x, weight, eps)`` receiving the output gradient ``grad``."""
+        g, xf, w = (t.detach().double() for t in (grad, x, weight))
+        channels = xf.shape[-1]
+        rstd = torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
+        normed = xf * rstd
+        grad_normed = g * w
+        dot = (grad_normed * normed).abs().mean(-1, keepdim=True)
+        x_size = rstd * (grad_normed.abs() + 2 * normed.abs() * dot)
+        weight_size = (g * normed).abs().reshape(-1, channels).sum(0)
+        rows = g.numel() // channels
+        return cls(
+            Accumulation(channels + 8, x_size),
+            x_size,
+            Accumulation(rows + 2, weight_size),
+            weight_size,
+        )

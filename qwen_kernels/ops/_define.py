@@ -68,6 +68,9 @@ class OpSpec:
             tensor argument giving the value where the caller passed None (the softmax scale
             from the head dim). Filled in before any implementation runs, so none computes it.
         misfit, auto_impl, auto_note: how ``"auto"`` chooses (see ``OpBackends``).
+        autograd: the op's derivative (``Autograd``), or None for an op autograd cannot go
+            through. An op that writes an argument in place raises when called with grad
+            enabled on an input that requires grad, instead of leaving autograd a stale graph.
     """
 
     name: str
@@ -83,6 +86,42 @@ class OpSpec:
     misfit: Callable[[str, int], str | None] | None = None
     auto_impl: Callable | None = None
     auto_note: str = ""
+    autograd: Autograd | None = None
+
+
+@dataclass(frozen=True)
+class Autograd:
+    """How an op differentiates (``torch.library.register_autograd``).
+
+    Attributes:
+        save: ``save(ctx, inputs, output)``, run in the forward when a gradient is needed:
+            keeps what the backward needs (``ctx.save_for_backward``, attributes) and raises on
+            an input that requires grad but is not differentiable. ``inputs`` are the op's
+            arguments, ``backend`` last (``ctx.backend`` is set to it before).
+        backward: ``backward(ctx, *grads)``: one gradient (or None) per argument of the schema,
+            in the inputs' dtypes. It calls ops with ``backward_backend(op, ctx.backend)``.
+    """
+
+    save: Callable[..., None]
+    backward: Callable[..., tuple]
+
+
+def backward_backend(op: str, backend: str) -> str:
+    """The backend a backward runs ``op`` on: the forward's where ``op`` has it, else "auto"
+    (e.g. the CUDA forward kernels' gradients come from the Triton backward kernels)."""
+    return backend if backend in REGISTRY[op].impls else "auto"
+
+
+def not_differentiable(op: str, inputs: tuple, *names: str) -> None:
+    """Raise ``ValueError`` when one of the arguments ``names`` of ``op`` (tensors or None, in
+    the schema's order of ``inputs``) requires grad."""
+    schema = torch._C.parse_schema(f"qwen::{op}{SPECS[op].schema}")
+    for arg, value in zip(schema.arguments, inputs, strict=False):
+        if arg.name in names and isinstance(value, torch.Tensor) and value.requires_grad:
+            raise ValueError(
+                f"qwen.{op}: `{arg.name}` must not require grad (the op has no gradient for "
+                "it), got a tensor that requires grad"
+            )
 
 
 # Every op's declaration, by op name (tools read the checks, defaults and outputs from here).
@@ -224,7 +263,47 @@ def define(spec: OpSpec) -> Callable:
         f"qwen::{spec.name}", generated["impl"], mutates_args=mutated, schema=full_schema
     )
     op.register_fake(generated["fake"])
+    if spec.autograd is not None:
+        _register_autograd(op, spec.autograd)
+    elif mutated:
+        _refuse_grad_in_place(spec.name)
     public = _generate(spec, table, getattr(torch.ops.qwen, spec.name).default)[spec.name]
     public.__doc__ = spec.doc
     public.__module__ = "qwen_kernels"
     return public
+
+
+def _register_autograd(op: Any, autograd: Autograd) -> None:
+    def save(ctx: Any, inputs: tuple, output: Any) -> None:
+        ctx.backend = inputs[-1]
+        autograd.save(ctx, inputs, output)
+
+    def backward(ctx: Any, *grads: Any) -> tuple:
+        return (*autograd.backward(ctx, *grads), None)  # no gradient for `backend`
+
+    op.register_autograd(backward, setup_context=save)
+
+
+# Ops that write in place keep autograd's Autograd key, registered after custom_op's own.
+_IN_PLACE_GUARDS = torch.library.Library("qwen", "IMPL")
+
+
+def _refuse_grad_in_place(name: str) -> None:
+    """Make ``qwen::<name>`` (which writes an argument in place) raise when grad mode is on and a
+    tensor argument requires grad: autograd would keep the graph of the values before the write
+    and return a silently wrong gradient."""
+    overload = getattr(torch.ops.qwen, name).default
+    below_autograd = torch._C._after_autograd_keyset
+
+    def guard(keyset: Any, *args: Any, **kwargs: Any) -> Any:
+        if torch.is_grad_enabled() and any(
+            isinstance(a, torch.Tensor) and a.requires_grad for a in args
+        ):
+            raise RuntimeError(
+                f"qwen.{name} writes its inputs in place, which autograd cannot follow, and an "
+                f"input requires grad: use qwen.{name.rstrip('_')} (differentiable), or call it "
+                "under torch.no_grad()"
+            )
+        return overload.redispatch(keyset & below_autograd, *args, **kwargs)
+
+    _IN_PLACE_GUARDS.impl(name, guard, "Autograd", with_keyset=True)

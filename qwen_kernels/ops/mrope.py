@@ -6,6 +6,12 @@ computed in fp32 and rounded once. ``mrope`` takes cos/sin tables, either compos
 or one per position axis ``[A, ..., S, D]`` with ``mrope_section`` saying which axis drives each
 band of frequencies (Qwen2.5-VL's text model). ``mrope_pos`` takes the integer positions
 ``[A, ..., S]`` and the frequencies, and forms the angles itself (in fp32), so no table is written.
+
+The gradient of a rotation is the rotation by the negative angle: the backward of ``mrope_pos``
+runs ``mrope_pos`` with ``-inv_freq``, that of ``mrope`` runs ``mrope`` with ``-sin`` with its two
+halves swapped (the transpose for any tables; for rotary tables, whose halves are equal, the
+negative angle). Same kernels; nothing saved but the angle source. Tables, positions and frequencies are not differentiable. The
+in-place forms refuse inputs that require grad (see ``OpSpec.autograd``).
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from .._checks import (
     compute_dtype,
     fail,
 )
-from ._define import OpSpec, define
+from ._define import Autograd, OpSpec, backward_backend, define, not_differentiable
 
 _FREQ_DTYPES = frozenset((torch.float32, torch.float64))
 
@@ -227,6 +233,31 @@ _TABLES = "Tensor cos, Tensor sin, int[]? mrope_section=None"
 _POSITIONS = "Tensor positions, Tensor inv_freq, int[] mrope_section"
 
 
+def _rotary_autograd(name: str, from_positions: bool) -> Autograd:
+    """Backward of an out-of-place form: the same op rotating the output gradients by the
+    negative angles (``-sin``, or ``-inv_freq`` for positions)."""
+    angle_args = ("inv_freq",) if from_positions else ("cos", "sin")
+
+    def save(ctx, inputs: tuple, output) -> None:
+        not_differentiable(name, inputs, *angle_args)
+        _, _, first, second, ctx.mrope_section, _ = inputs
+        ctx.save_for_backward(first, second)
+
+    def backward(ctx, grad_q: Tensor, grad_k: Tensor) -> tuple:
+        angles, turn = ctx.saved_tensors  # (cos, sin) or (positions, inv_freq)
+        if from_positions:
+            turn = -turn
+        else:  # x' = x cos + rotate_half(x) sin has the transpose g cos + rotate_half(g) sin'
+            turn = -turn.roll(turn.shape[-1] // 2, dims=-1)  # with sin' = -(sin, halves swapped)
+        backend = backward_backend(name, ctx.backend)
+        grads = getattr(torch.ops.qwen, name)(
+            grad_q, grad_k, angles, turn, ctx.mrope_section, backend
+        )
+        return (*grads, None, None, None)
+
+    return Autograd(save, backward)
+
+
 def _rotary(name: str, in_place: bool, from_positions: bool) -> Callable:
     """One of the four forms: tables or positions as the angle source, out of place or in place.
     Each kernel serves the in-place and the out-of-place form (an output pointer), so all four
@@ -258,6 +289,7 @@ def _rotary(name: str, in_place: bool, from_positions: bool) -> Callable:
             else (lambda q, k, *_: (_new_like(q), _new_like(k))),
             kernels={"triton": f"qwen_kernels.triton_kernels.mrope:{name}"},
             native=True,
+            autograd=None if in_place else _rotary_autograd(name, from_positions),
         )
     )
 

@@ -3,6 +3,9 @@
 RMSNorm of each token, the 4 consecutive tokens of each merge unit concatenated, and the merge
 units gathered in ``unit_index`` order. Passing the inverse window permutation as ``unit_index``
 yields raster order straight out of the merge, with no separate gather pass.
+
+The backward scatters the output gradient back to the merge units (summed in fp32 where an index
+repeats) and runs ``rms_norm_backward`` on x: nothing is saved but x and the weight.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .._checks import INDEX_DTYPES, check_device, check_ndim, fail
-from ._define import OpSpec, define
+from ._define import Autograd, OpSpec, backward_backend, define
 from .rms_norm import check_rms_norm_args, rms_norm_reference
 
 OP = "patch_merge"
@@ -61,6 +64,25 @@ def _out_shape(x: Tensor, unit_index: Tensor | None, merge_size: int) -> tuple[i
     return rows, unit * x.shape[1]
 
 
+def _save(ctx, inputs: tuple, output: Tensor) -> None:
+    x, weight, ctx.eps, unit_index, ctx.merge_size, _ = inputs
+    ctx.save_for_backward(x, weight, unit_index)
+
+
+def _backward(ctx, grad: Tensor) -> tuple:
+    x, weight, unit_index = ctx.saved_tensors
+    grad_units = grad
+    if unit_index is not None:
+        units = x.shape[0] // (ctx.merge_size * ctx.merge_size)
+        grad_units = grad.new_zeros((units, grad.shape[1]), dtype=torch.float32)
+        grad_units = grad_units.index_add_(0, unit_index.long(), grad.float()).to(grad.dtype)
+    backend = backward_backend("rms_norm_backward", ctx.backend)
+    grad_x, grad_weight = torch.ops.qwen.rms_norm_backward(
+        grad_units.reshape(x.shape), x, weight, ctx.eps, None, backend
+    )
+    return grad_x, grad_weight if ctx.needs_input_grad[1] else None, None, None, None
+
+
 patch_merge = define(
     OpSpec(
         name=OP,
@@ -94,5 +116,6 @@ patch_merge = define(
         check_values=lambda x, weight, eps, unit_index, merge_size: _check_values(
             x, unit_index, merge_size
         ),
+        autograd=Autograd(_save, _backward),
     )
 )

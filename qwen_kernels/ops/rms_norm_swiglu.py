@@ -5,6 +5,10 @@ The kernels fold the norm weight into the gate/up weight (``fold_norm_weight``),
 the raw activations and applies the norm's per-row scale in its epilogue. A caller that runs the
 op many times with the same weights (the encoder) folds once, keeps the folded weight with the
 module that owns the weights, and passes it with ``norm_weight=None``.
+
+The backward saves only the inputs: it recomputes the normalised activations and the gate/up
+projection (one GEMM), then runs ``swiglu_backward``, two GEMMs for the gradients of the
+activations and of the weight, and ``rms_norm_backward``, each op on the forward's backend.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._checks import check_float, check_same, fail
-from ._define import OpSpec, define
+from ._define import Autograd, OpSpec, backward_backend, define
 from .rms_norm import check_rms_norm_args, rms_norm_reference, rms_normalize
 from .swiglu import swiglu_reference
 
@@ -86,6 +90,36 @@ def unfused_best(
     return torch.ops.qwen.swiglu(F.linear(normed, gate_up_weight, gate_up_bias), "auto")
 
 
+def _save(ctx, inputs: tuple, output: Tensor) -> None:
+    x, norm_weight, gate_up_weight, gate_up_bias, ctx.eps, _ = inputs
+    ctx.save_for_backward(x, norm_weight, gate_up_weight, gate_up_bias)
+
+
+def _backward(ctx, grad: Tensor) -> tuple:
+    x, norm_weight, weight, bias = ctx.saved_tensors
+    needs_x, needs_norm_weight, needs_weight, needs_bias = ctx.needs_input_grad[:4]
+    unit = norm_weight if norm_weight is not None else x.new_ones(x.shape[-1])
+    norm_backend = backward_backend("rms_norm", ctx.backend)
+    normed = torch.ops.qwen.rms_norm(x, unit, ctx.eps, norm_backend)
+    gate_up = F.linear(normed, weight, bias)
+    grad_gate_up = torch.ops.qwen.swiglu_backward(
+        grad.reshape(gate_up.shape[:-1] + (weight.shape[0] // 2,)),
+        gate_up,
+        backward_backend("swiglu_backward", ctx.backend),
+    ).reshape(-1, weight.shape[0])
+    grad_weight = grad_gate_up.t() @ normed.reshape(-1, x.shape[-1]) if needs_weight else None
+    grad_bias = grad_gate_up.float().sum(0).to(bias.dtype) if needs_bias else None
+    grad_x = grad_norm_weight = None
+    if needs_x or needs_norm_weight:
+        grad_normed = (grad_gate_up @ weight).reshape(x.shape)
+        grad_x, grad_norm_weight = torch.ops.qwen.rms_norm_backward(
+            grad_normed, x, unit, ctx.eps, None, backward_backend("rms_norm_backward", ctx.backend)
+        )
+    if not needs_norm_weight:
+        grad_norm_weight = None
+    return grad_x, grad_norm_weight, grad_weight, grad_bias, None
+
+
 rms_norm_swiglu = define(
     OpSpec(
         name=OP,
@@ -113,5 +147,6 @@ rms_norm_swiglu = define(
         ),
         kernels={"triton": "qwen_kernels.triton_kernels.rms_norm_swiglu:rms_norm_swiglu"},
         auto_impl=unfused_best,
+        autograd=Autograd(_save, _backward),
     )
 )

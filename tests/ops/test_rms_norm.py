@@ -1,14 +1,18 @@
 """rms_norm and add_rms_norm: reference vs direct fp64 math and transformers, every backend vs the
-reference, opcheck, and the errors of bad input."""
+reference, opcheck, and the errors of bad input; their gradients (rms_norm_backward) against fp64
+autograd of the eager reference, gradcheck, and broken backward kernels caught."""
 
 import pytest
 import torch
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLRMSNorm
 
 import qwen_kernels
+from qwen_kernels.ops.rms_norm import add_rms_norm_reference, rms_norm_reference
 from tests.helpers import (
     DTYPES,
+    NormGradientBounds,
     assert_close_to_reference,
+    autograd_grads,
     backends_for,
     randn,
     rel_err,
@@ -275,3 +279,191 @@ def test_weight_dtype_contract(gen):
         qwen_kernels.rms_norm(x, randn(gen, 16, dtype=torch.float16), EPS)
     out = qwen_kernels.rms_norm(x, randn(gen, 16), EPS)
     assert out.dtype == torch.bfloat16
+
+
+def assert_norm_gradients(got, ref64, eager, bounds: NormGradientBounds) -> None:
+    """grad_x and grad_weight against fp64 autograd, each within the summation-order slack."""
+    assert_close_to_reference(
+        got[0].cpu(),
+        ref64[0],
+        eager[0],
+        magnitude=bounds.x_magnitude,
+        accumulation=bounds.x_accumulation,
+    )
+    assert_close_to_reference(
+        got[1].cpu(),
+        ref64[1],
+        eager[1],
+        magnitude=bounds.weight_magnitude,
+        accumulation=bounds.weight_accumulation,
+    )
+
+
+def norm_gradients(backend, device, x, weight, grad):
+    """(ours on ``backend``, fp64 autograd of the eager reference, eager in x's dtype)."""
+    ours = autograd_grads(
+        lambda x, w: qwen_kernels.rms_norm(x, w, EPS, backend),
+        (x.to(device), weight.to(device)),
+        grad.to(device),
+        (0, 1),
+    )
+    ref64 = autograd_grads(
+        lambda x, w: rms_norm_reference(x, w, EPS),
+        (x.double(), weight.double()),
+        grad.double(),
+        (0, 1),
+    )
+    eager = autograd_grads(lambda x, w: rms_norm_reference(x, w, EPS), (x, weight), grad, (0, 1))
+    return ours, ref64, eager
+
+
+@pytest.mark.parametrize(("backend", "device"), targets("rms_norm_backward", with_reference=True))
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gradients_match_fp64_autograd(gen, backend, device, shape, dtype):
+    x, weight = randn(gen, *shape, dtype=dtype), randn(gen, shape[-1], dtype=dtype)
+    grad = randn(gen, *shape, dtype=dtype)
+    got, ref64, eager = norm_gradients(backend, device, x, weight, grad)
+    assert got[0].dtype == dtype and got[1].dtype == dtype
+    assert_norm_gradients(got, ref64, eager, NormGradientBounds.of(grad, x, weight, EPS))
+
+
+@pytest.mark.parametrize(("backend", "device"), targets("rms_norm_backward", with_reference=True))
+def test_gradients_of_fp32_weight_and_many_rows(gen, backend, device):
+    """bf16 activations with an fp32 master weight, and rows enough for several row tiles per
+    program (the weight gradient's two-stage sum)."""
+    x, weight = randn(gen, 2 * 1031, 64, dtype=torch.bfloat16), randn(gen, 64)
+    grad = randn(gen, 2 * 1031, 64, dtype=torch.bfloat16)
+    got, ref64, eager = norm_gradients(backend, device, x, weight, grad)
+    assert got[1].dtype == torch.float32
+    assert_norm_gradients(got, ref64, eager, NormGradientBounds.of(grad, x, weight, EPS))
+
+
+@pytest.mark.parametrize(("backend", "device"), targets("rms_norm_backward", with_reference=True))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_add_rms_norm_gradients(gen, backend, device, dtype):
+    """Both outputs carry a gradient; x and residual get the same one."""
+    shape = (11, 3, 97)
+    x, residual = randn(gen, *shape, dtype=dtype), randn(gen, *shape, dtype=dtype)
+    weight = randn(gen, 97, dtype=dtype)
+    grads = (randn(gen, *shape, dtype=dtype), randn(gen, *shape, dtype=dtype))
+
+    def run(fn, tensors, grads):
+        return autograd_grads(lambda *t: fn(*t, EPS), tensors, grads, (0, 1, 2))
+
+    on = (x.to(device), residual.to(device), weight.to(device))
+    ours = run(
+        lambda *a: qwen_kernels.add_rms_norm(*a, backend), on, tuple(g.to(device) for g in grads)
+    )
+    ref64 = run(
+        add_rms_norm_reference,
+        (x.double(), residual.double(), weight.double()),
+        tuple(g.double() for g in grads),
+    )
+    eager = run(add_rms_norm_reference, (x, residual, weight), grads)
+    summed = (x.double() + residual.double()).to(dtype)
+    bounds = NormGradientBounds.of(grads[0], summed, weight, EPS)
+    for got, want, same in ((ours[0], ref64[0], eager[0]), (ours[1], ref64[1], eager[1])):
+        assert_close_to_reference(
+            got.cpu(),
+            want,
+            same,
+            magnitude=bounds.x_magnitude + grads[1].double().abs(),
+            accumulation=bounds.x_accumulation,
+        )
+    assert torch.equal(ours[0], ours[1])
+    assert_close_to_reference(
+        ours[2].cpu(),
+        ref64[2],
+        eager[2],
+        magnitude=bounds.weight_magnitude,
+        accumulation=bounds.weight_accumulation,
+    )
+
+
+@pytest.mark.parametrize(("backend", "device"), targets("rms_norm_backward", with_reference=True))
+def test_gradients_of_strided_views(gen, backend, device):
+    """x a column slice of a wider tensor and the output gradient a transposed view."""
+    base = randn(gen, 9, 2 * 77, dtype=torch.bfloat16)
+    weight = randn(gen, 77, dtype=torch.bfloat16)
+    grad = randn(gen, 77, 9, dtype=torch.bfloat16).t()
+
+    def run(fn, base, weight, grad):
+        return autograd_grads(lambda b, w: fn(b[:, 1::2], w), (base, weight), grad, (0, 1))
+
+    ours = run(
+        lambda x, w: qwen_kernels.rms_norm(x, w, EPS, backend),
+        base.to(device),
+        weight.to(device),
+        grad.to(device),
+    )
+    ref64 = run(
+        lambda x, w: rms_norm_reference(x, w, EPS), base.double(), weight.double(), grad.double()
+    )
+    eager = run(lambda x, w: rms_norm_reference(x, w, EPS), base, weight, grad)
+    assert torch.all(ours[0][:, 0::2] == 0)
+    bounds = NormGradientBounds.of(grad, base[:, 1::2], weight, EPS)
+    got = [ours[0][:, 1::2], ours[1]]
+    want = [ref64[0][:, 1::2], ref64[1]]
+    same = [eager[0][:, 1::2], eager[1]]
+    assert_norm_gradients(got, want, same, bounds)
+
+
+def test_gradcheck_of_the_reference_backward(gen):
+    x, weight = randn(gen, 3, 5, dtype=torch.float64), randn(gen, 5, dtype=torch.float64)
+    residual = randn(gen, 3, 5, dtype=torch.float64)
+    args = [t.requires_grad_() for t in (x, residual, weight)]
+    assert torch.autograd.gradcheck(
+        lambda x, w: qwen_kernels.rms_norm(x, w, EPS, "torch"), (args[0], args[2])
+    )
+    assert torch.autograd.gradcheck(lambda *a: qwen_kernels.add_rms_norm(*a, EPS, "torch"), args)
+
+
+@pytest.mark.parametrize(("backend", "device"), targets("rms_norm_backward", with_reference=True))
+def test_opcheck_with_autograd(gen, backend, device):
+    x = randn(gen, 6, 40).to(device).requires_grad_()
+    weight = randn(gen, 40).to(device).requires_grad_()
+    residual = randn(gen, 6, 40).to(device).requires_grad_()
+    torch.library.opcheck(torch.ops.qwen.rms_norm.default, (x, weight, EPS, backend))
+    torch.library.opcheck(torch.ops.qwen.add_rms_norm.default, (x, residual, weight, EPS, backend))
+    grad = randn(gen, 6, 40).to(device)
+    torch.library.opcheck(
+        torch.ops.qwen.rms_norm_backward.default,
+        (grad, x.detach(), weight.detach(), EPS, residual.detach(), backend),
+    )
+
+
+def test_gradient_checks_reject_broken_kernels(gen):
+    """The gradient checks fail a backward that scales grad_x or grad_weight by 1.01, drops the
+    mean term of grad_x, truncates instead of rounding, or leaves out the last row's share of
+    grad_weight."""
+    x, weight = randn(gen, 37, 1280, dtype=torch.bfloat16), randn(gen, 1280, dtype=torch.bfloat16)
+    grad = randn(gen, 37, 1280, dtype=torch.bfloat16)
+    good, ref64, eager = norm_gradients("torch", "cpu", x, weight, grad)
+    bounds = NormGradientBounds.of(grad, x, weight, EPS)
+    assert_norm_gradients(good, ref64, eager, bounds)
+
+    xf, g, w = x.float(), grad.float(), weight.float()
+    rstd = torch.rsqrt(xf.square().mean(-1, keepdim=True) + EPS)
+    normed = xf * rstd
+    without_mean = (rstd * g * w).to(torch.bfloat16)
+    truncated = (
+        (
+            (rstd * (g * w - normed * (g * w * normed).mean(-1, keepdim=True))).view(torch.int32)
+            & -65536
+        )
+        .view(torch.float32)
+        .to(torch.bfloat16)
+    )
+    short = (g[:-1] * normed[:-1].to(torch.bfloat16).float()).sum(0).to(torch.bfloat16)
+    broken = {
+        "grad_x scaled by 1.01": [(good[0].float() * 1.01).to(torch.bfloat16), good[1]],
+        "grad_weight scaled by 1.01": [good[0], (good[1].float() * 1.01).to(torch.bfloat16)],
+        "grad_x without its mean term": [without_mean, good[1]],
+        "grad_x truncated": [truncated, good[1]],
+        "grad_weight without the last row": [good[0], short],
+    }
+    for name, got in broken.items():
+        with pytest.raises(AssertionError):
+            assert_norm_gradients(got, ref64, eager, bounds)
+            pytest.fail(f"a backward whose output is {name} passed the checks")
