@@ -1,5 +1,6 @@
 """Benchmarks of the MLP-side ops: ``rms_norm``, ``add_rms_norm``, ``swiglu`` and the fused
-``rms_norm_swiglu``, over tokens [T, 1280] with intermediate 3420.
+``rms_norm_swiglu``, and the backward ops ``rms_norm_backward`` and ``swiglu_backward``, over
+tokens [T, 1280] with intermediate 3420.
 
 Peers: torch.compile of each reference, Liger-Kernel's rms_norm and swiglu where installed. The
 fused op is measured against what it replaces: RMSNorm, the cuBLAS gate/up GEMM and SwiGLU
@@ -15,9 +16,13 @@ import torch
 import torch.nn.functional as F
 
 import qwen_kernels
-from qwen_kernels.ops.rms_norm import add_rms_norm_reference, rms_norm_reference
+from qwen_kernels.ops.rms_norm import (
+    add_rms_norm_reference,
+    rms_norm_backward_reference,
+    rms_norm_reference,
+)
 from qwen_kernels.ops.rms_norm_swiglu import rms_norm_swiglu_reference
-from qwen_kernels.ops.swiglu import swiglu_reference
+from qwen_kernels.ops.swiglu import swiglu_backward_reference, swiglu_reference
 
 from .harness import Case, Impl, Inputs, Maker, Suite, compile_peer, missing_module
 from .shapes import Scale, short_count
@@ -28,12 +33,16 @@ ARGS = {
     "add_rms_norm": ("x", "residual", "weight", "eps"),
     "swiglu": ("gate_up",),
     "rms_norm_swiglu": ("x", "norm_weight", "gate_up_weight", "gate_up_bias", "eps"),
+    "rms_norm_backward": ("grad", "x", "weight", "eps", "grad_residual"),
+    "swiglu_backward": ("grad", "gate_up"),
 }
 REFERENCES = {
     "rms_norm": rms_norm_reference,
     "add_rms_norm": add_rms_norm_reference,
     "swiglu": swiglu_reference,
     "rms_norm_swiglu": rms_norm_swiglu_reference,
+    "rms_norm_backward": rms_norm_backward_reference,
+    "swiglu_backward": swiglu_backward_reference,
 }
 BF16 = 2  # bytes per element
 
@@ -86,6 +95,28 @@ def cases(scale: Scale) -> list[Case]:
                 hidden,
                 inter,
             ),
+            # The backward reads the output gradient and the forward's input, writes one
+            # gradient per input.
+            _case(
+                "rms_norm_backward",
+                name,
+                tokens,
+                f"grad, x [{tokens}, {hidden}] bf16",
+                3 * act + 2 * hidden * BF16,
+                0,
+                hidden,
+                inter,
+            ),
+            _case(
+                "swiglu_backward",
+                name,
+                tokens,
+                f"grad [{tokens}, {inter}], gate_up [{tokens}, {2 * inter}] bf16",
+                5 * tokens * inter * BF16,
+                0,
+                hidden,
+                inter,
+            ),
         ]
     return found
 
@@ -110,7 +141,11 @@ def _case(
 def _build(op: str, tokens: int, hidden: int, inter: int, make: Maker) -> Inputs:
     if op == "swiglu":
         return {"gate_up": make.randn(tokens, 2 * inter)}
+    if op == "swiglu_backward":
+        return {"grad": make.randn(tokens, inter), "gate_up": make.randn(tokens, 2 * inter)}
     inputs = {"x": make.randn(tokens, hidden), "weight": make.randn(hidden), "eps": EPS}
+    if op == "rms_norm_backward":
+        inputs |= {"grad": make.randn(tokens, hidden), "grad_residual": None}
     if op == "add_rms_norm":
         inputs["residual"] = make.randn(tokens, hidden)
     if op == "rms_norm_swiglu":

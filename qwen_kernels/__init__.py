@@ -1,8 +1,9 @@
 """qwen-kernels: CUDA and Triton kernels for the Qwen2.5-VL vision encoder as torch custom ops.
 
 Importing the package registers every op under ``torch.ops.qwen``; the functions below are the
-same ops with docstrings. Each takes ``backend`` = "auto", "torch", "triton", "cuda" or
-"cuda_emu"; ``available_backends()`` says which run on this machine.
+same ops with docstrings (the ``*_backward`` ops are what autograd runs for the others). Each
+takes ``backend`` = "auto", "torch", "triton", "cuda" or "cuda_emu"; ``available_backends()``
+says which run on this machine.
 """
 
 from ._backends import available_backends
@@ -15,8 +16,10 @@ from .ops import (
     mrope_pos_,
     patch_merge,
     rms_norm,
+    rms_norm_backward,
     rms_norm_swiglu,
     swiglu,
+    swiglu_backward,
     window_attn,
     window_attn_rope,
 )
@@ -33,9 +36,11 @@ __all__ = [
     "mrope_pos_",
     "patch_merge",
     "rms_norm",
+    "rms_norm_backward",
     "rms_norm_swiglu",
     "skip_value_checks",
     "swiglu",
+    "swiglu_backward",
     "window_attn",
     "window_attn_rope",
 ]

@@ -2,9 +2,9 @@
 
 from .mrope import mrope, mrope_, mrope_pos, mrope_pos_
 from .patch_merge import patch_merge
-from .rms_norm import add_rms_norm, rms_norm
+from .rms_norm import add_rms_norm, rms_norm, rms_norm_backward
 from .rms_norm_swiglu import rms_norm_swiglu
-from .swiglu import swiglu
+from .swiglu import swiglu, swiglu_backward
 from .window_attn import window_attn
 from .window_attn_rope import window_attn_rope
 
@@ -16,8 +16,10 @@ __all__ = [
     "mrope_pos_",
     "patch_merge",
     "rms_norm",
+    "rms_norm_backward",
     "rms_norm_swiglu",
     "swiglu",
+    "swiglu_backward",
     "window_attn",
     "window_attn_rope",
 ]

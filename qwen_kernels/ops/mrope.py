@@ -10,8 +10,9 @@ band of frequencies (Qwen2.5-VL's text model). ``mrope_pos`` takes the integer p
 The gradient of a rotation is the rotation by the negative angle: the backward of ``mrope_pos``
 runs ``mrope_pos`` with ``-inv_freq``, that of ``mrope`` runs ``mrope`` with ``-sin`` with its two
 halves swapped (the transpose for any tables; for rotary tables, whose halves are equal, the
-negative angle). Same kernels; nothing saved but the angle source. Tables, positions and frequencies are not differentiable. The
-in-place forms refuse inputs that require grad (see ``OpSpec.autograd``).
+negative angle). Same kernels; nothing saved but the angle source. Tables, positions and
+frequencies are not differentiable. The in-place forms refuse inputs that require grad (see
+``OpSpec.autograd``).
 """
 
 from __future__ import annotations

@@ -101,7 +101,9 @@ swiglu_backward = define(
     """,
         reference=swiglu_backward_reference,
         check=_check_backward_args,
-        outputs=lambda grad, gate_up: torch.empty_like(gate_up, memory_format=torch.contiguous_format),
+        outputs=lambda grad, gate_up: torch.empty_like(
+            gate_up, memory_format=torch.contiguous_format
+        ),
         kernels={"triton": "qwen_kernels.triton_kernels.swiglu:swiglu_backward"},
     )
 )

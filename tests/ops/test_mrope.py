@@ -1,5 +1,7 @@
 """mrope / mrope_pos and their in-place forms: reference vs fp64 math and transformers' vision
-and text rotary embeddings, every backend vs the reference, opcheck, and bad input."""
+and text rotary embeddings, every backend vs the reference, opcheck, and bad input; gradients
+against fp64 autograd of the eager reference, and the in-place forms refusing inputs that
+require grad."""
 
 import pytest
 import torch
@@ -16,9 +18,11 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
 
 import qwen_kernels
 from qwen_kernels._backends import TRITON_INTERPRETING
+from qwen_kernels.ops.mrope import mrope_pos_reference, mrope_reference
 from tests.helpers import (
     DTYPES,
     assert_close_to_reference,
+    autograd_grads,
     backends_for,
     randn,
     rel_err,
@@ -551,3 +555,157 @@ def test_empty_sequence(backend, device):
     )
     assert q_out.shape == q.shape and k_out.shape == k.shape
     qwen_kernels.mrope_pos_(q, k, positions, text_inv_freq(16).to(device), [4, 4], backend)
+
+
+def rotary_gradients(fn, reference, layout, buffer, grads, *angle_args):
+    """Gradients of the q and k views of ``buffer`` (in ``layout``) through ``fn`` on the device
+    of the inputs given, through the eager ``reference`` in fp64 and in the buffer's dtype."""
+
+    def run(rotate, buffer, grads, *angles):
+        def through_views(b):
+            q, k, _ = layout_qk_views(layout, b)
+            return rotate(q, k, *angles)
+
+        return autograd_grads(through_views, (buffer,), grads, (0,))[0]
+
+    device = angle_args[0].device
+    ours = run(fn, buffer.to(device), tuple(g.to(device) for g in grads), *angle_args)
+    cpu_angles = [a.cpu() if isinstance(a, torch.Tensor) else a for a in angle_args]
+    wide = [
+        a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+        for a in cpu_angles
+    ]
+    ref64 = run(reference, buffer.double(), tuple(g.double() for g in grads), *wide)
+    eager = run(reference, buffer, grads, *cpu_angles)
+    return ours.cpu(), ref64, eager
+
+
+def gradient_magnitude(layout, buffer, grads, table_bound: float = 1.0) -> torch.Tensor:
+    """``pair_magnitude`` of the output gradients where they land in ``buffer``, times the
+    largest table entry: the size of the terms each gradient element sums (it cancels)."""
+    placed = autograd_grads(
+        lambda b: layout_qk_views(layout, b)[:2],
+        (buffer.double(),),
+        tuple(g.double().abs() for g in grads),
+        (0,),
+    )[0]
+    return pair_magnitude(placed) * table_bound
+
+
+def output_grads(gen, layout, buffer):
+    q, k, _ = layout_qk_views(layout, buffer)
+    return (randn(gen, *q.shape, dtype=buffer.dtype), randn(gen, *k.shape, dtype=buffer.dtype))
+
+
+@pytest.mark.parametrize(("backend", "device"), targets("mrope_pos", with_reference=True))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["vision", "bshd", "bhsd"])
+def test_mrope_pos_gradients_match_fp64_autograd(gen, backend, device, dtype, layout):
+    """Views of a packed buffer: the gradient lands in the q and k parts, nothing elsewhere."""
+    head_dim = 80 if layout == "vision" else 64
+    q, _, buffer = layout_qk(gen, layout, dtype, head_dim)
+    positions, inv_freq, section = layout_positions(gen, layout, q, head_dim)
+    grads = output_grads(gen, layout, buffer)
+    got, ref64, eager = rotary_gradients(
+        lambda q, k, *a: qwen_kernels.mrope_pos(q, k, *a, backend),
+        mrope_pos_reference,
+        layout,
+        buffer,
+        grads,
+        positions.to(device),
+        inv_freq.to(device),
+        section,
+    )
+    assert got.dtype == dtype
+    magnitude = gradient_magnitude(layout, buffer, grads)
+    assert_close_to_reference(got, ref64, eager, magnitude=magnitude)
+
+
+@pytest.mark.parametrize(("backend", "device"), targets("mrope", with_reference=True))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tables", ["rotary", "random"])
+def test_mrope_gradients_match_fp64_autograd(gen, backend, device, dtype, tables):
+    """Per-axis tables with a section (the text model's), broadcast over the batch; random
+    tables (halves unequal) need the exact transpose, not only the negative angle."""
+    head_dim = 64
+    q, _, buffer = layout_qk(gen, "bshd", dtype, head_dim)
+    positions, inv_freq, section = layout_positions(gen, "bshd", q, head_dim)
+    angles = positions[..., None].float() * inv_freq
+    cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
+    if tables == "random":
+        cos, sin = randn(gen, *cos.shape), randn(gen, *sin.shape)
+    grads = output_grads(gen, "bshd", buffer)
+    got, ref64, eager = rotary_gradients(
+        lambda q, k, *a: qwen_kernels.mrope(q, k, *a, backend),
+        mrope_reference,
+        "bshd",
+        buffer,
+        grads,
+        cos.to(device),
+        sin.to(device),
+        section,
+    )
+    bound = float(torch.maximum(cos.abs().max(), sin.abs().max()))
+    magnitude = gradient_magnitude("bshd", buffer, grads, bound)
+    assert_close_to_reference(got, ref64, eager, magnitude=magnitude)
+
+
+def test_rotary_gradcheck_of_the_reference_backward(gen):
+    q = randn(gen, 2, 5, 3, 8, dtype=torch.float64).requires_grad_()
+    k = randn(gen, 2, 5, 1, 8, dtype=torch.float64).requires_grad_()
+    cos, sin = (
+        randn(gen, 3, 1, 5, 8, dtype=torch.float64),
+        randn(gen, 3, 1, 5, 8, dtype=torch.float64),
+    )
+    positions = torch.randint(0, 50, (3, 2, 5), generator=gen)
+    inv_freq = torch.rand(4, generator=gen, dtype=torch.float64)
+    assert torch.autograd.gradcheck(
+        lambda q, k: qwen_kernels.mrope(q, k, cos, sin, [1, 2, 1], "torch"), (q, k)
+    )
+    assert torch.autograd.gradcheck(
+        lambda q, k: qwen_kernels.mrope_pos(q, k, positions, inv_freq, [1, 2, 1], "torch"), (q, k)
+    )
+
+
+@pytest.mark.parametrize(("backend", "device"), targets("mrope", with_reference=True))
+def test_rotary_opcheck_with_autograd(gen, backend, device):
+    q = randn(gen, 5, 2, 8).to(device).requires_grad_()
+    k = randn(gen, 5, 2, 8).to(device).requires_grad_()
+    cos, sin = randn(gen, 5, 8).to(device), randn(gen, 5, 8).to(device)
+    positions = torch.randint(0, 9, (2, 5), generator=gen).to(device)
+    inv_freq = torch.rand(4, generator=gen).to(device)
+    torch.library.opcheck(torch.ops.qwen.mrope.default, (q, k, cos, sin, None, backend))
+    torch.library.opcheck(
+        torch.ops.qwen.mrope_pos.default, (q, k, positions, inv_freq, [2, 2], backend)
+    )
+
+
+def test_tables_and_frequencies_are_not_differentiable(gen):
+    q, k = randn(gen, 5, 2, 8), randn(gen, 5, 2, 8)
+    cos, sin = randn(gen, 5, 8), randn(gen, 5, 8)
+    positions = torch.randint(0, 9, (2, 5), generator=gen)
+    inv_freq = torch.rand(4, generator=gen)
+    with pytest.raises(ValueError, match="`sin` must not require grad"):
+        qwen_kernels.mrope(q, k, cos, sin.requires_grad_(), None)
+    with pytest.raises(ValueError, match="`inv_freq` must not require grad"):
+        qwen_kernels.mrope_pos(q, k, positions, inv_freq.requires_grad_(), [2, 2])
+
+
+def test_in_place_forms_refuse_inputs_that_require_grad(gen):
+    """Where autograd would return a silently wrong gradient, the in-place forms raise; under
+    no_grad they rotate as ever."""
+    qkv = randn(gen, 5, 3, 2, 8).requires_grad_()
+    cos, sin = randn(gen, 5, 8), randn(gen, 5, 8)
+    positions = torch.randint(0, 9, (2, 5), generator=gen)
+    inv_freq = torch.rand(4, generator=gen)
+    calls = {
+        "mrope_": lambda q, k: qwen_kernels.mrope_(q, k, cos, sin, None),
+        "mrope_pos_": lambda q, k: qwen_kernels.mrope_pos_(q, k, positions, inv_freq, [2, 2]),
+    }
+    for name, call in calls.items():
+        q, k, _ = (qkv * 1).unbind(1)
+        with pytest.raises(RuntimeError, match=f"qwen.{name} writes its inputs in place"):
+            call(q, k)
+        with torch.no_grad():
+            q, k, _ = (qkv * 1).unbind(1)
+            call(q, k)

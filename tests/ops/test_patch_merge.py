@@ -1,6 +1,6 @@
 """patch_merge: reference vs fp64 math and transformers' Qwen2_5_VLPatchMerger with the reverse
 window index, every backend vs the reference (bit-exact up to the fp32 statistic), strided and
-gathered inputs, opcheck, and bad input.
+gathered inputs, opcheck, and bad input; gradients against fp64 autograd of the eager reference.
 
 Exactness. Each token's output is ``round(round(x * r) * w)`` with one fp32 ``r`` (the reciprocal
 RMS) per token. Backends sum the squares in different orders (and a GPU's rsqrt is approximate),
@@ -20,9 +20,12 @@ from transformers.vision_utils import get_vision_window_index
 
 import qwen_kernels
 from qwen_kernels._checks import skip_value_checks
+from qwen_kernels.ops.patch_merge import patch_merge_reference
 from tests.helpers import (
     DTYPES,
+    NormGradientBounds,
     assert_close_to_reference,
+    autograd_grads,
     backends_for,
     randn,
     rel_err,
@@ -439,3 +442,60 @@ def test_native_op_checks_its_arguments(gen, backend, device):
         library.patch_merge(x, weight, EPS, index, -2)
     with pytest.raises(ValueError, match="T a multiple of 9"):
         library.patch_merge(x, weight, EPS, index, 3)
+
+
+@pytest.mark.parametrize(("backend", "device"), targets("patch_merge", with_reference=True))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    ("merge_size", "unit_index"),
+    [(2, None), (2, [3, 1, 4, 0, 2]), (2, [2, 2, 0]), (1, [5, 0, 7]), (3, None)],
+    ids=["in order", "permuted", "repeated and dropped units", "merge size 1", "merge size 3"],
+)
+def test_gradients_match_fp64_autograd(gen, backend, device, dtype, merge_size, unit_index):
+    """The output gradient goes back to each unit's tokens, summed where a unit repeats and
+    zero where one is left out; then RMSNorm's backward."""
+    unit = merge_size * merge_size
+    tokens = unit * 8 if merge_size > 1 else 8
+    x, weight = randn(gen, tokens, 96, dtype=dtype), randn(gen, 96, dtype=dtype)
+    index = torch.tensor(unit_index) if unit_index is not None else None
+    rows = index.numel() if index is not None else tokens // unit
+    grad = randn(gen, rows, unit * 96, dtype=dtype)
+
+    def run(fn, x, weight, index, grad):
+        merge = lambda x, w: fn(x, w, EPS, index, merge_size)  # noqa: E731
+        return autograd_grads(merge, (x, weight), grad, (0, 1))
+
+    def call(x, w, eps, index, merge_size):
+        return qwen_kernels.patch_merge(x, w, eps, index, merge_size, backend)
+
+    on_device = index.to(device) if index is not None else None
+    got = run(call, x.to(device), weight.to(device), on_device, grad.to(device))
+    ref64 = run(patch_merge_reference, x.double(), weight.double(), index, grad.double())
+    eager = run(patch_merge_reference, x, weight, index, grad)
+    # The gradient each token's normalised value receives, summed in fp64 over repeats.
+    units = tokens // unit
+    per_unit = torch.zeros(units, unit * 96, dtype=torch.float64)
+    per_unit.index_add_(0, index if index is not None else torch.arange(units), grad.double())
+    bounds = NormGradientBounds.of(per_unit.reshape(tokens, 96), x, weight, EPS)
+    for ours, want, same, size, accumulation in (
+        (got[0], ref64[0], eager[0], bounds.x_magnitude, bounds.x_accumulation),
+        (got[1], ref64[1], eager[1], bounds.weight_magnitude, bounds.weight_accumulation),
+    ):
+        assert_close_to_reference(ours.cpu(), want, same, magnitude=size, accumulation=accumulation)
+
+
+def test_gradcheck_of_the_reference_backward(gen):
+    x = randn(gen, 8, 5, dtype=torch.float64).requires_grad_()
+    weight = randn(gen, 5, dtype=torch.float64).requires_grad_()
+    index = torch.tensor([1, 0, 1])
+    assert torch.autograd.gradcheck(
+        lambda x, w: qwen_kernels.patch_merge(x, w, EPS, index, 2, "torch"), (x, weight)
+    )
+
+
+@pytest.mark.parametrize(("backend", "device"), targets("patch_merge", with_reference=True))
+def test_opcheck_with_autograd(gen, backend, device):
+    x = randn(gen, 12, 8).to(device).requires_grad_()
+    weight = randn(gen, 8).to(device).requires_grad_()
+    index = torch.tensor([2, 0, 1]).to(device)
+    torch.library.opcheck(torch.ops.qwen.patch_merge.default, (x, weight, EPS, index, 2, backend))

@@ -339,7 +339,7 @@ def test_gradients_of_fp32_weight_and_many_rows(gen, backend, device):
     assert_norm_gradients(got, ref64, eager, NormGradientBounds.of(grad, x, weight, EPS))
 
 
-@pytest.mark.parametrize(("backend", "device"), targets("rms_norm_backward", with_reference=True))
+@pytest.mark.parametrize(("backend", "device"), targets("add_rms_norm", with_reference=True))
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_add_rms_norm_gradients(gen, backend, device, dtype):
     """Both outputs carry a gradient; x and residual get the same one."""

@@ -1,5 +1,6 @@
 """swiglu and rms_norm_swiglu: reference vs fp64 math and transformers' Qwen2_5_VLMLP, every
-backend vs the reference, opcheck, and the errors of bad input."""
+backend vs the reference, opcheck, and the errors of bad input; their gradients (swiglu_backward,
+and the fused op's composed backward) against fp64 autograd of the eager reference."""
 
 from types import SimpleNamespace
 
@@ -9,11 +10,13 @@ import torch.nn.functional as F
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLMLP, Qwen2_5_VLRMSNorm
 
 import qwen_kernels
-from qwen_kernels.ops.rms_norm_swiglu import fold_norm_weight
+from qwen_kernels.ops.rms_norm_swiglu import fold_norm_weight, rms_norm_swiglu_reference
+from qwen_kernels.ops.swiglu import swiglu_reference
 from tests.helpers import (
     DTYPES,
     Accumulation,
     assert_close_to_reference,
+    autograd_grads,
     randn,
     rel_err,
     targets,
@@ -249,3 +252,133 @@ def test_rms_norm_swiglu_with_a_folded_weight(gen, backend, device):
     on_device = [t.to(device) for t in (x, folded, bias)]
     got = qwen_kernels.rms_norm_swiglu(on_device[0], None, *on_device[1:], EPS, backend)
     assert rel_err(got.cpu(), expected) < 1e-5
+
+
+def swiglu_gradients(backend, device, gate_up, grad):
+    """(ours on ``backend``, fp64 autograd of the eager reference, eager in the input dtype)."""
+    ours = autograd_grads(
+        lambda t: qwen_kernels.swiglu(t, backend), (gate_up.to(device),), grad.to(device), (0,)
+    )[0]
+    ref64 = autograd_grads(swiglu_reference, (gate_up.double(),), grad.double(), (0,))[0]
+    eager = autograd_grads(swiglu_reference, (gate_up,), grad, (0,))[0]
+    return ours.cpu(), ref64, eager
+
+
+def swiglu_gradient_magnitude(gate_up, grad) -> torch.Tensor:
+    """The size of the terms of each gradient element (fp64): ``silu'(g) = s (1 + g (1 - s))``
+    cancels near g = -1.28, where the gradient of the gate carries the rounding of its terms."""
+    gate, up = gate_up.double().chunk(2, -1)
+    g, sig = grad.double().abs(), torch.sigmoid(gate)
+    gate_terms = g * up.abs() * sig * (1 + gate.abs() * (1 - sig))
+    return torch.cat((gate_terms, g * (gate * sig).abs()), -1)
+
+
+@pytest.mark.parametrize(("backend", "device"), targets("swiglu_backward", with_reference=True))
+@pytest.mark.parametrize("shape", [(1, 2 * 3420), (7, 2 * 1281), (3, 2, 2 * 1280), (5, 2)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_swiglu_gradients_match_fp64_autograd(gen, backend, device, shape, dtype):
+    gate_up = randn(gen, *shape, dtype=dtype, scale=3.0)
+    grad = randn(gen, *shape[:-1], shape[-1] // 2, dtype=dtype)
+    got, ref64, eager = swiglu_gradients(backend, device, gate_up, grad)
+    assert got.dtype == dtype and got.shape == gate_up.shape
+    assert_close_to_reference(got, ref64, eager, magnitude=swiglu_gradient_magnitude(gate_up, grad))
+
+
+@pytest.mark.parametrize(("backend", "device"), targets("swiglu_backward", with_reference=True))
+def test_swiglu_gradients_of_strided_views(gen, backend, device):
+    """gate_up a row-strided slice, the output gradient a transposed view."""
+    base = randn(gen, 9, 2 * 130 + 6, dtype=torch.bfloat16)
+    grad = randn(gen, 130, 9, dtype=torch.bfloat16).t()
+
+    def run(fn, base, grad):
+        return autograd_grads(lambda b: fn(b[:, 3:-3]), (base,), grad, (0,))[0]
+
+    got = run(lambda t: qwen_kernels.swiglu(t, backend), base.to(device), grad.to(device)).cpu()
+    ref64 = run(swiglu_reference, base.double(), grad.double())
+    eager = run(swiglu_reference, base, grad)
+    assert torch.all(got[:, :3] == 0) and torch.all(got[:, -3:] == 0)
+    magnitude = swiglu_gradient_magnitude(base[:, 3:-3], grad)
+    assert_close_to_reference(got[:, 3:-3], ref64[:, 3:-3], eager[:, 3:-3], magnitude=magnitude)
+
+
+def test_swiglu_gradient_checks_reject_broken_kernels(gen):
+    """A backward that scales by 1.01, swaps the gate and up halves, drops the sigmoid's
+    derivative term or truncates fails the checks."""
+    gate_up = randn(gen, 37, 2 * 130, dtype=torch.bfloat16, scale=3.0)
+    grad = randn(gen, 37, 130, dtype=torch.bfloat16)
+    good, ref64, eager = swiglu_gradients("torch", "cpu", gate_up, grad)
+    magnitude = swiglu_gradient_magnitude(gate_up, grad)
+    assert_close_to_reference(good, ref64, eager, magnitude=magnitude)
+    gate, up = gate_up.float().chunk(2, -1)
+    sig, g = torch.sigmoid(gate), grad.float()
+    truncated = (ref64.float().view(torch.int32) & -65536).view(torch.float32)
+    broken = {
+        "scaled by 1.01": good.float() * 1.01,
+        "halves swapped": torch.cat(good.float().chunk(2, -1)[::-1], -1),
+        "silu' without g (1 - s)": torch.cat((g * up * sig, g * gate * sig), -1),
+        "truncated": truncated,
+    }
+    for name, got in broken.items():
+        with pytest.raises(AssertionError):
+            assert_close_to_reference(got.to(torch.bfloat16), ref64, eager, magnitude=magnitude)
+            pytest.fail(f"a backward whose output is {name} passed the checks")
+
+
+def test_swiglu_gradcheck_of_the_reference_backward(gen):
+    gate_up = randn(gen, 3, 10, dtype=torch.float64).requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: qwen_kernels.swiglu(t, "torch"), (gate_up,))
+
+
+@pytest.mark.parametrize(("backend", "device"), targets("swiglu_backward", with_reference=True))
+def test_swiglu_opcheck_with_autograd(gen, backend, device):
+    gate_up = randn(gen, 5, 2 * 24).to(device)
+    torch.library.opcheck(torch.ops.qwen.swiglu.default, (gate_up.requires_grad_(), backend))
+    grad = randn(gen, 5, 24).to(device)
+    torch.library.opcheck(torch.ops.qwen.swiglu_backward.default, (grad, gate_up.detach(), backend))
+
+
+def fused_gradients(backend, device, args, grad):
+    """Gradients of every tensor argument of rms_norm_swiglu: ours, fp64 autograd of the eager
+    reference, eager in the inputs' dtype."""
+    wrt = tuple(i for i, t in enumerate(args) if t is not None)
+
+    def run(fn, args, grad):
+        return autograd_grads(lambda *a: fn(*a, EPS), args, grad, wrt)
+
+    on = tuple(t.to(device) if t is not None else None for t in args)
+    ours = run(lambda *a: qwen_kernels.rms_norm_swiglu(*a, backend), on, grad.to(device))
+    wide = tuple(t.double() if t is not None else None for t in args)
+    ref64 = run(rms_norm_swiglu_reference, wide, grad.double())
+    eager = run(rms_norm_swiglu_reference, args, grad)
+    return [t.cpu() for t in ours], ref64, eager
+
+
+@pytest.mark.parametrize(("backend", "device"), targets("rms_norm_swiglu", with_reference=True))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_norm_weight", [True, False])
+def test_rms_norm_swiglu_gradients_match_fp64_autograd(
+    gen, backend, device, dtype, with_norm_weight
+):
+    """Every input's gradient. In fp32 each is held to the rule (the sums' orders differ only
+    in fp32); in fp16/bf16 the backward's GEMMs are the same aten calls as eager autograd's, fed
+    inputs a rounding apart, so the whole gradient is held to eager's relative error (its
+    pieces, rms_norm_backward and swiglu_backward, are held to the rule above)."""
+    rows, hidden, intermediate = 37, 200, 130
+    x = randn(gen, 1, rows, hidden, dtype=dtype, scale=3.0)
+    norm_weight = randn(gen, hidden, dtype=dtype) if with_norm_weight else None
+    weight = randn(gen, 2 * intermediate, hidden, dtype=dtype, scale=hidden**-0.5)
+    bias = randn(gen, 2 * intermediate, dtype=dtype)
+    grad = randn(gen, 1, rows, intermediate, dtype=dtype)
+    got, ref64, eager = fused_gradients(backend, device, (x, norm_weight, weight, bias), grad)
+    for ours, want, same in zip(got, ref64, eager, strict=True):
+        assert ours.dtype == dtype and ours.shape == want.shape
+        if dtype == torch.float32:
+            # fp32 roundings of sums over every row, channel and projection row: a bound
+            # relative to the whole gradient's size.
+            size = want.abs().amax().expand_as(want)
+            terms = rows + hidden + 2 * intermediate
+            assert_close_to_reference(
+                ours, want, same, magnitude=size, accumulation=Accumulation(terms, size)
+            )
+        else:
+            assert rel_err(ours, want) <= 1.25 * rel_err(same, want)
