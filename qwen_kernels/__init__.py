@@ -21,6 +21,8 @@ from .ops import (
     swiglu,
     swiglu_backward,
     window_attn,
+    window_attn_backward,
+    window_attn_forward,
     window_attn_rope,
 )
 
@@ -42,5 +44,7 @@ __all__ = [
     "swiglu",
     "swiglu_backward",
     "window_attn",
+    "window_attn_backward",
+    "window_attn_forward",
     "window_attn_rope",
 ]

@@ -153,7 +153,9 @@ def _rms_norm_backward_kernel(
         tl.store(grad_x_ptr + rows64 * n_cols + cols[None, :], round_to(grad_x, dtype), mask=mask)
         # The forward multiplies the weight by the normalised value rounded to x's dtype.
         grad_weight += tl.sum(grad * round_to(normed, dtype).to(tl.float32), axis=0)
-    tl.store(partial_ptr + tl.program_id(0).to(tl.int64) * n_cols + cols, grad_weight, mask=col_mask)
+    tl.store(
+        partial_ptr + tl.program_id(0).to(tl.int64) * n_cols + cols, grad_weight, mask=col_mask
+    )
 
 
 def rms_norm_backward(

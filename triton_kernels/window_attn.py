@@ -51,6 +51,7 @@ WINDOW_MAX_SEQLEN = 64
 # Widest head the kernel's registers hold (main block + tail block).
 MAX_HEAD_DIM = 256
 LOG2_E = math.log2(math.e)
+LOG2E = tl.constexpr(LOG2_E)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -319,6 +320,7 @@ def _window_attn_kernel(
     k_ptr,
     v_ptr,
     out_ptr,
+    lse_ptr,
     cu_seqlens_ptr,
     positions_ptr,
     inv_freq_ptr,
@@ -350,6 +352,7 @@ def _window_attn_kernel(
     BOUND_3: tl.constexpr,
     UPCAST: tl.constexpr,
     IEEE: tl.constexpr,
+    STORE_LSE: tl.constexpr,
 ):
     # The rotary is fused on the window path only (the launcher rotates first otherwise).
     tl.static_assert(ONE_PASS or not ROTARY)
@@ -405,7 +408,8 @@ def _window_attn_kernel(
                 HEAD_DIM, D_TAIL, MASK_COLS, ROTARY, UPCAST,
             )  # fmt: skip
             s = _scores(q_a, q_b, k_a, k_b, row_mask, qk_scale, D_TAIL, IEEE)
-            p = tl.exp2(s - tl.max(s, 1)[:, None])
+            m_i = tl.max(s, 1)
+            p = tl.exp2(s - m_i[:, None])
             l_i = tl.sum(p, 1)
             p_in = round_to(p, dtype)
             if UPCAST:
@@ -436,6 +440,9 @@ def _window_attn_kernel(
                         stride_kt, stride_vt, qk_scale, cols_a, cols_b, HEAD_DIM, D_TAIL,
                         MASK_COLS, BLOCK_N, UPCAST, IEEE,
                     )  # fmt: skip
+        if STORE_LSE:  # natural log-sum-exp of the scaled scores, [T, H] fp32, for the backward
+            lse = (m_i + tl.log2(l_i)) / LOG2E
+            tl.store(lse_ptr + tokens.to(tl.int64) * heads + head, lse, mask=row_mask)
         inv_l = 1.0 / l_i[:, None]
         out_head = out_ptr + out_rows + head * HEAD_DIM
         mask_a = _tile_mask(row_mask, cols_a, HEAD_DIM, MASK_COLS)
@@ -604,11 +611,14 @@ def _launch(
     max_seqlen: int,
     softmax_scale: float,
     rotary: tuple[torch.Tensor, torch.Tensor, list[int]] | None = None,
-) -> torch.Tensor:
+    with_lse: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The output and, ``with_lse``, the log-sum-exp of each row ``[T, H]`` fp32."""
     tokens, heads, head_dim = q.shape
     out = torch.empty((tokens, heads, head_dim), dtype=q.dtype, device=q.device)
+    lse = torch.empty((tokens, heads), dtype=torch.float32, device=q.device) if with_lse else None
     if out.numel() == 0:
-        return out
+        return out, lse
     q, k, v = (_unit_columns(t) for t in (q, k, v))
     arch = launch_arch(q.device)
     config = attn_config(max_seqlen, head_dim, q.dtype, arch, heads, rotary is not None)
@@ -635,6 +645,7 @@ def _launch(
         k,
         v,
         out,
+        lse if with_lse else out,
         cu_seqlens,
         positions,
         inv_freq,
@@ -663,13 +674,14 @@ def _launch(
         **bands,
         UPCAST=arch is None,
         IEEE=q.dtype == torch.float32,
+        STORE_LSE=with_lse,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
         # With the rotary in the loads, q and k must come out as mrope_pos rounds them: no
         # multiply-add contraction (the interpreter never contracts, so only a GPU would see it).
         enable_fp_fusion=rotary is None,
     )
-    return out
+    return out, lse
 
 
 def window_attn(
@@ -681,7 +693,19 @@ def window_attn(
     softmax_scale: float,
 ) -> torch.Tensor:
     """Attention inside each segment (inputs validated by the op) into a new ``[T, H, D]``."""
-    return _launch(q, k, v, cu_seqlens, max_seqlen, softmax_scale)
+    return _launch(q, k, v, cu_seqlens, max_seqlen, softmax_scale)[0]
+
+
+def window_attn_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    softmax_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``window_attn`` and the log-sum-exp of each row (what the backward recomputes P from)."""
+    return _launch(q, k, v, cu_seqlens, max_seqlen, softmax_scale, with_lse=True)
 
 
 def window_attn_rope(
@@ -698,4 +722,4 @@ def window_attn_rope(
     q, k, v = qkv.unbind(1)
     return _launch(
         q, k, v, cu_seqlens, max_seqlen, softmax_scale, (positions, inv_freq, mrope_section)
-    )
+    )[0]

@@ -5,7 +5,7 @@ from .patch_merge import patch_merge
 from .rms_norm import add_rms_norm, rms_norm, rms_norm_backward
 from .rms_norm_swiglu import rms_norm_swiglu
 from .swiglu import swiglu, swiglu_backward
-from .window_attn import window_attn
+from .window_attn import window_attn, window_attn_backward, window_attn_forward
 from .window_attn_rope import window_attn_rope
 
 __all__ = [
@@ -21,5 +21,7 @@ __all__ = [
     "swiglu",
     "swiglu_backward",
     "window_attn",
+    "window_attn_backward",
+    "window_attn_forward",
     "window_attn_rope",
 ]

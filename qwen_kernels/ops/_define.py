@@ -71,6 +71,10 @@ class OpSpec:
         autograd: the op's derivative (``Autograd``), or None for an op autograd cannot go
             through. An op that writes an argument in place raises when called with grad
             enabled on an input that requires grad, instead of leaving autograd a stale graph.
+        train_with: instead of ``autograd``, the op that runs in this one's place when a
+            gradient is needed: it takes the same arguments, returns this op's output first and
+            what its backward needs after it (window_attn: the log-sum-exp of each row), and
+            carries the autograd formula. Calls without a gradient keep this op's kernels.
     """
 
     name: str
@@ -87,6 +91,7 @@ class OpSpec:
     auto_impl: Callable | None = None
     auto_note: str = ""
     autograd: Autograd | None = None
+    train_with: str | None = None
 
 
 @dataclass(frozen=True)
@@ -265,6 +270,8 @@ def define(spec: OpSpec) -> Callable:
     op.register_fake(generated["fake"])
     if spec.autograd is not None:
         _register_autograd(op, spec.autograd)
+    elif spec.train_with is not None:
+        _train_with(spec.name, spec.train_with)
     elif mutated:
         _refuse_grad_in_place(spec.name)
     public = _generate(spec, table, getattr(torch.ops.qwen, spec.name).default)[spec.name]
@@ -284,8 +291,31 @@ def _register_autograd(op: Any, autograd: Autograd) -> None:
     op.register_autograd(backward, setup_context=save)
 
 
-# Ops that write in place keep autograd's Autograd key, registered after custom_op's own.
-_IN_PLACE_GUARDS = torch.library.Library("qwen", "IMPL")
+# Kernels of the Autograd key that replace custom_op's own (registered after it): the in-place
+# guards and the training forwards.
+_AUTOGRAD_KERNELS = torch.library.Library("qwen", "IMPL")
+_BELOW_AUTOGRAD = torch._C._after_autograd_keyset
+
+
+def _needs_grad(args: tuple) -> bool:
+    return torch.is_grad_enabled() and any(
+        isinstance(a, torch.Tensor) and a.requires_grad for a in args
+    )
+
+
+def _train_with(name: str, training: str) -> None:
+    """Where a gradient is needed, ``qwen::<name>`` runs ``qwen::<training>`` (same arguments,
+    this op's output first) on the backend its backward maps to; otherwise its own kernels."""
+    overload = getattr(torch.ops.qwen, name).default
+    training_op = getattr(torch.ops.qwen, training).default
+
+    def forward(keyset: Any, *args: Any) -> Any:
+        if _needs_grad(args):
+            *inputs, backend = args
+            return training_op(*inputs, backward_backend(training, backend))[0]
+        return overload.redispatch(keyset & _BELOW_AUTOGRAD, *args)
+
+    _AUTOGRAD_KERNELS.impl(name, forward, "Autograd", with_keyset=True)
 
 
 def _refuse_grad_in_place(name: str) -> None:
@@ -293,17 +323,14 @@ def _refuse_grad_in_place(name: str) -> None:
     tensor argument requires grad: autograd would keep the graph of the values before the write
     and return a silently wrong gradient."""
     overload = getattr(torch.ops.qwen, name).default
-    below_autograd = torch._C._after_autograd_keyset
 
     def guard(keyset: Any, *args: Any, **kwargs: Any) -> Any:
-        if torch.is_grad_enabled() and any(
-            isinstance(a, torch.Tensor) and a.requires_grad for a in args
-        ):
+        if _needs_grad(args):
             raise RuntimeError(
                 f"qwen.{name} writes its inputs in place, which autograd cannot follow, and an "
                 f"input requires grad: use qwen.{name.rstrip('_')} (differentiable), or call it "
                 "under torch.no_grad()"
             )
-        return overload.redispatch(keyset & below_autograd, *args, **kwargs)
+        return overload.redispatch(keyset & _BELOW_AUTOGRAD, *args, **kwargs)
 
-    _IN_PLACE_GUARDS.impl(name, guard, "Autograd", with_keyset=True)
+    _AUTOGRAD_KERNELS.impl(name, guard, "Autograd", with_keyset=True)

@@ -1,8 +1,13 @@
-"""Variable-length attention within segments: ``qwen::window_attn``.
+"""Variable-length attention within segments: ``qwen::window_attn``, its training forward
+``qwen::window_attn_forward`` and its backward ``qwen::window_attn_backward``.
 
 Tokens are packed ``[T, H, D]``; ``cu_seqlens`` (int32, ``[S+1]``, 0 to T, non-decreasing) cuts
 them into segments that attend only within themselves, without a causal mask. The vision tower
 uses it for windows of at most 64 tokens and for whole frames in its full-attention layers.
+
+Training follows FlashAttention-2: where a gradient is needed, ``window_attn`` runs
+``window_attn_forward``, which also returns each row's log-sum-exp; the backward saves q, k, v,
+the output and that lse (no probabilities) and recomputes P from them.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from .._checks import (
     compute_dtype,
     fail,
 )
-from ._define import OpSpec, define
+from ._define import Autograd, OpSpec, backward_backend, define
 
 OP = "window_attn"
 # Padded elements per chunk of segments in the reference: bounds its memory on long inputs.
@@ -45,11 +50,70 @@ def window_attn_reference(
     are clamped to [0, T] and segments cut at ``max_seqlen``, as in the kernels (the contract for
     layouts the value checks would refuse, see ``window_attn``).
     """
-    tokens, heads, head_dim = q.shape
-    segments = cu_seqlens.numel() - 1
-    if tokens == 0:
-        return torch.empty_like(q, memory_format=torch.contiguous_format)
+    out, _ = _segment_attention(q, k, v, cu_seqlens, max_seqlen, softmax_scale, with_lse=False)
+    return out.to(q.dtype)
+
+
+def window_attn_forward_reference(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens: Tensor,
+    max_seqlen: int,
+    softmax_scale: float,
+) -> tuple[Tensor, Tensor]:
+    """``window_attn_reference`` and the natural log-sum-exp of each row's scaled scores,
+    ``[T, H]`` in fp32 (fp64 for fp64 inputs)."""
+    out, lse = _segment_attention(q, k, v, cu_seqlens, max_seqlen, softmax_scale, with_lse=True)
+    return out.to(q.dtype), lse
+
+
+def window_attn_backward_reference(
+    grad: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    cu_seqlens: Tensor,
+    max_seqlen: int,
+    softmax_scale: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Eager gradients in fp32 (fp64 for fp64 inputs), each rounded once to q's dtype: per
+    padded segment ``P = softmax(c Q K^T)``, ``dV = P^T dO``, ``dS = P (dO V^T - D)`` with
+    ``D = rowsum(dO O)``, ``dQ = c dS K``, ``dK = c dS^T Q``. It recomputes the forward in fp32;
+    ``out`` and ``lse`` are what the kernels read instead."""
+    del out, lse
+    tokens = q.shape[0]
     acc = compute_dtype(q.dtype)
+    grads: list[Tensor | None] = [None, None, None]
+    for valid, index, local, inside in _chunks(q, cu_seqlens, max_seqlen):
+        qp, kp, vp, gp = (t.to(acc)[index].transpose(1, 2) for t in (q, k, v, grad))
+        rows = valid[:, None, :, None]  # padded query rows carry no gradient
+        gp = gp * rows
+        scores = qp @ kp.transpose(-1, -2) * softmax_scale
+        p = torch.softmax(scores.masked_fill(~valid[:, None, None, :], float("-inf")), -1)
+        p = p * rows
+        delta = (gp * (p @ vp)).sum(-1, keepdim=True)
+        ds = p * (gp @ vp.transpose(-1, -2) - delta)
+        padded = (ds @ kp * softmax_scale, ds.transpose(-1, -2) @ qp * softmax_scale,
+                  p.transpose(-1, -2) @ gp)  # fmt: skip
+        for i, g in enumerate(padded):
+            grads[i] = _merge_rows(grads[i], g.transpose(1, 2)[local], inside)
+    if tokens == 0:
+        return tuple(torch.empty_like(q, memory_format=torch.contiguous_format) for _ in range(3))
+    return tuple(g.to(q.dtype) for g in grads)
+
+
+def _chunks(q: Tensor, cu_seqlens: Tensor, max_seqlen: int):
+    """The reference's padded layout, a chunk of segments at a time: per chunk ``valid``
+    ``[s, L]``, ``index`` (each slot's token, 0 where padded) and, to scatter back, each token's
+    ``(chunk-local segment, slot)`` and whether its segment is in the chunk. Bounds clamped to
+    [0, T] and segments cut at ``max_seqlen``, as in the kernels; no host sync."""
+    tokens, heads, head_dim = q.shape
+    if tokens == 0:
+        return
+    segments = cu_seqlens.numel() - 1
     bounds = cu_seqlens.long().clamp(0, tokens)
     starts = bounds[:-1]
     lengths = (bounds[1:] - starts).clamp_(min=0)
@@ -58,24 +122,52 @@ def window_attn_reference(
     token = torch.arange(tokens, device=q.device, dtype=cu_seqlens.dtype)
     token_segment = torch.searchsorted(cu_seqlens[1:], token, right=True).clamp_(max=segments - 1)
     token_slot = (token.long() - starts[token_segment]).clamp_(0, max_seqlen - 1)
-    out = None
     per_chunk = max(1, _REFERENCE_CHUNK_ELEMENTS // (max_seqlen * heads * head_dim))
     for first in range(0, segments, per_chunk):
         chunk = slice(first, first + per_chunk)
         valid = slot < lengths[chunk, None]  # [s, L]
         index = torch.where(valid, starts[chunk, None] + slot, 0)
+        count = valid.shape[0]
+        local = (token_segment - first).clamp(0, count - 1)
+        inside = (token_segment >= first) & (token_segment < first + count)
+        yield valid, index, (local, token_slot), inside
+
+
+def _segment_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens: Tensor,
+    max_seqlen: int,
+    softmax_scale: float,
+    with_lse: bool,
+) -> tuple[Tensor, Tensor | None]:
+    """The reference's attention in fp32 (fp64), not rounded, and optionally each row's lse."""
+    tokens, heads, head_dim = q.shape
+    acc = compute_dtype(q.dtype)
+    out = lse = None
+    for valid, index, local, inside in _chunks(q, cu_seqlens, max_seqlen):
         padded = [t.to(acc)[index].transpose(1, 2) for t in (q, k, v)]  # [s, H, L, D]
+        key_mask = valid[:, None, None, :]
         attended = F.scaled_dot_product_attention(
-            *padded, attn_mask=valid[:, None, None, :], scale=softmax_scale
+            *padded, attn_mask=key_mask, scale=softmax_scale
         ).transpose(1, 2)  # [s, L, H, D]
-        local = (token_segment - first).clamp(0, attended.shape[0] - 1)
-        rows = attended[local, token_slot].to(q.dtype)  # [T, H, D]
-        if out is None:
-            out = rows
-        else:
-            inside = (token_segment >= first) & (token_segment < first + attended.shape[0])
-            out = torch.where(inside[:, None, None], rows, out)
-    return out
+        out = _merge_rows(out, attended[local], inside)  # [T, H, D]
+        if with_lse:
+            scores = padded[0] @ padded[1].transpose(-1, -2) * softmax_scale
+            row_lse = torch.logsumexp(scores.masked_fill(~key_mask, float("-inf")), -1)
+            lse = _merge_rows(lse, row_lse.transpose(1, 2)[local], inside)  # [T, H]
+    if out is None:
+        out = q.new_empty((0, heads, head_dim), dtype=acc)
+        lse = q.new_empty((0, heads), dtype=acc) if with_lse else None
+    return out, lse
+
+
+def _merge_rows(merged: Tensor | None, rows: Tensor, inside: Tensor) -> Tensor:
+    """``rows`` where ``inside`` (the tokens of this chunk of segments), ``merged`` elsewhere."""
+    if merged is None:
+        return rows
+    return torch.where(inside.view(-1, *([1] * (rows.dim() - 1))), rows, merged)
 
 
 def check_attention_args(
@@ -172,6 +264,115 @@ AUTO_NOTE = (
     "shows a case it wins"
 )
 
+
+def _check_backward_args(
+    grad: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    cu_seqlens: Tensor,
+    max_seqlen: int,
+    softmax_scale: float,
+) -> None:
+    op = "window_attn_backward"
+    check_attention_args(op, q, k, v, cu_seqlens, max_seqlen, softmax_scale)
+    for name, t in (("grad", grad), ("out", out)):
+        check_float(op, name, t)
+        check_device(op, "q", q, name, t)
+        if t.shape != q.shape:
+            fail(op, name, f"of q's shape {tuple(q.shape)}", tuple(t.shape))
+    if lse.dtype != compute_dtype(q.dtype) or tuple(lse.shape) != tuple(q.shape[:2]):
+        fail(op, "lse", f"{compute_dtype(q.dtype)} [T, H] = {tuple(q.shape[:2])}", lse)
+    check_device(op, "q", q, "lse", lse)
+
+
+def _save(ctx, inputs: tuple, output: tuple[Tensor, Tensor]) -> None:
+    q, k, v, cu_seqlens, ctx.max_seqlen, scale, _ = inputs
+    ctx.softmax_scale = default_softmax_scale(q) if scale is None else scale
+    ctx.save_for_backward(q, k, v, cu_seqlens, *output)
+
+
+def _backward(ctx, grad: Tensor, _grad_lse: Tensor | None) -> tuple:
+    q, k, v, cu_seqlens, out, lse = ctx.saved_tensors
+    grads = torch.ops.qwen.window_attn_backward(
+        grad,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        cu_seqlens,
+        ctx.max_seqlen,
+        ctx.softmax_scale,
+        backward_backend("window_attn_backward", ctx.backend),
+    )
+    return (*grads, None, None, None)
+
+
+_SHARED_ARGS = """
+    Args:
+        q, k, v, cu_seqlens, max_seqlen, softmax_scale: as in ``window_attn``.
+        backend: "auto", "torch" or "triton".
+"""
+
+window_attn_backward = define(
+    OpSpec(
+        name="window_attn_backward",
+        schema="(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+        "Tensor cu_seqlens, SymInt max_seqlen, float softmax_scale) -> (Tensor, Tensor, Tensor)",
+        doc="""The gradients of ``window_attn`` (what its autograd formula runs).
+
+    Args:
+        grad: ``[T, H, D]``, the gradient of the output; any float dtype, unit last stride or
+            not.
+        q, k, v, cu_seqlens, max_seqlen, softmax_scale: the forward's (the scale resolved).
+        out, lse: what ``window_attn_forward`` returned.
+        backend: "auto", "torch" or "triton".
+
+    Returns:
+        ``(dq, dk, dv)``, each ``[T, H, D]`` contiguous in q's dtype: P recomputed from q, k and
+        lse in fp32, every sum fp32, each gradient rounded once.
+    """,
+        reference=window_attn_backward_reference,
+        check=_check_backward_args,
+        outputs=lambda grad, q, *_: tuple(
+            torch.empty_like(q, memory_format=torch.contiguous_format) for _ in range(3)
+        ),
+        kernels={"triton": "qwen_kernels.triton_kernels.window_attn_backward:window_attn_backward"},
+    )
+)
+
+window_attn_forward = define(
+    OpSpec(
+        name="window_attn_forward",
+        schema="(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, SymInt max_seqlen, "
+        "float? softmax_scale=None) -> (Tensor, Tensor)",
+        doc="""``window_attn`` and each row's log-sum-exp: what ``window_attn`` runs where a
+    gradient is needed (it carries the autograd formula).
+"""
+        + _SHARED_ARGS
+        + """
+    Returns:
+        ``(out, lse)``: out as ``window_attn``'s, lse ``[T, H]`` fp32 (fp64 for fp64 inputs),
+        the natural log of each row's sum of ``exp(scale * q . k)`` over its segment.
+    """,
+        reference=window_attn_forward_reference,
+        check=lambda *args: check_attention_args("window_attn_forward", *args),
+        outputs=lambda q, *_: (
+            torch.empty_like(q, memory_format=torch.contiguous_format),
+            q.new_empty(q.shape[:2], dtype=compute_dtype(q.dtype)),
+        ),
+        kernels={"triton": "qwen_kernels.triton_kernels.window_attn:window_attn_forward"},
+        check_values=lambda q, k, v, cu_seqlens, max_seqlen, _scale: check_segment_values(
+            "window_attn_forward", q.shape[0], cu_seqlens, max_seqlen
+        ),
+        defaults={"softmax_scale": default_softmax_scale},
+        autograd=Autograd(_save, _backward),
+    )
+)
+
 window_attn = define(
     OpSpec(
         name=OP,
@@ -208,5 +409,6 @@ window_attn = define(
         defaults={"softmax_scale": default_softmax_scale},
         misfit=kernel_misfit,
         auto_note=AUTO_NOTE,
+        train_with="window_attn_forward",
     )
 )
