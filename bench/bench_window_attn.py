@@ -7,11 +7,15 @@ frames of 1k-16k tokens. Peers: SDPA over windows padded to the longest, ``varle
 FlashAttention entry), flex_attention with a block mask, flash-attn's varlen kernel, and the
 per-window loop of transformers' Qwen2.5-VL vision attention. The fused op runs the real window
 mix and frames of each visual, against the unfused chain (``mrope_pos_`` in place on the packed
-qkv, then ``window_attn``, each on its "auto" backend) and torch.compile of its reference.
+qkv, then ``window_attn``, each on its "auto" backend) and torch.compile of its reference. The
+training ops (``window_attn_forward``, which also stores each row's log-sum-exp, and
+``window_attn_backward``) run the real window mix and frames of each visual, against torch.compile
+of their references.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import types
 
@@ -20,6 +24,10 @@ import torch.nn.functional as F
 
 import qwen_kernels
 from qwen_kernels.model.layout import axial_inv_freq
+from qwen_kernels.ops.window_attn import (
+    window_attn_backward_reference,
+    window_attn_forward_reference,
+)
 from qwen_kernels.ops.window_attn_rope import window_attn_rope_reference
 
 from .harness import (
@@ -38,6 +46,8 @@ OP = "window_attn"
 ARGS = ("q", "k", "v", "cu_seqlens", "max_seqlen")
 ROPE_OP = "window_attn_rope"
 ROPE_ARGS = ("qkv", "cu_seqlens", "max_seqlen", "positions", "inv_freq", "mrope_section")
+FORWARD_OP, BACKWARD_OP = "window_attn_forward", "window_attn_backward"
+BACKWARD_ARGS = ("grad", "q", "k", "v", "out", "lse", "cu_seqlens", "max_seqlen", "softmax_scale")
 
 
 def cases(scale: Scale) -> list[Case]:
@@ -52,6 +62,7 @@ def cases(scale: Scale) -> list[Case]:
             name = f"{visual.name}/{kind}"
             found.append(_case(name, "real", sum(lengths), lengths, heads, head_dim))
             found.append(_rope_case(name, lengths, heads, head_dim))
+            found += _training_cases(name, lengths, heads, head_dim)
     for tokens in scale.tokens:
         lengths = window_lengths(square_grid(tokens))
         found.append(
@@ -112,6 +123,36 @@ def _rope_case(name: str, lengths: list[int], heads: int, head_dim: int) -> Case
     )
 
 
+def _training_cases(name: str, lengths: list[int], heads: int, head_dim: int) -> list[Case]:
+    """The training forward (the output and each row's lse) and the backward, which reads the
+    output gradient, q, k, v, the output and the lse and writes dq, dk and dv, over five matrix
+    products (QK^T again, dV, dP, dQ, dK) where the forward has two."""
+    forward = _case(name, "real", sum(lengths), lengths, heads, head_dim)
+    tokens, squares = sum(lengths), sum(n * n for n in lengths)
+    lse_bytes = tokens * heads * 4
+    head_bytes = tokens * heads * head_dim * 2
+    return [
+        dataclasses.replace(forward, op=FORWARD_OP, bytes=forward.bytes + lse_bytes),
+        dataclasses.replace(
+            forward,
+            op=BACKWARD_OP,
+            shape=forward.shape.replace("q,k,v", "grad, q, k, v, out"),
+            bytes=8 * head_bytes + lse_bytes + 4 * (len(lengths) + 1),
+            flops=10 * squares * heads * head_dim,
+            args=BACKWARD_ARGS,
+            build=functools.partial(_build_backward, tuple(lengths), heads, head_dim),
+        ),
+    ]
+
+
+def _build_backward(lengths: tuple[int, ...], heads: int, head_dim: int, make: Maker) -> Inputs:
+    """The forward's inputs, its output and lse (from the training forward, so that the saved
+    values agree with q, k and v), and an output gradient."""
+    inputs = _build(lengths, heads, head_dim, make)
+    out, lse = torch.ops.qwen.window_attn_forward(*(inputs[name] for name in ARGS))
+    return {**inputs, "grad": make.randn(*out.shape), "out": out, "lse": lse}
+
+
 def _build_rope(lengths: tuple[int, ...], heads: int, head_dim: int, make: Maker) -> Inputs:
     """The tower's inputs: one packed projection, (row, column) positions, axial frequencies."""
     tokens = sum(lengths)
@@ -143,12 +184,17 @@ def _build(lengths: tuple[int, ...], heads: int, head_dim: int, make: Maker) -> 
         "cu_seqlens": make.put(cu_seqlens(list(lengths)), torch.int32),
         "max_seqlen": max(lengths),
         "lengths": lengths,
+        "softmax_scale": head_dim**-0.5,
     }
 
 
 def peers(op: str) -> list[Impl]:
     """Other implementations of windowed attention on packed tokens (with the rotary before it,
     for the fused op)."""
+    if op == FORWARD_OP:
+        return [compile_peer(window_attn_forward_reference, (*ARGS, "softmax_scale"))]
+    if op == BACKWARD_OP:
+        return [compile_peer(window_attn_backward_reference, BACKWARD_ARGS)]
     if op == ROPE_OP:
         return [
             Impl("mrope_pos_+window_attn", _unfused_chain),
@@ -284,4 +330,4 @@ def _unfused_chain(inputs: Inputs) -> torch.Tensor:
     return qwen_kernels.window_attn(q, k, v, inputs["cu_seqlens"], inputs["max_seqlen"])
 
 
-SUITE = Suite("window_attn", (OP, ROPE_OP), cases, peers)
+SUITE = Suite("window_attn", (OP, ROPE_OP, FORWARD_OP, BACKWARD_OP), cases, peers)

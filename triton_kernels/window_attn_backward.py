@@ -373,20 +373,20 @@ def window_attn_backward(
         )  # fmt: skip
     n_blocks = 1 if config.one_pass else triton.cdiv(max_seqlen, config.block_n)
     q_blocks = triton.cdiv(max_seqlen, config.block_m) if constexpr_trips else 0
+    strides = (*q.stride()[:2], *k.stride()[:2], *v.stride()[:2])
     launch(
-        _attn_bwd_dkdv_kernel, (segments * n_blocks, heads), q, k, v, out, grad, lse, delta, dq, dk, dv,
-        cu_seqlens, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        out.stride(0), out.stride(1), grad.stride(0), grad.stride(1), heads, n_blocks, tokens,
-        max_seqlen, softmax_scale * LOG2_E, softmax_scale, ONE_PASS=config.one_pass,
-        Q_BLOCKS=0 if config.one_pass else q_blocks, **common,
+        _attn_bwd_dkdv_kernel, (segments * n_blocks, heads), q, k, v, out, grad, lse, delta, dq,
+        dk, dv, cu_seqlens, *strides, out.stride(0), out.stride(1), grad.stride(0),
+        grad.stride(1), heads, n_blocks, tokens, max_seqlen, softmax_scale * LOG2_E,
+        softmax_scale, ONE_PASS=config.one_pass, Q_BLOCKS=0 if config.one_pass else q_blocks,
+        **common,
     )  # fmt: skip
     if not config.one_pass:
         m_blocks = triton.cdiv(max_seqlen, config.block_m)
         kv_blocks = triton.cdiv(max_seqlen, config.block_n) if constexpr_trips else 0
         launch(
-            _attn_bwd_dq_kernel, (segments * m_blocks, heads), q, k, v, grad, lse, delta, dq, cu_seqlens,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            grad.stride(0), grad.stride(1), heads, m_blocks, tokens, max_seqlen,
-            softmax_scale * LOG2_E, softmax_scale, KV_BLOCKS=kv_blocks, **common,
+            _attn_bwd_dq_kernel, (segments * m_blocks, heads), q, k, v, grad, lse, delta, dq,
+            cu_seqlens, *strides, grad.stride(0), grad.stride(1), heads, m_blocks, tokens,
+            max_seqlen, softmax_scale * LOG2_E, softmax_scale, KV_BLOCKS=kv_blocks, **common,
         )  # fmt: skip
     return dq, dk, dv
