@@ -24,6 +24,7 @@ from .ops import (
     window_attn_backward,
     window_attn_forward,
     window_attn_rope,
+    window_attn_rope_forward,
 )
 
 __version__ = "0.1.0"
@@ -47,4 +48,5 @@ __all__ = [
     "window_attn_backward",
     "window_attn_forward",
     "window_attn_rope",
+    "window_attn_rope_forward",
 ]

@@ -723,3 +723,18 @@ def window_attn_rope(
     return _launch(
         q, k, v, cu_seqlens, max_seqlen, softmax_scale, (positions, inv_freq, mrope_section)
     )[0]
+
+
+def window_attn_rope_forward(
+    qkv: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    positions: torch.Tensor,
+    inv_freq: torch.Tensor,
+    mrope_section: list[int],
+    softmax_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``window_attn_rope`` and the log-sum-exp of each row."""
+    q, k, v = qkv.unbind(1)
+    rotary = (positions, inv_freq, mrope_section)
+    return _launch(q, k, v, cu_seqlens, max_seqlen, softmax_scale, rotary, with_lse=True)

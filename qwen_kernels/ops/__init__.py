@@ -6,7 +6,7 @@ from .rms_norm import add_rms_norm, rms_norm, rms_norm_backward
 from .rms_norm_swiglu import rms_norm_swiglu
 from .swiglu import swiglu, swiglu_backward
 from .window_attn import window_attn, window_attn_backward, window_attn_forward
-from .window_attn_rope import window_attn_rope
+from .window_attn_rope import window_attn_rope, window_attn_rope_forward
 
 __all__ = [
     "add_rms_norm",
@@ -24,4 +24,5 @@ __all__ = [
     "window_attn_backward",
     "window_attn_forward",
     "window_attn_rope",
+    "window_attn_rope_forward",
 ]

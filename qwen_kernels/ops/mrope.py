@@ -246,10 +246,9 @@ def _rotary_autograd(name: str, from_positions: bool) -> Autograd:
 
     def backward(ctx, grad_q: Tensor, grad_k: Tensor) -> tuple:
         angles, turn = ctx.saved_tensors  # (cos, sin) or (positions, inv_freq)
-        if from_positions:
-            turn = -turn
-        else:  # x' = x cos + rotate_half(x) sin has the transpose g cos + rotate_half(g) sin'
-            turn = -turn.roll(turn.shape[-1] // 2, dims=-1)  # with sin' = -(sin, halves swapped)
+        # x' = x cos + rotate_half(x) sin has the transpose g cos + rotate_half(g) sin', with
+        # sin' = -sin, halves swapped (with positions: the negative angles).
+        turn = -turn if from_positions else -turn.roll(turn.shape[-1] // 2, dims=-1)
         backend = backward_backend(name, ctx.backend)
         grads = getattr(torch.ops.qwen, name)(
             grad_q, grad_k, angles, turn, ctx.mrope_section, backend

@@ -103,7 +103,7 @@ def _backward(ctx, grad: Tensor) -> tuple:
     normed = torch.ops.qwen.rms_norm(x, unit, ctx.eps, norm_backend)
     gate_up = F.linear(normed, weight, bias)
     grad_gate_up = torch.ops.qwen.swiglu_backward(
-        grad.reshape(gate_up.shape[:-1] + (weight.shape[0] // 2,)),
+        grad.reshape((*gate_up.shape[:-1], weight.shape[0] // 2)),
         gate_up,
         backward_backend("swiglu_backward", ctx.backend),
     ).reshape(-1, weight.shape[0])

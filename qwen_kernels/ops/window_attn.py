@@ -143,7 +143,7 @@ def _segment_attention(
     with_lse: bool,
 ) -> tuple[Tensor, Tensor | None]:
     """The reference's attention in fp32 (fp64), not rounded, and optionally each row's lse."""
-    tokens, heads, head_dim = q.shape
+    _, heads, head_dim = q.shape
     acc = compute_dtype(q.dtype)
     out = lse = None
     for valid, index, local, inside in _chunks(q, cu_seqlens, max_seqlen):

@@ -4,14 +4,21 @@ Takes the packed projection ``qkv [T, 3, H, D]`` and the rotary arguments of ``m
 ``mrope_pos`` on q and k, then ``window_attn``, as one op. Kernels rotate q and k while loading
 them, so qkv is read once and only the attention output is written (the unfused chain writes q
 and k back and reads them again).
+
+Training: where a gradient is needed the op runs ``window_attn_rope_forward`` (its kernels also
+storing each row's log-sum-exp). The backward saves qkv, the output and the lse: it rotates q and
+k again (``mrope_pos``), runs ``window_attn_backward`` on the rotated values and turns dq and dk
+back by the negative angles (``mrope_pos`` with ``-inv_freq``); the rotated q and k are never
+kept.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from .._checks import check_float, check_ndim, fail
-from ._define import OpSpec, define
+from ._define import Autograd, OpSpec, backward_backend, define, not_differentiable
 from .mrope import _check_positions, mrope_pos_reference
 from .window_attn import (
     AUTO_NOTE,
@@ -19,6 +26,7 @@ from .window_attn import (
     check_segment_values,
     default_softmax_scale,
     kernel_misfit,
+    window_attn_forward_reference,
     window_attn_reference,
 )
 
@@ -39,6 +47,21 @@ def window_attn_rope_reference(
     q, k, v = qkv.unbind(1)
     q, k = mrope_pos_reference(q, k, positions, inv_freq, mrope_section)
     return window_attn_reference(q, k, v, cu_seqlens, max_seqlen, softmax_scale)
+
+
+def window_attn_rope_forward_reference(
+    qkv: Tensor,
+    cu_seqlens: Tensor,
+    max_seqlen: int,
+    positions: Tensor,
+    inv_freq: Tensor,
+    mrope_section: list[int],
+    softmax_scale: float,
+) -> tuple[Tensor, Tensor]:
+    """``window_attn_rope_reference`` and each row's log-sum-exp (``window_attn_forward``)."""
+    q, k, v = qkv.unbind(1)
+    q, k = mrope_pos_reference(q, k, positions, inv_freq, mrope_section)
+    return window_attn_forward_reference(q, k, v, cu_seqlens, max_seqlen, softmax_scale)
 
 
 def _check_args(
@@ -62,6 +85,70 @@ def _check_args(
     q_shape = (shape[0], shape[2], shape[3])
     _check_positions(OP, "qkv", qkv, q_shape, positions, inv_freq, mrope_section)
 
+
+def _save(ctx, inputs: tuple, output: tuple[Tensor, Tensor]) -> None:
+    not_differentiable("window_attn_rope_forward", inputs, "inv_freq")
+    qkv, cu_seqlens, ctx.max_seqlen, positions, inv_freq, ctx.mrope_section, scale, _ = inputs
+    ctx.softmax_scale = default_softmax_scale(qkv) if scale is None else scale
+    ctx.save_for_backward(qkv, cu_seqlens, positions, inv_freq, *output)
+
+
+def _backward(ctx, grad: Tensor, _grad_lse: Tensor | None) -> tuple:
+    qkv, cu_seqlens, positions, inv_freq, out, lse = ctx.saved_tensors
+    q, k, v = qkv.unbind(1)
+    rotary = (positions, inv_freq, ctx.mrope_section)
+    rotate = backward_backend("mrope_pos", ctx.backend)
+    q, k = torch.ops.qwen.mrope_pos(q, k, *rotary, rotate)
+    dq, dk, dv = torch.ops.qwen.window_attn_backward(
+        grad,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        cu_seqlens,
+        ctx.max_seqlen,
+        ctx.softmax_scale,
+        backward_backend("window_attn_backward", ctx.backend),
+    )
+    dq, dk = torch.ops.qwen.mrope_pos(dq, dk, positions, -inv_freq, ctx.mrope_section, rotate)
+    return torch.stack((dq, dk, dv), dim=1), None, None, None, None, None, None
+
+
+window_attn_rope_forward = define(
+    OpSpec(
+        name="window_attn_rope_forward",
+        schema="(Tensor qkv, Tensor cu_seqlens, SymInt max_seqlen, Tensor positions, "
+        "Tensor inv_freq, int[] mrope_section, float? softmax_scale=None) -> (Tensor, Tensor)",
+        doc="""``window_attn_rope`` and each row's log-sum-exp: what ``window_attn_rope`` runs
+    where a gradient is needed (it carries the autograd formula).
+
+    Args:
+        qkv, cu_seqlens, max_seqlen, positions, inv_freq, mrope_section, softmax_scale: as in
+            ``window_attn_rope``.
+        backend: "auto", "torch" or "triton".
+
+    Returns:
+        ``(out, lse)``: out as ``window_attn_rope``'s, lse ``[T, H]`` fp32 (fp64 for fp64
+        inputs), the natural log of each row's sum of ``exp(scale * q . k)`` of the rotated q, k.
+    """,
+        reference=window_attn_rope_forward_reference,
+        check=_check_args,
+        outputs=lambda qkv, *_: (
+            qkv.new_empty((qkv.shape[0], qkv.shape[2], qkv.shape[3])),
+            qkv.new_empty(
+                qkv.shape[:1] + qkv.shape[2:3],
+                dtype=torch.float64 if qkv.dtype == torch.float64 else torch.float32,
+            ),
+        ),
+        kernels={"triton": "qwen_kernels.triton_kernels.window_attn:window_attn_rope_forward"},
+        check_values=lambda qkv, cu_seqlens, max_seqlen, *_: check_segment_values(
+            "window_attn_rope_forward", qkv.shape[0], cu_seqlens, max_seqlen
+        ),
+        defaults={"softmax_scale": default_softmax_scale},
+        autograd=Autograd(_save, _backward),
+    )
+)
 
 window_attn_rope = define(
     OpSpec(
@@ -104,5 +191,6 @@ window_attn_rope = define(
         defaults={"softmax_scale": default_softmax_scale},
         misfit=kernel_misfit,
         auto_note=AUTO_NOTE,
+        train_with="window_attn_rope_forward",
     )
 )

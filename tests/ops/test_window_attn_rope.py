@@ -229,3 +229,56 @@ def test_rotated_inputs_bit_equal_to_mrope_pos_on_the_gpu(gen, backend):
     qwen_kernels.mrope_pos_(q, k, *rotary, backend=backend)
     chained = qwen_kernels.window_attn(q, k, v, cu, 64, backend=backend)
     assert torch.equal(fused, chained)
+
+
+@pytest.mark.parametrize(
+    ("backend", "device"), targets("window_attn_rope_forward", with_reference=True)
+)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["windows", "frames"])
+def test_gradients_match_fp64_autograd(gen, backend, device, dtype, kind):
+    """dqkv through the fused op: the backward rotates q and k again, runs window_attn's
+    backward on them and turns dq and dk back by the negative angles. Held to window_attn's
+    gradient bounds, taken on the rotated q and k (the rotation keeps their norms)."""
+    from qwen_kernels.ops.mrope import mrope_pos_reference
+    from qwen_kernels.ops.window_attn_rope import window_attn_rope_reference
+    from tests.helpers import autograd_grads
+    from tests.ops.test_window_attn_backward import assert_gradients_close
+
+    layout, rotary = vision_rotary([(1, 8, 12), (1, 20, 4)], 80)
+    cu = layout.cu_window_seqlens if kind == "windows" else layout.cu_frame_seqlens
+    max_seqlen = int((cu[1:] - cu[:-1]).max())
+    qkv = randn(gen, layout.num_tokens, 3, 2, 80, dtype=dtype)
+    grad = randn(gen, layout.num_tokens, 2, 80, dtype=dtype)
+
+    def run(fn, qkv, grad, *rotary):
+        return autograd_grads(lambda t: fn(t, *rotary), (qkv,), grad, (0,))[0]
+
+    def ours(t, cu, positions, inv_freq):
+        return qwen_kernels.window_attn_rope(
+            t, cu, max_seqlen, positions, inv_freq, rotary[2], None, backend
+        )
+
+    on_device = [t.to(device) for t in (cu, rotary[0], rotary[1])]
+    got = run(ours, qkv.to(device), grad.to(device), *on_device).cpu()
+
+    def reference(t, *rotary_args):
+        return window_attn_rope_reference(t, cu, max_seqlen, *rotary_args, 80**-0.5)
+
+    wide = (rotary[0], rotary[1].double(), rotary[2])
+    ref64 = run(reference, qkv.double(), grad.double(), *wide)
+    eager = run(reference, qkv, grad, *rotary)
+    q, k, v = qkv.double().unbind(1)
+    rotated = torch.stack((*mrope_pos_reference(q, k, *wide), v), 1).to(dtype)
+    assert got.dtype == dtype and got.shape == qkv.shape
+    assert_gradients_close(got, ref64, eager, rotated, cu, grad)
+
+
+def test_inv_freq_is_not_differentiable(gen):
+    layout, rotary = vision_rotary([(1, 4, 4)], 16)
+    qkv = randn(gen, layout.num_tokens, 3, 2, 16).requires_grad_()
+    inv_freq = rotary[1].clone().requires_grad_()
+    with pytest.raises(ValueError, match="`inv_freq` must not require grad"):
+        qwen_kernels.window_attn_rope(
+            qkv, layout.cu_frame_seqlens, 16, rotary[0], inv_freq, rotary[2], backend="torch"
+        )
