@@ -8,9 +8,9 @@ FlashAttention entry), flex_attention with a block mask, flash-attn's varlen ker
 per-window loop of transformers' Qwen2.5-VL vision attention. The fused op runs the real window
 mix and frames of each visual, against the unfused chain (``mrope_pos_`` in place on the packed
 qkv, then ``window_attn``, each on its "auto" backend) and torch.compile of its reference. The
-training ops (``window_attn_forward``, which also stores each row's log-sum-exp, and
-``window_attn_backward``) run the real window mix and frames of each visual, against torch.compile
-of their references.
+training ops (``window_attn_forward`` and ``window_attn_rope_forward``, which also store each
+row's log-sum-exp, and ``window_attn_backward``) run the real window mix and frames of each
+visual, against torch.compile of their references.
 """
 
 from __future__ import annotations
@@ -28,7 +28,10 @@ from qwen_kernels.ops.window_attn import (
     window_attn_backward_reference,
     window_attn_forward_reference,
 )
-from qwen_kernels.ops.window_attn_rope import window_attn_rope_reference
+from qwen_kernels.ops.window_attn_rope import (
+    window_attn_rope_forward_reference,
+    window_attn_rope_reference,
+)
 
 from .harness import (
     Case,
@@ -47,6 +50,7 @@ ARGS = ("q", "k", "v", "cu_seqlens", "max_seqlen")
 ROPE_OP = "window_attn_rope"
 ROPE_ARGS = ("qkv", "cu_seqlens", "max_seqlen", "positions", "inv_freq", "mrope_section")
 FORWARD_OP, BACKWARD_OP = "window_attn_forward", "window_attn_backward"
+ROPE_FORWARD_OP = "window_attn_rope_forward"
 BACKWARD_ARGS = ("grad", "q", "k", "v", "out", "lse", "cu_seqlens", "max_seqlen", "softmax_scale")
 
 
@@ -61,7 +65,12 @@ def cases(scale: Scale) -> list[Case]:
         ):
             name = f"{visual.name}/{kind}"
             found.append(_case(name, "real", sum(lengths), lengths, heads, head_dim))
-            found.append(_rope_case(name, lengths, heads, head_dim))
+            rope = _rope_case(name, lengths, heads, head_dim)
+            lse_bytes = sum(lengths) * heads * 4
+            found.append(rope)
+            found.append(
+                dataclasses.replace(rope, op=ROPE_FORWARD_OP, bytes=rope.bytes + lse_bytes)
+            )
             found += _training_cases(name, lengths, heads, head_dim)
     for tokens in scale.tokens:
         lengths = window_lengths(square_grid(tokens))
@@ -195,6 +204,8 @@ def peers(op: str) -> list[Impl]:
         return [compile_peer(window_attn_forward_reference, (*ARGS, "softmax_scale"))]
     if op == BACKWARD_OP:
         return [compile_peer(window_attn_backward_reference, BACKWARD_ARGS)]
+    if op == ROPE_FORWARD_OP:
+        return [compile_peer(window_attn_rope_forward_reference, (*ROPE_ARGS, "softmax_scale"))]
     if op == ROPE_OP:
         return [
             Impl("mrope_pos_+window_attn", _unfused_chain),
@@ -330,4 +341,4 @@ def _unfused_chain(inputs: Inputs) -> torch.Tensor:
     return qwen_kernels.window_attn(q, k, v, inputs["cu_seqlens"], inputs["max_seqlen"])
 
 
-SUITE = Suite("window_attn", (OP, ROPE_OP, FORWARD_OP, BACKWARD_OP), cases, peers)
+SUITE = Suite("window_attn", (OP, ROPE_OP, FORWARD_OP, BACKWARD_OP, ROPE_FORWARD_OP), cases, peers)
