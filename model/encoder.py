@@ -12,9 +12,13 @@ Same computation and the same output rows as transformers'
 * the merger gathers merge units straight into raster order (``patch_merge`` with the inverse
   window permutation) instead of merging in window order and permuting afterwards.
 
-Inference only: the ``torch.ops.qwen`` ops have no autograd formulas (and the rotary rewrites q
-and k in place), so the encoder's parameters do not require grad and its forward runs without
-autograd whatever the grad mode.
+Training: the parameters start frozen (inference costs nothing for autograd); ``requires_grad_()``
+makes ``forward`` and ``encode`` differentiable for the parameters and the pixels, and
+``gradient_checkpointing`` recomputes each block in the backward instead of keeping its
+activations. Where a gradient is needed, the rotary runs out of place (the in-place form cannot be
+differentiated) and the fused MLP front takes the norm weight unfolded (the folded copy is a
+constant); under ``no_grad`` or ``inference_mode`` the forward is the inference one and nothing is
+saved.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 import qwen_kernels as qk
 from qwen_kernels.ops.rms_norm_swiglu import fold_norm_weight
@@ -64,11 +69,14 @@ class VisionAttention(nn.Module):
     def rotated_qkv(
         self, x: Tensor, layout: GridLayout, kernels: LayerKernels
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """q, k, v ``[T, H, D]`` as views of one packed projection, q and k rotated in place."""
+        """q, k, v ``[T, H, D]``: views of one packed projection, q and k rotated in place (out
+        of place into new tensors where a gradient is needed)."""
         q, k, v = self.qkv(x).view(x.shape[0], 3, self.num_heads, self.head_dim).unbind(1)
-        qk.mrope_pos_(
-            q, k, layout.positions, layout.inv_freq, layout.rotary_section, backend=kernels.rotary
-        )
+        rotary = (layout.positions, layout.inv_freq, layout.rotary_section)
+        if needs_grad(q):
+            q, k = qk.mrope_pos(q, k, *rotary, backend=kernels.rotary)
+        else:
+            qk.mrope_pos_(q, k, *rotary, backend=kernels.rotary)
         return q, k, v
 
     def forward(
@@ -94,6 +102,11 @@ class VisionAttention(nn.Module):
             q, k, v = self.rotated_qkv(x, layout, kernels)
             out = qk.window_attn(q, k, v, cu_seqlens, max_seqlen, backend=kernels.attention)
         return self.proj(out.view(x.shape[0], -1))
+
+
+def needs_grad(t: Tensor) -> bool:
+    """Whether autograd records an op on ``t`` (grad mode on and ``t`` requires grad)."""
+    return torch.is_grad_enabled() and t.requires_grad
 
 
 class VisionMLP(nn.Module):
@@ -162,13 +175,12 @@ class VisionBlock(nn.Module):
         gate_up = self.mlp.gate_up_proj
         if kernels.fuse_mlp_norm:
             residual = attn + residual
+            # Training differentiates through the norm weight: no folded (constant) copy then.
+            training = any(needs_grad(t) for t in (residual, gate_up.weight, self.norm2.weight))
+            norm_weight = self.norm2.weight if training else None
+            weight = gate_up.weight if training else self.mlp.folded_gate_up(self.norm2.weight)
             h = qk.rms_norm_swiglu(
-                residual,
-                None,
-                self.mlp.folded_gate_up(self.norm2.weight),
-                gate_up.bias,
-                self.norm2.eps,
-                backend=kernels.mlp,
+                residual, norm_weight, weight, gate_up.bias, self.norm2.eps, backend=kernels.mlp
             )
         else:
             x, residual = qk.add_rms_norm(
@@ -206,8 +218,9 @@ class VisionEncoder(nn.Module):
             ``KernelConfig``, or a dict of its fields; change it later with ``set_kernels``.
 
     Weights start as placeholders (``torch.ones`` norms, default Linear init): load real ones with
-    ``from_pretrained`` / ``from_hf_state_dict``. Inference only: the parameters do not require
-    grad and the output never does.
+    ``from_pretrained`` / ``from_hf_state_dict``. The parameters start frozen; to train,
+    ``encoder.train().requires_grad_()`` (and ``gradient_checkpointing = True`` to recompute each
+    block in the backward instead of keeping its activations).
 
     Raises:
         ValueError: ``kernels`` names a backend that some op of a group has no code for (see
@@ -231,9 +244,10 @@ class VisionEncoder(nn.Module):
         self.blocks = nn.ModuleList(VisionBlock(config, i) for i in range(config.depth))
         self.merger = PatchMerger(config)
         self._layouts: OrderedDict[tuple[Any, ...], GridLayout] = OrderedDict()
-        # The ops have no backward: no parameter asks autograd to track it (load_state_dict with
+        # Frozen until asked: inference pays nothing for autograd (load_state_dict with
         # assign=True keeps this flag for the loaded tensors).
         self.requires_grad_(False)
+        self.gradient_checkpointing = False
         self.set_kernels(kernels)
 
     def set_kernels(self, kernels: str | KernelConfig | Mapping[str, Any]) -> None:
@@ -292,9 +306,6 @@ class VisionEncoder(nn.Module):
         with qk.skip_value_checks():
             return self.encode(pixel_values, layout, return_hidden)
 
-    # Without autograd even in grad mode: the in-place rotary on unbind views of the qkv output is
-    # an autograd error otherwise, and the ops could not be differentiated anyway.
-    @torch.no_grad()
     def encode(
         self, pixel_values: Tensor, layout: GridLayout, return_hidden: bool = False
     ) -> Tensor | tuple[Tensor, Tensor]:
@@ -312,8 +323,12 @@ class VisionEncoder(nn.Module):
         patches = pixel_values.index_select(0, layout.token_index)
         hidden = self.patch_embed(patches.to(self.patch_embed.weight.dtype))
         residual = None
+        checkpointed = self.gradient_checkpointing and torch.is_grad_enabled()
         for block in self.blocks:
-            hidden, residual = block(hidden, residual, layout)
+            if checkpointed:
+                hidden, residual = checkpoint(block, hidden, residual, layout, use_reentrant=False)
+            else:
+                hidden, residual = block(hidden, residual, layout)
         if residual is not None:
             hidden = hidden + residual
         merged = self.merger(hidden, layout.unit_index, self.kernels.merge)

@@ -237,13 +237,13 @@ def test_7b_tower_on_a_small_image(tower_7b, device, dtype):
     assert rel_err(out.cpu(), expected) < tolerance
 
 
-def test_forward_in_grad_mode_is_inference_only(gen, small_weights):
-    """Outside no_grad the forward still runs without autograd (the ops have no backward and the
-    rotary works in place) and gives the no_grad result."""
+def test_frozen_encoder_in_grad_mode_is_the_inference_forward(gen, small_weights):
+    """Parameters start frozen: in grad mode, with nothing requiring grad, the forward records
+    nothing and gives the no_grad result bit for bit."""
     encoder = VisionEncoder.from_hf_state_dict(small_weights, SMALL, kernels="torch")
     assert not any(p.requires_grad for p in encoder.parameters())
     assert not any(p.requires_grad for p in VisionEncoder(SMALL).parameters())
-    pixels = random_pixels(gen, SMALL_BATCH).requires_grad_(True)
+    pixels = random_pixels(gen, SMALL_BATCH)
     assert torch.is_grad_enabled()
     out, hidden = encoder(pixels, SMALL_BATCH, return_hidden=True)
     assert not out.requires_grad and not hidden.requires_grad
