@@ -5,7 +5,8 @@
 * each vision block: the two pre-norms run ``qwen.rms_norm`` / ``qwen.add_rms_norm`` (the first
   residual add fused into the second norm);
 * each vision attention: the 2D rotary runs ``qwen.mrope_`` in place on views of the packed qkv
-  projection (with the cos/sin tables the tower already built) and attention runs
+  projection (with the cos/sin tables the tower already built; ``qwen.mrope`` out of place where
+  a gradient is needed) and attention runs
   ``qwen.window_attn`` over the tower's ``cu_seqlens`` (no Python loop over windows, no
   device-to-host read of the segment lengths per layer), or both in ``qwen.window_attn_rope``
   where the package has it and the layer's config fuses the rotary;
@@ -15,6 +16,9 @@
   ``grid_thw``, moves them to the activations' device once, and skips the ops' per-layer value
   checks that this layout guarantees;
 * each text attention layer: its multimodal rotary runs ``qwen.mrope`` (cos/sin form).
+
+Every op has its autograd formula: a patched model fine-tunes as the unpatched one does (vision
+tower trained or frozen, some parameters only, ``gradient_checkpointing_enable()``).
 
 Weights stay where they are (the wrappers read the modules' own parameters); classes are never
 touched, so other instances keep transformers' code (under an accelerate hook the hooked
@@ -209,8 +213,6 @@ def _attention_forward(attn: nn.Module, kernels: LayerKernels) -> Callable:
     heads, head_dim, scale = attn.num_heads, attn.head_dim, attn.scaling
     fused = kernels.rotary_fused
 
-    # Inference only: the rotary rewrites views of the qkv output in place.
-    @torch.no_grad()
     def forward(
         hidden_states: Tensor,
         cu_seqlens: Tensor,
@@ -239,7 +241,10 @@ def _attention_forward(attn: nn.Module, kernels: LayerKernels) -> Callable:
         else:
             q, k, v = qkv.unbind(1)
             cos, sin = position_embeddings
-            qk.mrope_(q, k, cos, sin, None, backend=kernels.rotary)
+            if torch.is_grad_enabled() and q.requires_grad:  # in place cannot be differentiated
+                q, k = qk.mrope(q, k, cos, sin, None, backend=kernels.rotary)
+            else:
+                qk.mrope_(q, k, cos, sin, None, backend=kernels.rotary)
             out = qk.window_attn(q, k, v, cu_seqlens, max_seqlen, scale, backend=kernels.attention)
         return attn.proj(out.view(tokens, -1))
 
