@@ -109,14 +109,16 @@ def encoder_flops(config: VisionConfig, grid: Grid) -> int:
 def _build(config: VisionConfig, dtype: torch.dtype, grid: Grid, make: Maker) -> Inputs:
     return {
         "pixels": make.randn(math.prod(grid), config.patch_dim, dtype=dtype),
-        "weights": _weights(config, dtype, make.device),
+        "weights": tower_weights(config, dtype, make.device),
         "grids": (grid,),
         "model": (config, dtype, make.device),
     }
 
 
 @functools.cache
-def _weights(config: VisionConfig, dtype: torch.dtype, device: torch.device) -> dict[str, Tensor]:
+def tower_weights(
+    config: VisionConfig, dtype: torch.dtype, device: torch.device
+) -> dict[str, Tensor]:
     """One set of random weights per tower, dtype and device, shared by every case (the models
     built from them are built once per process, as a server would)."""
     if device.type == "meta":
@@ -174,7 +176,7 @@ class VarlenAttention(nn.Module):
         return self.attn.proj(out.reshape(x.shape[0], -1))
 
 
-def _compile(function: Callable, device: torch.device) -> Callable:
+def compile_for(function: Callable, device: torch.device) -> Callable:
     # aot_eager on the CPU checks that the forward traces, without a C++ compile per graph.
     return torch.compile(function, backend="inductor" if device.type == "cuda" else "aot_eager")
 
@@ -186,7 +188,7 @@ def _model(name: str, config: VisionConfig, dtype: torch.dtype, device: torch.de
     family, _, variant = name.partition("/")
     kernels, _, mode = variant.partition("+")
     compiled = mode == "compile"
-    weights = _weights(config, dtype, device)
+    weights = tower_weights(config, dtype, device)
     if family in ("qwen", "pytorch"):
         encoder = VisionEncoder.from_hf_state_dict(
             weights,
@@ -198,7 +200,7 @@ def _model(name: str, config: VisionConfig, dtype: torch.dtype, device: torch.de
         if family == "pytorch":
             for block in encoder.blocks:
                 block.attn = VarlenAttention(block.attn)
-        encode = _compile(encoder.encode, device) if compiled else encoder.encode
+        encode = compile_for(encoder.encode, device) if compiled else encoder.encode
 
         def bind_ours(pixels: Tensor, grids: tuple[Grid, ...]) -> Callable[[], Tensor]:
             layout = encoder.layout(grids)
@@ -206,7 +208,7 @@ def _model(name: str, config: VisionConfig, dtype: torch.dtype, device: torch.de
 
         return bind_ours
     tower = hf_tower(config, weights, kernels)
-    run = _compile(tower, device) if compiled else tower
+    run = compile_for(tower, device) if compiled else tower
 
     def bind_theirs(pixels: Tensor, grids: tuple[Grid, ...]) -> Callable[[], Tensor]:
         grid_thw = torch.tensor(grids)

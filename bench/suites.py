@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from . import bench_encoder, bench_mrope, bench_norm_swiglu, bench_patch_merge, bench_window_attn
+from . import (
+    bench_encoder,
+    bench_encoder_training,
+    bench_mrope,
+    bench_norm_swiglu,
+    bench_patch_merge,
+    bench_window_attn,
+)
 from .harness import Suite
 
 # Ops with our kernels first: a run cut short by its time limit keeps the rows that matter most.
@@ -14,6 +21,7 @@ SUITES: tuple[Suite, ...] = (
     bench_mrope.SUITE,
     bench_window_attn.SUITE,
     bench_encoder.SUITE,  # the whole tower: our ops inside a model
+    bench_encoder_training.SUITE,  # the tower's forward and backward
 )
 # Ops with no cases of their own: they run the kernels of the op they are a form of.
 NOT_BENCHED = {

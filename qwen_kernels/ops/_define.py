@@ -308,10 +308,12 @@ def _train_with(name: str, training: str) -> None:
     this op's output first) on the backend its backward maps to; otherwise its own kernels."""
     overload = getattr(torch.ops.qwen, name).default
     training_op = getattr(torch.ops.qwen, training).default
+    # The dispatcher leaves out trailing arguments that equal their defaults.
+    defaults = [arg.default_value for arg in overload._schema.arguments]
 
     def forward(keyset: Any, *args: Any) -> Any:
         if _needs_grad(args):
-            *inputs, backend = args
+            *inputs, backend = (*args, *defaults[len(args) :])
             return training_op(*inputs, backward_backend(training, backend))[0]
         return overload.redispatch(keyset & _BELOW_AUTOGRAD, *args)
 
