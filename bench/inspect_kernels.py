@@ -45,7 +45,16 @@ from .suites import SUITES
 DEFAULT_ARCHS = ("8.0", "9.0a")
 RESERVED_SHARED = 1024  # bytes of shared memory the driver keeps per block
 # What each op's kernels must show: tensor-core math, or 16-byte global accesses.
-KIND = {"rms_norm_swiglu": "gemm", "window_attn": "attention", "window_attn_rope": "attention"}
+KIND = {"rms_norm_swiglu": "gemm"} | dict.fromkeys(
+    (
+        "window_attn",
+        "window_attn_rope",
+        "window_attn_forward",
+        "window_attn_rope_forward",
+        "window_attn_backward",
+    ),
+    "attention",
+)
 INSTRUCTIONS = {
     "hmma": r"\bHMMA\.",
     "hgmma": r"\bHGMMA\.",

@@ -54,10 +54,11 @@ class AttnBackwardConfig:
 
 def attn_backward_config(max_seqlen: int, dtype: torch.dtype, arch: Arch) -> AttnBackwardConfig:
     """Window path for fp16/bf16 segments of at most 64 tokens (any dtype under the interpreter):
-    the forward's tile of 16, 32 or 64 rows. Long path: 64x64 tiles with 4 warps (32x32 for
-    fp32, whose products run on FMA units), 2 stages on the GPU. The backward keeps Q, K, V, dO,
-    S, P, dP and dS of a tile live, about twice the forward's registers: hence tiles half the
-    forward's long-path 128x64. Not yet tuned on a GPU."""
+    the forward's tile of 16, 32 or 64 rows, one warp per 16. Long path, 8 warps and 2 stages:
+    64 queries x 32 keys on sm_80, 64 x 64 from sm_90 (the backward keeps K, V, their two
+    gradients, Q, dO and four score tiles live; compiled offline at head_dim 80 these are the
+    tiles that spill no registers, 64 x 64 spilling on sm_80 and 64 x 32 on sm_90a); fp32 32 x 32
+    with 4 warps (its products run on FMA units). Not yet timed on a GPU."""
     interpreted = arch is None
     if max_seqlen <= WINDOW_MAX_SEQLEN and (interpreted or dtype != torch.float32):
         block = max(16, triton.next_power_of_2(max_seqlen))
@@ -66,7 +67,7 @@ def attn_backward_config(max_seqlen: int, dtype: torch.dtype, arch: Arch) -> Att
         return AttnBackwardConfig(64, 64, False, 4, 1)
     if dtype == torch.float32:
         return AttnBackwardConfig(32, 32, False, 4, 2)
-    return AttnBackwardConfig(64, 64, False, 4, 2)
+    return AttnBackwardConfig(64, 64 if arch[0] >= 9 else 32, False, 8, 2)
 
 
 @triton.jit

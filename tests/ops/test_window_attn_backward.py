@@ -289,3 +289,24 @@ def test_training_with_the_default_arguments(gen):
     )
     for got, want in zip((q.grad, k.grad, v.grad), expected, strict=True):
         torch.testing.assert_close(got, want)
+
+
+def test_backward_launch_configs():
+    """The pure heuristic, called with archs: the window path up to 64 tokens (fp16/bf16, or any
+    dtype under the interpreter), the tiles that spill no registers on the long path."""
+    from qwen_kernels.triton_kernels.window_attn_backward import attn_backward_config
+
+    window = attn_backward_config(33, torch.bfloat16, (8, 0))
+    assert window.one_pass and (window.block_m, window.block_n, window.num_warps) == (64, 64, 4)
+    assert attn_backward_config(16, torch.float32, None).one_pass
+    assert not attn_backward_config(16, torch.float32, (9, 0)).one_pass
+    for arch, block_n in (((8, 0), 32), ((8, 6), 32), ((9, 0), 64), ((10, 0), 64)):
+        long = attn_backward_config(4096, torch.bfloat16, arch)
+        assert (long.one_pass, long.block_m, long.block_n, long.num_warps) == (
+            False,
+            64,
+            block_n,
+            8,
+        )
+    fp32 = attn_backward_config(4096, torch.float32, (9, 0))
+    assert (fp32.block_m, fp32.block_n) == (32, 32)
