@@ -29,6 +29,8 @@ ALIGNED_INPUTS = {
     "mrope_": "args = (t(256, 16, 80), t(256, 16, 80), t(256, 80), t(256, 80), None)",
     "mrope_pos": "args = (t(256, 16, 80), t(256, 16, 80), i(2, 256), f(20), [10, 10])",
     "mrope_pos_": "args = (t(256, 16, 80), t(256, 16, 80), i(2, 256), f(20), [10, 10])",
+    "rms_norm_backward": "x = t(64, 1280); args = (t(64, 1280), x, t(1280), 1e-6, None)",
+    "swiglu_backward": "args = (t(64, 1280), t(64, 2 * 1280))",
 }
 
 
