@@ -115,6 +115,26 @@ def _store_head(ptr, tokens, mask_rows, cols_a, cols_b, x_a, x_b, heads, HEAD_DI
 
 
 @triton.jit
+def _columns(D_MAIN: tl.constexpr, D_TAIL: tl.constexpr):
+    """The column indices of a head's two blocks (the second is the first without a tail)."""
+    cols_a = tl.arange(0, D_MAIN)
+    cols_b = cols_a
+    if D_TAIL > 0:
+        cols_b = D_MAIN + tl.arange(0, D_TAIL)
+    return cols_a, cols_b
+
+
+@triton.jit
+def _load_rows(ptr, tokens, mask, stride_t, cols_a, cols_b, HEAD_DIM: tl.constexpr,
+               D_TAIL: tl.constexpr, MASK_COLS: tl.constexpr, UPCAST: tl.constexpr):  # fmt: skip
+    """``_load_head`` without a rotary: rows ``tokens`` of one head, both column blocks."""
+    return _load_head(
+        ptr, tokens, mask, stride_t, cols_a, cols_b, 0.0, 0.0, 0.0, 0.0, HEAD_DIM, D_TAIL,
+        MASK_COLS, False, UPCAST,
+    )  # fmt: skip
+
+
+@triton.jit
 def _row_dot(a_a, a_b, b_a, b_b, D_TAIL: tl.constexpr):
     """Per row, the dot product of two heads (both column blocks) in fp32."""
     d = tl.sum(a_a.to(tl.float32) * b_a.to(tl.float32), 1)
@@ -132,17 +152,16 @@ def _delta_kernel(out_ptr, grad_ptr, delta_ptr, n_tokens, stride_ot, stride_oh, 
     mask = tokens < n_tokens
     head = tl.program_id(1)
     MASK_COLS: tl.constexpr = D_MAIN + D_TAIL != HEAD_DIM
-    cols_a = tl.arange(0, D_MAIN)
-    cols_b = cols_a
-    if D_TAIL > 0:
-        cols_b = D_MAIN + tl.arange(0, D_TAIL)
-    o_a, o_b = _load_head(
-        out_ptr + head * stride_oh, tokens, mask, stride_ot, cols_a, cols_b, 0.0, 0.0, 0.0, 0.0,
-        HEAD_DIM, D_TAIL, MASK_COLS, False, True,
+    cols_a, cols_b = _columns(D_MAIN, D_TAIL)
+    o_a, o_b = _load_rows(
+        out_ptr + head * stride_oh, tokens, mask, stride_ot, cols_a, cols_b, HEAD_DIM, D_TAIL,
+        MASK_COLS, True,
+
     )  # fmt: skip
-    g_a, g_b = _load_head(
-        grad_ptr + head * stride_gh, tokens, mask, stride_gt, cols_a, cols_b, 0.0, 0.0, 0.0, 0.0,
-        HEAD_DIM, D_TAIL, MASK_COLS, False, True,
+    g_a, g_b = _load_rows(
+        grad_ptr + head * stride_gh, tokens, mask, stride_gt, cols_a, cols_b, HEAD_DIM, D_TAIL,
+        MASK_COLS, True,
+
     )  # fmt: skip
     delta = _row_dot(o_a, o_b, g_a, g_b, D_TAIL)
     tl.store(delta_ptr + tokens.to(tl.int64) * heads + head, delta, mask=mask)
@@ -166,22 +185,21 @@ def _attn_bwd_dkdv_kernel(
         return
     MASK_COLS: tl.constexpr = D_MAIN + D_TAIL != HEAD_DIM
     dtype: tl.constexpr = dk_ptr.dtype.element_ty
-    cols_a = tl.arange(0, D_MAIN)
-    cols_b = cols_a
-    if D_TAIL > 0:
-        cols_b = D_MAIN + tl.arange(0, D_TAIL)
+    cols_a, cols_b = _columns(D_MAIN, D_TAIL)
     keys = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
     key_mask = keys < seqlen
     key_tokens = start + keys
     q_head, o_head = q_ptr + head * stride_qh, out_ptr + head * stride_oh
     g_head = grad_ptr + head * stride_gh
-    k_a, k_b = _load_head(
-        k_ptr + head * stride_kh, key_tokens, key_mask, stride_kt, cols_a, cols_b, 0.0, 0.0, 0.0,
-        0.0, HEAD_DIM, D_TAIL, MASK_COLS, False, UPCAST,
+    k_a, k_b = _load_rows(
+        k_ptr + head * stride_kh, key_tokens, key_mask, stride_kt, cols_a, cols_b, HEAD_DIM, D_TAIL,
+        MASK_COLS, UPCAST,
+
     )  # fmt: skip
-    v_a, v_b = _load_head(
-        v_ptr + head * stride_vh, key_tokens, key_mask, stride_vt, cols_a, cols_b, 0.0, 0.0, 0.0,
-        0.0, HEAD_DIM, D_TAIL, MASK_COLS, False, UPCAST,
+    v_a, v_b = _load_rows(
+        v_ptr + head * stride_vh, key_tokens, key_mask, stride_vt, cols_a, cols_b, HEAD_DIM, D_TAIL,
+        MASK_COLS, UPCAST,
+
     )  # fmt: skip
     dk_a = tl.zeros((BLOCK_N, D_MAIN), tl.float32)
     dv_a = dk_a
@@ -191,17 +209,20 @@ def _attn_bwd_dkdv_kernel(
         dv_b = dk_b
     if ONE_PASS:
         # The segment is one block: its queries are its keys, and dQ is complete here.
-        q_a, q_b = _load_head(
-            q_head, key_tokens, key_mask, stride_qt, cols_a, cols_b, 0.0, 0.0, 0.0, 0.0,
-            HEAD_DIM, D_TAIL, MASK_COLS, False, UPCAST,
+        q_a, q_b = _load_rows(
+            q_head, key_tokens, key_mask, stride_qt, cols_a, cols_b, HEAD_DIM, D_TAIL, MASK_COLS,
+            UPCAST,
+
         )  # fmt: skip
-        do_a, do_b = _load_head(
-            g_head, key_tokens, key_mask, stride_gt, cols_a, cols_b, 0.0, 0.0, 0.0, 0.0,
-            HEAD_DIM, D_TAIL, MASK_COLS, False, UPCAST,
+        do_a, do_b = _load_rows(
+            g_head, key_tokens, key_mask, stride_gt, cols_a, cols_b, HEAD_DIM, D_TAIL, MASK_COLS,
+            UPCAST,
+
         )  # fmt: skip
-        o_a, o_b = _load_head(
-            o_head, key_tokens, key_mask, stride_ot, cols_a, cols_b, 0.0, 0.0, 0.0, 0.0,
-            HEAD_DIM, D_TAIL, MASK_COLS, False, UPCAST,
+        o_a, o_b = _load_rows(
+            o_head, key_tokens, key_mask, stride_ot, cols_a, cols_b, HEAD_DIM, D_TAIL, MASK_COLS,
+            UPCAST,
+
         )  # fmt: skip
         delta = _row_dot(do_a, do_b, o_a, o_b, D_TAIL)
         p = _probabilities(
@@ -232,13 +253,15 @@ def _attn_bwd_dkdv_kernel(
             rows = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
             row_mask = rows < seqlen
             tokens = start + rows
-            q_a, q_b = _load_head(
-                q_head, tokens, row_mask, stride_qt, cols_a, cols_b, 0.0, 0.0, 0.0, 0.0,
-                HEAD_DIM, D_TAIL, MASK_COLS, False, UPCAST,
+            q_a, q_b = _load_rows(
+                q_head, tokens, row_mask, stride_qt, cols_a, cols_b, HEAD_DIM, D_TAIL, MASK_COLS,
+                UPCAST,
+
             )  # fmt: skip
-            do_a, do_b = _load_head(
-                g_head, tokens, row_mask, stride_gt, cols_a, cols_b, 0.0, 0.0, 0.0, 0.0,
-                HEAD_DIM, D_TAIL, MASK_COLS, False, UPCAST,
+            do_a, do_b = _load_rows(
+                g_head, tokens, row_mask, stride_gt, cols_a, cols_b, HEAD_DIM, D_TAIL, MASK_COLS,
+                UPCAST,
+
             )  # fmt: skip
             delta = tl.load(
                 delta_ptr + tokens.to(tl.int64) * heads + head, mask=row_mask, other=0.0
@@ -283,20 +306,19 @@ def _attn_bwd_dq_kernel(
         return
     MASK_COLS: tl.constexpr = D_MAIN + D_TAIL != HEAD_DIM
     dtype: tl.constexpr = dq_ptr.dtype.element_ty
-    cols_a = tl.arange(0, D_MAIN)
-    cols_b = cols_a
-    if D_TAIL > 0:
-        cols_b = D_MAIN + tl.arange(0, D_TAIL)
+    cols_a, cols_b = _columns(D_MAIN, D_TAIL)
     rows = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < seqlen
     tokens = start + rows
-    q_a, q_b = _load_head(
-        q_ptr + head * stride_qh, tokens, row_mask, stride_qt, cols_a, cols_b, 0.0, 0.0, 0.0,
-        0.0, HEAD_DIM, D_TAIL, MASK_COLS, False, UPCAST,
+    q_a, q_b = _load_rows(
+        q_ptr + head * stride_qh, tokens, row_mask, stride_qt, cols_a, cols_b, HEAD_DIM, D_TAIL,
+        MASK_COLS, UPCAST,
+
     )  # fmt: skip
-    do_a, do_b = _load_head(
-        grad_ptr + head * stride_gh, tokens, row_mask, stride_gt, cols_a, cols_b, 0.0, 0.0, 0.0,
-        0.0, HEAD_DIM, D_TAIL, MASK_COLS, False, UPCAST,
+    do_a, do_b = _load_rows(
+        grad_ptr + head * stride_gh, tokens, row_mask, stride_gt, cols_a, cols_b, HEAD_DIM, D_TAIL,
+        MASK_COLS, UPCAST,
+
     )  # fmt: skip
     delta = tl.load(delta_ptr + tokens.to(tl.int64) * heads + head, mask=row_mask, other=0.0)
     dq_a = tl.zeros((BLOCK_M, D_MAIN), tl.float32)
@@ -310,13 +332,15 @@ def _attn_bwd_dq_kernel(
         keys = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
         key_mask = keys < seqlen
         key_tokens = start + keys
-        k_a, k_b = _load_head(
-            k_ptr + head * stride_kh, key_tokens, key_mask, stride_kt, cols_a, cols_b, 0.0, 0.0,
-            0.0, 0.0, HEAD_DIM, D_TAIL, MASK_COLS, False, UPCAST,
+        k_a, k_b = _load_rows(
+            k_ptr + head * stride_kh, key_tokens, key_mask, stride_kt, cols_a, cols_b, HEAD_DIM,
+            D_TAIL, MASK_COLS, UPCAST,
+
         )  # fmt: skip
-        v_a, v_b = _load_head(
-            v_ptr + head * stride_vh, key_tokens, key_mask, stride_vt, cols_a, cols_b, 0.0, 0.0,
-            0.0, 0.0, HEAD_DIM, D_TAIL, MASK_COLS, False, UPCAST,
+        v_a, v_b = _load_rows(
+            v_ptr + head * stride_vh, key_tokens, key_mask, stride_vt, cols_a, cols_b, HEAD_DIM,
+            D_TAIL, MASK_COLS, UPCAST,
+
         )  # fmt: skip
         p = _probabilities(
             q_a, q_b, k_a, k_b, lse_ptr, tokens, row_mask, key_mask, head, heads, qk_scale,
