@@ -232,3 +232,27 @@ def test_a_backend_that_cannot_take_the_head_dim_is_refused_at_patch_time(model)
         model, KernelConfig(norm="cuda_emu", mlp="cuda_emu", merge="cuda_emu")
     )
     handle.unpatch()
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("inputs", [image_batch, video_batch], ids=["image", "video"])
+def test_gradients_match(gen, model, backend, inputs):
+    """The training path holds on these configs too: every parameter's gradient of the LM loss
+    is the unpatched model's (head_dim 8 in the tower and the text model, merge 1 and 2)."""
+    batch = inputs(gen, model)
+
+    def gradients() -> dict[str, torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        model.train()
+        try:
+            model(**batch, labels=batch["input_ids"]).loss.backward()
+        finally:
+            model.eval()
+        return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    expected = gradients()
+    got = _patched(model, _kernels(backend), gradients)
+    model.zero_grad(set_to_none=True)
+    assert got.keys() == expected.keys() and got
+    for name, grad in got.items():
+        assert rel_err(grad, expected[name]) < 1e-4, name
