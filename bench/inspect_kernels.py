@@ -581,7 +581,7 @@ def summary(rows: Sequence[Row], cases: Sequence[Case] = ()) -> list[str]:
     for attention cases, the useful share of the CUDA kernels' mma work."""
     lines = []
     for case in cases:
-        if KIND.get(case.op) == "attention" and case.lengths:
+        if KIND.get(case.op) == "attention" and case.lengths and "cuda" in REGISTRY[case.op].impls:
             # q (or the packed qkv) on "meta": its shape, nothing allocated.
             head_dim = case.build(Maker("meta", seed=0))[case.args[0]].shape[-1]
             share = padded_mma_share(case.lengths, head_dim, CUDA_ATTENTION_STEPS)
