@@ -18,6 +18,15 @@ from tests.test_hf import VISION, tiny_config
 GRIDS = [[(2, 8, 16)], [(3, 16, 8)], [(1, 8, 8), (2, 16, 8)], [(1, 6, 10)]]
 
 
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Each test counts its own compiles: earlier tests' graphs of the same code (encode is one
+    code object for every encoder) would fill Dynamo's recompile limit."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
 def _pixels(gen, grid) -> torch.Tensor:
     return torch.randn(sum(t * h * w for t, h, w in grid), 1176, generator=gen)
 

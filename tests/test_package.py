@@ -24,6 +24,12 @@ OPS = [
     "swiglu",
     "rms_norm_swiglu",
     "patch_merge",
+    # What autograd runs: the training forwards and the backward ops.
+    "window_attn_forward",
+    "window_attn_rope_forward",
+    "window_attn_backward",
+    "rms_norm_backward",
+    "swiglu_backward",
 ]
 
 
