@@ -341,6 +341,7 @@ window_attn_backward = define(
             torch.empty_like(q, memory_format=torch.contiguous_format) for _ in range(3)
         ),
         kernels={"triton": "qwen_kernels.triton_kernels.window_attn_backward:window_attn_backward"},
+        misfit=kernel_misfit,
     )
 )
 
@@ -369,6 +370,7 @@ window_attn_forward = define(
             "window_attn_forward", q.shape[0], cu_seqlens, max_seqlen
         ),
         defaults={"softmax_scale": default_softmax_scale},
+        misfit=kernel_misfit,
         autograd=Autograd(_save, _backward),
     )
 )

@@ -146,6 +146,7 @@ window_attn_rope_forward = define(
             "window_attn_rope_forward", qkv.shape[0], cu_seqlens, max_seqlen
         ),
         defaults={"softmax_scale": default_softmax_scale},
+        misfit=kernel_misfit,
         autograd=Autograd(_save, _backward),
     )
 )

@@ -310,3 +310,15 @@ def test_backward_launch_configs():
         )
     fp32 = attn_backward_config(4096, torch.float32, (9, 0))
     assert (fp32.block_m, fp32.block_n) == (32, 32)
+
+
+def test_auto_trains_head_dims_the_kernels_cannot_hold_on_the_reference(gen):
+    """head_dim 272 is past the Triton kernels' 256: "auto" runs the training forward and the
+    backward on the reference, an explicit "triton" is refused with what the kernel holds."""
+    cu = cu_seqlens_of([3, 2])
+    q, k, v = (randn(gen, 5, 1, 272).requires_grad_() for _ in range(3))
+    qwen_kernels.window_attn(q, k, v, cu, 3).sum().backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all()
+    if "triton" in qwen_kernels._backends.REGISTRY["window_attn_backward"].usable("cpu"):
+        with pytest.raises(ValueError, match="up to 256"):
+            qwen_kernels.window_attn_forward(q, k, v, cu, 3, None, "triton")
