@@ -19,6 +19,7 @@ and none pays for a generic loop over its arguments on every call.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -117,11 +118,16 @@ def backward_backend(op: str, backend: str) -> str:
     return backend if backend in REGISTRY[op].impls else "auto"
 
 
+@functools.cache
+def op_schema(op: str) -> torch.FunctionSchema:
+    """The parsed schema of a declared op (without ``backend``), parsed once."""
+    return torch._C.parse_schema(f"qwen::{op}{SPECS[op].schema}")
+
+
 def not_differentiable(op: str, inputs: tuple, *names: str) -> None:
     """Raise ``ValueError`` when one of the arguments ``names`` of ``op`` (tensors or None, in
     the schema's order of ``inputs``) requires grad."""
-    schema = torch._C.parse_schema(f"qwen::{op}{SPECS[op].schema}")
-    for arg, value in zip(schema.arguments, inputs, strict=False):
+    for arg, value in zip(op_schema(op).arguments, inputs, strict=False):
         if arg.name in names and isinstance(value, torch.Tensor) and value.requires_grad:
             raise ValueError(
                 f"qwen.{op}: `{arg.name}` must not require grad (the op has no gradient for "
@@ -136,8 +142,7 @@ SPECS: dict[str, OpSpec] = {}
 def prepared(op: str, args: tuple) -> tuple:
     """``args`` of ``op`` (without ``backend``) as its implementations receive them: with the
     defaults that depend on the inputs filled in (``OpSpec.defaults``)."""
-    spec = SPECS[op]
-    schema = torch._C.parse_schema(f"qwen::{op}{spec.schema}")
+    spec, schema = SPECS[op], op_schema(op)
     first = next(a for a in args if isinstance(a, torch.Tensor))
     return tuple(
         spec.defaults[arg.name](first) if value is None and arg.name in spec.defaults else value
