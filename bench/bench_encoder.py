@@ -211,16 +211,24 @@ def _model(name: str, config: VisionConfig, dtype: torch.dtype, device: torch.de
     run = compile_for(tower, device) if compiled else tower
 
     def bind_theirs(pixels: Tensor, grids: tuple[Grid, ...]) -> Callable[[], Tensor]:
-        grid_thw = torch.tensor(grids)
-        precomputed = {
-            k: v.to(device) if isinstance(v, Tensor) else v
-            for k, v in hf_precomputed(config, grid_thw).items()
-        }
-        grid_thw = grid_thw.to(device)
-        # transformers pops the precomputed entries: hand it a fresh dict per call.
-        return lambda: run(pixels, grid_thw, **dict(precomputed)).pooler_output
+        return functools.partial(hf_forward(run, config, grids, device), pixels)
 
     return bind_theirs
+
+
+def hf_forward(
+    run: Callable, config: VisionConfig, grids: tuple[Grid, ...], device: torch.device
+) -> Callable[[Tensor], Tensor]:
+    """transformers' tower ``run`` (a module, or it compiled) as a function of the pixels, with
+    the grid's inputs precomputed on ``device`` once; returns the merged tokens."""
+    grid_thw = torch.tensor(grids)
+    precomputed = {
+        k: v.to(device) if isinstance(v, Tensor) else v
+        for k, v in hf_precomputed(config, grid_thw).items()
+    }
+    grid_thw = grid_thw.to(device)
+    # transformers pops the precomputed entries: hand it a fresh dict per call.
+    return lambda pixels: run(pixels, grid_thw, **dict(precomputed)).pooler_output
 
 
 def _prepare(name: str, inputs: Inputs) -> Inputs:

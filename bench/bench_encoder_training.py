@@ -25,7 +25,7 @@ from torch import Tensor
 from qwen_kernels.model import VisionConfig, VisionEncoder
 from qwen_kernels.model.weights import convert_hf_state_dict, hf_shapes
 
-from .bench_encoder import compile_for, encoder_flops, hf_precomputed, hf_tower, tower_weights
+from .bench_encoder import compile_for, encoder_flops, hf_forward, hf_tower, tower_weights
 from .harness import REL_ERR_LIMIT, Case, Impl, Inputs, Maker, Suite, missing_module
 from .shapes import TINY, Grid, Scale
 
@@ -111,13 +111,7 @@ def _model(name: str, config: VisionConfig, dtype: torch.dtype, device: torch.de
         return convert_hf_state_dict({n: p.grad for n, p in tower.named_parameters()}, config)
 
     def bind(pixels: Tensor, grids: tuple[Grid, ...]) -> tuple[Callable, ...]:
-        grid_thw = torch.tensor(grids)
-        precomputed = {
-            k: v.to(device) if isinstance(v, Tensor) else v
-            for k, v in hf_precomputed(config, grid_thw).items()
-        }
-        grid_thw = grid_thw.to(device)
-        forward = lambda px: run(px, grid_thw, **dict(precomputed)).pooler_output  # noqa: E731
+        forward = hf_forward(run, config, grids, device)
         return forward, hf_grads, functools.partial(tower.zero_grad, set_to_none=True)
 
     return bind

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 import qwen_kernels as qk
+from qwen_kernels.ops._define import needs_grad
 from qwen_kernels.ops.rms_norm_swiglu import fold_norm_weight
 
 from .config import KernelConfig, LayerKernels, VisionConfig
@@ -104,11 +105,6 @@ class VisionAttention(nn.Module):
         return self.proj(out.view(x.shape[0], -1))
 
 
-def needs_grad(t: Tensor) -> bool:
-    """Whether autograd records an op on ``t`` (grad mode on and ``t`` requires grad)."""
-    return torch.is_grad_enabled() and t.requires_grad
-
-
 class VisionMLP(nn.Module):
     """Weights of the SwiGLU MLP, gate and up projections packed into one (gate rows first).
 
@@ -176,7 +172,7 @@ class VisionBlock(nn.Module):
         if kernels.fuse_mlp_norm:
             residual = attn + residual
             # Training differentiates through the norm weight: no folded (constant) copy then.
-            training = any(needs_grad(t) for t in (residual, gate_up.weight, self.norm2.weight))
+            training = needs_grad(residual, gate_up.weight, self.norm2.weight)
             norm_weight = self.norm2.weight if training else None
             weight = gate_up.weight if training else self.mlp.folded_gate_up(self.norm2.weight)
             h = qk.rms_norm_swiglu(

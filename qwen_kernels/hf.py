@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 import qwen_kernels as qk
 from qwen_kernels.model.config import KernelConfig, LayerKernels, op_backends
+from qwen_kernels.ops._define import needs_grad
 
 # Set on the patched vision tower and text model so that a second patch (of the same model or of
 # a part of it) is refused instead of stacking wrappers.
@@ -241,7 +242,7 @@ def _attention_forward(attn: nn.Module, kernels: LayerKernels) -> Callable:
         else:
             q, k, v = qkv.unbind(1)
             cos, sin = position_embeddings
-            if torch.is_grad_enabled() and q.requires_grad:  # in place cannot be differentiated
+            if needs_grad(q):  # the in-place form cannot be differentiated
                 q, k = qk.mrope(q, k, cos, sin, None, backend=kernels.rotary)
             else:
                 qk.mrope_(q, k, cos, sin, None, backend=kernels.rotary)

@@ -102,6 +102,24 @@ def _score_grads(p, do_a, do_b, v_a, v_b, delta, dtype: tl.constexpr, D_TAIL: tl
 
 
 @triton.jit
+def _key_grads(p, q_a, q_b, do_a, do_b, v_a, v_b, delta, dk_a, dk_b, dv_a, dv_b,
+               dtype: tl.constexpr, D_TAIL: tl.constexpr, UPCAST: tl.constexpr,
+               IEEE: tl.constexpr):  # fmt: skip
+    """One (query block, key block) tile's share of dV = P^T dO and dK = dS^T Q (unscaled),
+    added to the running sums; returns them and dS (for dQ)."""
+    p_in = round_to(p, dtype)
+    if UPCAST:
+        p_in = p_in.to(tl.float32)
+    dv_a = _dot(tl.trans(p_in), do_a, dv_a, IEEE)
+    ds = _score_grads(p, do_a, do_b, v_a, v_b, delta, dtype, D_TAIL, UPCAST, IEEE)
+    dk_a = _dot(tl.trans(ds), q_a, dk_a, IEEE)
+    if D_TAIL > 0:
+        dv_b = _dot(tl.trans(p_in), do_b, dv_b, IEEE)
+        dk_b = _dot(tl.trans(ds), q_b, dk_b, IEEE)
+    return dk_a, dk_b, dv_a, dv_b, ds
+
+
+@triton.jit
 def _store_head(ptr, tokens, mask_rows, cols_a, cols_b, x_a, x_b, heads, HEAD_DIM: tl.constexpr,
                 D_TAIL: tl.constexpr, MASK_COLS: tl.constexpr):  # fmt: skip
     """Rows ``tokens`` of one head of a contiguous ``[T, H, D]`` output, rounded to its dtype."""
@@ -156,12 +174,10 @@ def _delta_kernel(out_ptr, grad_ptr, delta_ptr, n_tokens, stride_ot, stride_oh, 
     o_a, o_b = _load_rows(
         out_ptr + head * stride_oh, tokens, mask, stride_ot, cols_a, cols_b, HEAD_DIM, D_TAIL,
         MASK_COLS, True,
-
     )  # fmt: skip
     g_a, g_b = _load_rows(
         grad_ptr + head * stride_gh, tokens, mask, stride_gt, cols_a, cols_b, HEAD_DIM, D_TAIL,
         MASK_COLS, True,
-
     )  # fmt: skip
     delta = _row_dot(o_a, o_b, g_a, g_b, D_TAIL)
     tl.store(delta_ptr + tokens.to(tl.int64) * heads + head, delta, mask=mask)
@@ -194,12 +210,10 @@ def _attn_bwd_dkdv_kernel(
     k_a, k_b = _load_rows(
         k_ptr + head * stride_kh, key_tokens, key_mask, stride_kt, cols_a, cols_b, HEAD_DIM, D_TAIL,
         MASK_COLS, UPCAST,
-
     )  # fmt: skip
     v_a, v_b = _load_rows(
         v_ptr + head * stride_vh, key_tokens, key_mask, stride_vt, cols_a, cols_b, HEAD_DIM, D_TAIL,
         MASK_COLS, UPCAST,
-
     )  # fmt: skip
     dk_a = tl.zeros((BLOCK_N, D_MAIN), tl.float32)
     dv_a = dk_a
@@ -212,34 +226,27 @@ def _attn_bwd_dkdv_kernel(
         q_a, q_b = _load_rows(
             q_head, key_tokens, key_mask, stride_qt, cols_a, cols_b, HEAD_DIM, D_TAIL, MASK_COLS,
             UPCAST,
-
         )  # fmt: skip
         do_a, do_b = _load_rows(
             g_head, key_tokens, key_mask, stride_gt, cols_a, cols_b, HEAD_DIM, D_TAIL, MASK_COLS,
             UPCAST,
-
         )  # fmt: skip
         o_a, o_b = _load_rows(
             o_head, key_tokens, key_mask, stride_ot, cols_a, cols_b, HEAD_DIM, D_TAIL, MASK_COLS,
             UPCAST,
-
         )  # fmt: skip
         delta = _row_dot(do_a, do_b, o_a, o_b, D_TAIL)
         p = _probabilities(
             q_a, q_b, k_a, k_b, lse_ptr, key_tokens, key_mask, key_mask, head, heads, qk_scale,
             D_TAIL, IEEE,
         )  # fmt: skip
-        p_in = round_to(p, dtype)
-        if UPCAST:
-            p_in = p_in.to(tl.float32)
-        dv_a = _dot(tl.trans(p_in), do_a, dv_a, IEEE)
-        ds = _score_grads(p, do_a, do_b, v_a, v_b, delta, dtype, D_TAIL, UPCAST, IEEE)
-        dk_a = _dot(tl.trans(ds), q_a, dk_a, IEEE)
+        dk_a, dk_b, dv_a, dv_b, ds = _key_grads(
+            p, q_a, q_b, do_a, do_b, v_a, v_b, delta, dk_a, dk_b, dv_a, dv_b, dtype, D_TAIL,
+            UPCAST, IEEE,
+        )  # fmt: skip
         dq_a = _dot(ds, k_a, tl.zeros((BLOCK_N, D_MAIN), tl.float32), IEEE)
         dq_b = dq_a
         if D_TAIL > 0:
-            dv_b = _dot(tl.trans(p_in), do_b, dv_b, IEEE)
-            dk_b = _dot(tl.trans(ds), q_b, dk_b, IEEE)
             dq_b = _dot(ds, k_b, tl.zeros((BLOCK_N, D_TAIL), tl.float32), IEEE)
         _store_head(
             dq_ptr + head * HEAD_DIM, key_tokens, key_mask, cols_a, cols_b, dq_a * softmax_scale,
@@ -256,12 +263,10 @@ def _attn_bwd_dkdv_kernel(
             q_a, q_b = _load_rows(
                 q_head, tokens, row_mask, stride_qt, cols_a, cols_b, HEAD_DIM, D_TAIL, MASK_COLS,
                 UPCAST,
-
             )  # fmt: skip
             do_a, do_b = _load_rows(
                 g_head, tokens, row_mask, stride_gt, cols_a, cols_b, HEAD_DIM, D_TAIL, MASK_COLS,
                 UPCAST,
-
             )  # fmt: skip
             delta = tl.load(
                 delta_ptr + tokens.to(tl.int64) * heads + head, mask=row_mask, other=0.0
@@ -270,15 +275,10 @@ def _attn_bwd_dkdv_kernel(
                 q_a, q_b, k_a, k_b, lse_ptr, tokens, row_mask, key_mask, head, heads, qk_scale,
                 D_TAIL, IEEE,
             )  # fmt: skip
-            p_in = round_to(p, dtype)
-            if UPCAST:
-                p_in = p_in.to(tl.float32)
-            dv_a = _dot(tl.trans(p_in), do_a, dv_a, IEEE)
-            ds = _score_grads(p, do_a, do_b, v_a, v_b, delta, dtype, D_TAIL, UPCAST, IEEE)
-            dk_a = _dot(tl.trans(ds), q_a, dk_a, IEEE)
-            if D_TAIL > 0:
-                dv_b = _dot(tl.trans(p_in), do_b, dv_b, IEEE)
-                dk_b = _dot(tl.trans(ds), q_b, dk_b, IEEE)
+            dk_a, dk_b, dv_a, dv_b, _ = _key_grads(
+                p, q_a, q_b, do_a, do_b, v_a, v_b, delta, dk_a, dk_b, dv_a, dv_b, dtype, D_TAIL,
+                UPCAST, IEEE,
+            )  # fmt: skip
     _store_head(
         dk_ptr + head * HEAD_DIM, key_tokens, key_mask, cols_a, cols_b, dk_a * softmax_scale,
         dk_b * softmax_scale, heads, HEAD_DIM, D_TAIL, MASK_COLS,
@@ -313,12 +313,10 @@ def _attn_bwd_dq_kernel(
     q_a, q_b = _load_rows(
         q_ptr + head * stride_qh, tokens, row_mask, stride_qt, cols_a, cols_b, HEAD_DIM, D_TAIL,
         MASK_COLS, UPCAST,
-
     )  # fmt: skip
     do_a, do_b = _load_rows(
         grad_ptr + head * stride_gh, tokens, row_mask, stride_gt, cols_a, cols_b, HEAD_DIM, D_TAIL,
         MASK_COLS, UPCAST,
-
     )  # fmt: skip
     delta = tl.load(delta_ptr + tokens.to(tl.int64) * heads + head, mask=row_mask, other=0.0)
     dq_a = tl.zeros((BLOCK_M, D_MAIN), tl.float32)
@@ -335,12 +333,10 @@ def _attn_bwd_dq_kernel(
         k_a, k_b = _load_rows(
             k_ptr + head * stride_kh, key_tokens, key_mask, stride_kt, cols_a, cols_b, HEAD_DIM,
             D_TAIL, MASK_COLS, UPCAST,
-
         )  # fmt: skip
         v_a, v_b = _load_rows(
             v_ptr + head * stride_vh, key_tokens, key_mask, stride_vt, cols_a, cols_b, HEAD_DIM,
             D_TAIL, MASK_COLS, UPCAST,
-
         )  # fmt: skip
         p = _probabilities(
             q_a, q_b, k_a, k_b, lse_ptr, tokens, row_mask, key_mask, head, heads, qk_scale,

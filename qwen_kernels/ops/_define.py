@@ -199,7 +199,7 @@ def _return_annotation(returns: list) -> str:
 def _generate(spec: OpSpec, table: OpBackends, overload: Callable | None) -> dict[str, Any]:
     """The op's implementation (``impl``), its fake (``fake``: the checks and the outputs) and,
     once ``overload`` exists, its public function."""
-    schema = torch._C.parse_schema(f"qwen::{spec.name}{spec.schema}")
+    schema = op_schema(spec.name)
     arguments, returns = schema.arguments, schema.returns
     names = ", ".join(arg.name for arg in arguments)
     key = ", ".join(["backend", *(_key_part(arg) for arg in arguments)])
@@ -265,7 +265,7 @@ def define(spec: OpSpec) -> Callable:
     REGISTRY[spec.name] = table
     SPECS[spec.name] = spec
 
-    schema = torch._C.parse_schema(f"qwen::{spec.name}{spec.schema}")
+    schema = op_schema(spec.name)
     mutated = tuple(arg.name for arg in schema.arguments if arg.is_write)
     full_schema = spec.schema.replace(") ->", ', str backend="auto") ->', 1)
     generated = _generate(spec, table, None)
@@ -302,7 +302,10 @@ _AUTOGRAD_KERNELS = torch.library.Library("qwen", "IMPL")
 _BELOW_AUTOGRAD = torch._C._after_autograd_keyset
 
 
-def _needs_grad(args: tuple) -> bool:
+def needs_grad(*args: Any) -> bool:
+    """Whether autograd records an op on ``args``: grad mode on and a tensor among them that
+    requires grad (the test that picks a training forward or refuses an in-place write, and
+    that callers use to pick an op's out-of-place form)."""
     return torch.is_grad_enabled() and any(
         isinstance(a, torch.Tensor) and a.requires_grad for a in args
     )
@@ -317,7 +320,7 @@ def _train_with(name: str, training: str) -> None:
     defaults = [arg.default_value for arg in overload._schema.arguments]
 
     def forward(keyset: Any, *args: Any) -> Any:
-        if _needs_grad(args):
+        if needs_grad(*args):
             *inputs, backend = (*args, *defaults[len(args) :])
             return training_op(*inputs, backward_backend(training, backend))[0]
         return overload.redispatch(keyset & _BELOW_AUTOGRAD, *args)
@@ -332,7 +335,7 @@ def _refuse_grad_in_place(name: str) -> None:
     overload = getattr(torch.ops.qwen, name).default
 
     def guard(keyset: Any, *args: Any, **kwargs: Any) -> Any:
-        if _needs_grad(args):
+        if needs_grad(*args):
             raise RuntimeError(
                 f"qwen.{name} writes its inputs in place, which autograd cannot follow, and an "
                 f"input requires grad: use qwen.{name.rstrip('_')} (differentiable), or call it "

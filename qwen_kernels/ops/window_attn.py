@@ -288,27 +288,32 @@ def _check_backward_args(
     check_device(op, "q", q, "lse", lse)
 
 
-def _save(ctx, inputs: tuple, output: tuple[Tensor, Tensor]) -> None:
-    q, k, v, cu_seqlens, ctx.max_seqlen, scale, _ = inputs
+def save_segments(ctx, q: Tensor, max_seqlen: int, scale: float | None) -> None:
+    """Keep what the backward of an attention op needs besides tensors: the longest segment and
+    the resolved softmax scale (``q``: q, or the packed qkv)."""
+    ctx.max_seqlen = max_seqlen
     ctx.softmax_scale = default_softmax_scale(q) if scale is None else scale
+
+
+def attention_grads(
+    ctx, grad: Tensor, q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, out: Tensor, lse: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``window_attn_backward`` on the backend the forward's maps to."""
+    backend = backward_backend("window_attn_backward", ctx.backend)
+    return torch.ops.qwen.window_attn_backward(
+        grad, q, k, v, out, lse, cu_seqlens, ctx.max_seqlen, ctx.softmax_scale, backend
+    )
+
+
+def _save(ctx, inputs: tuple, output: tuple[Tensor, Tensor]) -> None:
+    q, k, v, cu_seqlens, max_seqlen, scale, _ = inputs
+    save_segments(ctx, q, max_seqlen, scale)
     ctx.save_for_backward(q, k, v, cu_seqlens, *output)
 
 
 def _backward(ctx, grad: Tensor, _grad_lse: Tensor | None) -> tuple:
     q, k, v, cu_seqlens, out, lse = ctx.saved_tensors
-    grads = torch.ops.qwen.window_attn_backward(
-        grad,
-        q,
-        k,
-        v,
-        out,
-        lse,
-        cu_seqlens,
-        ctx.max_seqlen,
-        ctx.softmax_scale,
-        backward_backend("window_attn_backward", ctx.backend),
-    )
-    return (*grads, None, None, None)
+    return (*attention_grads(ctx, grad, q, k, v, cu_seqlens, out, lse), None, None, None)
 
 
 _SHARED_ARGS = """

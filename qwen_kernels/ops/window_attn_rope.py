@@ -22,10 +22,12 @@ from ._define import Autograd, OpSpec, backward_backend, define, not_differentia
 from .mrope import _check_positions, mrope_pos_reference
 from .window_attn import (
     AUTO_NOTE,
+    attention_grads,
     check_segment_args,
     check_segment_values,
     default_softmax_scale,
     kernel_misfit,
+    save_segments,
     window_attn_forward_reference,
     window_attn_reference,
 )
@@ -44,9 +46,16 @@ def window_attn_rope_reference(
 ) -> Tensor:
     """Eager reference: ``mrope_pos`` of q and k (rounded to qkv's dtype, as the unfused chain
     stores them), then ``window_attn``."""
-    q, k, v = qkv.unbind(1)
-    q, k = mrope_pos_reference(q, k, positions, inv_freq, mrope_section)
+    q, k, v = _rotated(qkv, positions, inv_freq, mrope_section)
     return window_attn_reference(q, k, v, cu_seqlens, max_seqlen, softmax_scale)
+
+
+def _rotated(
+    qkv: Tensor, positions: Tensor, inv_freq: Tensor, mrope_section: list[int]
+) -> tuple[Tensor, Tensor, Tensor]:
+    """q and k of qkv rotated by the eager ``mrope_pos``, and v."""
+    q, k, v = qkv.unbind(1)
+    return (*mrope_pos_reference(q, k, positions, inv_freq, mrope_section), v)
 
 
 def window_attn_rope_forward_reference(
@@ -59,8 +68,7 @@ def window_attn_rope_forward_reference(
     softmax_scale: float,
 ) -> tuple[Tensor, Tensor]:
     """``window_attn_rope_reference`` and each row's log-sum-exp (``window_attn_forward``)."""
-    q, k, v = qkv.unbind(1)
-    q, k = mrope_pos_reference(q, k, positions, inv_freq, mrope_section)
+    q, k, v = _rotated(qkv, positions, inv_freq, mrope_section)
     return window_attn_forward_reference(q, k, v, cu_seqlens, max_seqlen, softmax_scale)
 
 
@@ -88,8 +96,8 @@ def _check_args(
 
 def _save(ctx, inputs: tuple, output: tuple[Tensor, Tensor]) -> None:
     not_differentiable("window_attn_rope_forward", inputs, "inv_freq")
-    qkv, cu_seqlens, ctx.max_seqlen, positions, inv_freq, ctx.mrope_section, scale, _ = inputs
-    ctx.softmax_scale = default_softmax_scale(qkv) if scale is None else scale
+    qkv, cu_seqlens, max_seqlen, positions, inv_freq, ctx.mrope_section, scale, _ = inputs
+    save_segments(ctx, qkv, max_seqlen, scale)
     ctx.save_for_backward(qkv, cu_seqlens, positions, inv_freq, *output)
 
 
@@ -99,18 +107,7 @@ def _backward(ctx, grad: Tensor, _grad_lse: Tensor | None) -> tuple:
     rotary = (positions, inv_freq, ctx.mrope_section)
     rotate = backward_backend("mrope_pos", ctx.backend)
     q, k = torch.ops.qwen.mrope_pos(q, k, *rotary, rotate)
-    dq, dk, dv = torch.ops.qwen.window_attn_backward(
-        grad,
-        q,
-        k,
-        v,
-        out,
-        lse,
-        cu_seqlens,
-        ctx.max_seqlen,
-        ctx.softmax_scale,
-        backward_backend("window_attn_backward", ctx.backend),
-    )
+    dq, dk, dv = attention_grads(ctx, grad, q, k, v, cu_seqlens, out, lse)
     dq, dk = torch.ops.qwen.mrope_pos(dq, dk, positions, -inv_freq, ctx.mrope_section, rotate)
     return torch.stack((dq, dk, dv), dim=1), None, None, None, None, None, None
 
