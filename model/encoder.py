@@ -23,7 +23,6 @@ saved.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -37,11 +36,8 @@ from qwen_kernels.ops._define import needs_grad
 from qwen_kernels.ops.rms_norm_swiglu import fold_norm_weight
 
 from .config import KernelConfig, LayerKernels, VisionConfig
-from .layout import GridLayout, build_layout, normalize_grid
+from .layout import GridLayout, LayoutCache
 from .weights import convert_hf_state_dict, load_checkpoint
-
-# Distinct batches of grids whose index tensors are kept (a few KB each).
-_LAYOUT_CACHE_SIZE = 32
 
 
 class RMSNormWeight(nn.Module):
@@ -239,7 +235,7 @@ class VisionEncoder(nn.Module):
         self.patch_embed = nn.Linear(config.patch_dim, config.hidden_size, bias=False)
         self.blocks = nn.ModuleList(VisionBlock(config, i) for i in range(config.depth))
         self.merger = PatchMerger(config)
-        self._layouts: OrderedDict[tuple[Any, ...], GridLayout] = OrderedDict()
+        self._layouts = LayoutCache(config)
         # Frozen until asked: inference pays nothing for autograd (load_state_dict with
         # assign=True keeps this flag for the loaded tensors).
         self.requires_grad_(False)
@@ -261,18 +257,7 @@ class VisionEncoder(nn.Module):
 
     def layout(self, grid_thw: Tensor | Iterable[Sequence[int]]) -> GridLayout:
         """Index tensors for a batch of grids on the model's device (cached per grid)."""
-        grid = normalize_grid(grid_thw)
-        device = self.patch_embed.weight.device
-        key = (grid, device)
-        layout = self._layouts.get(key)
-        if layout is None:
-            layout = build_layout(self.config, grid, device)
-            self._layouts[key] = layout
-            if len(self._layouts) > _LAYOUT_CACHE_SIZE:
-                self._layouts.popitem(last=False)
-        else:
-            self._layouts.move_to_end(key)
-        return layout
+        return self._layouts.get(grid_thw, self.patch_embed.weight.device)
 
     def forward(
         self,

@@ -13,6 +13,7 @@ segment, and undoes the permutation when it merges the units.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -154,3 +155,26 @@ def build_layout(config: VisionConfig, grid: Grid, device: torch.device) -> Grid
         cu_frame_seqlens=_cu_seqlens(frames, num_tokens, "frame").to(device),
         max_frame_seqlen=int(frames.max()),
     )
+
+
+class LayoutCache:
+    """``build_layout`` per distinct batch of grids and device, the most recent ``size`` kept
+    (a server sees the same few image and video sizes again and again)."""
+
+    def __init__(self, config: VisionConfig, size: int = 32) -> None:
+        self.config = config
+        self.size = size
+        self._layouts: OrderedDict[tuple[Grid, torch.device], GridLayout] = OrderedDict()
+
+    def get(self, grid_thw: Tensor | Iterable[Sequence[int]], device: torch.device) -> GridLayout:
+        """The layout of ``grid_thw`` (as ``normalize_grid`` takes it) on ``device``."""
+        key = (normalize_grid(grid_thw), torch.device(device))
+        layout = self._layouts.get(key)
+        if layout is None:
+            layout = build_layout(self.config, key[0], key[1])
+            self._layouts[key] = layout
+            if len(self._layouts) > self.size:
+                self._layouts.popitem(last=False)
+        else:
+            self._layouts.move_to_end(key)
+        return layout

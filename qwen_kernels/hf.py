@@ -406,9 +406,22 @@ def _tower_forward(tower: nn.Module, original: Callable, fused: bool) -> Callabl
     return forward
 
 
-def _coerce_kernels(
-    kernels: str | KernelConfig | Mapping[str, Any], depth: int, head_dim: int | None, text: bool
+def tower_kernels(
+    kernels: str | KernelConfig | Mapping[str, Any],
+    depth: int,
+    head_dim: int | None,
+    text: bool = False,
+    caller: str = "patch_qwen2_5_vl",
 ) -> KernelConfig:
+    """``kernels`` as a validated ``KernelConfig`` for a patched tower of ``depth`` blocks
+    (transformers' here, vLLM's in ``qwen_kernels.vllm``): the blocks rotate with cos/sin
+    tables (``qwen.mrope_``), and ``text`` adds the text model's ``qwen.mrope``; the fused MLP
+    front is refused, since the patched towers keep their own linears.
+
+    Raises:
+        ValueError: as ``KernelConfig.validate``, or a rotary backend without the table form,
+            or ``fuse_mlp_norm`` set; the message starts with ``caller``.
+    """
     config = KernelConfig.coerce(kernels)
     config.validate(depth, head_dim)
     # The rotaries the patch runs besides the encoder's ops (which validate covers): transformers
@@ -420,15 +433,15 @@ def _coerce_kernels(
     for backend, op in sorted(table_rotaries):
         if backend != "auto" and backend not in op_backends(op):
             raise ValueError(
-                f"patch_qwen2_5_vl: 'rotary' = {backend!r} runs qwen.{op} here, which has "
+                f"{caller}: 'rotary' = {backend!r} runs qwen.{op} here, which has "
                 f"no {backend!r} kernel (it has: {', '.join(op_backends(op))})"
             )
     fused = [i for i in range(depth) if config.for_layer(i).fuse_mlp_norm]
     if fused:
         raise ValueError(
-            f"patch_qwen2_5_vl: fuse_mlp_norm is set for blocks {fused}, but qwen.rms_norm_swiglu "
-            "takes the gate and up weights packed in one tensor, which transformers keeps apart "
-            "(the patch copies no weights); use VisionEncoder for the fused MLP front"
+            f"{caller}: fuse_mlp_norm is set for blocks {fused}, but qwen.rms_norm_swiglu "
+            "runs the gate/up GEMM itself, and the patched tower keeps its own linears (the "
+            "patch copies no weights); use VisionEncoder for the fused MLP front"
         )
     return config
 
@@ -463,7 +476,7 @@ def patch_qwen2_5_vl(
     text_layers = _text_layers(text) if text is not None else []
     depth = len(tower.blocks) if tower is not None else 0
     head_dim = tower.blocks[0].attn.head_dim if depth else None
-    config = _coerce_kernels(kernels, depth, head_dim, text=bool(text_layers))
+    config = tower_kernels(kernels, depth, head_dim, text=bool(text_layers))
 
     handle = PatchHandle(parts, config)
     if tower is not None:
