@@ -62,18 +62,26 @@ def cases(scale: Scale) -> list[Case]:
     shapes = [(visual.name, "real", visual.grid) for visual in scale.visuals]
     shapes += [(f"frame-{short_count(n)}", "frames", square_grid(n)) for n in scale.frame_tokens]
     limit = DRY_RUN_REL_ERR if tiny else REL_ERR_LIMIT
-    return [_case(name, series, grid, config, dtype, limit) for name, series, grid in shapes]
+    return [tower_case(name, series, grid, config, dtype, limit) for name, series, grid in shapes]
 
 
-def _case(
-    name: str, series: str, grid: Grid, config: VisionConfig, dtype: torch.dtype, limit: float
+def tower_case(
+    name: str,
+    series: str,
+    grid: Grid,
+    config: VisionConfig,
+    dtype: torch.dtype,
+    limit: float,
+    op: str = OP,
 ) -> Case:
+    """One tower forward on ``grid``: the inputs, the byte and FLOP counts, and our encoder on
+    the eager references as the reference output."""
     tokens = math.prod(grid)
     size = torch.empty((), dtype=dtype).element_size()
     weights = sum(math.prod(shape) for shape in hf_shapes(config).values())
     out_rows = tokens // config.merge_unit
     return Case(
-        op=OP,
+        op=op,
         name=name,
         series=series,
         x=tokens if series == "real" else grid[1] * grid[2],

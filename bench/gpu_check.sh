@@ -192,8 +192,9 @@ for tool in memcheck racecheck; do
     fi
 done
 
-# The other ops, quick: the other benchmark files, and the fused op of the attention file.
+# The other ops, quick: the other benchmark files, the fused op of the attention file, and vLLM's
+# tower with and without the plug-in (rows skipped where vllm is not installed).
 run_step bench 120 "$PYTHON" -m qwen_kernels bench "${BENCH_MODE[@]}" --op norm_swiglu \
-    --op patch_merge --op mrope --op window_attn_rope --out "$OUT/bench"
+    --op patch_merge --op mrope --op window_attn_rope --op vllm_tower --out "$OUT/bench"
 
 "$PYTHON" bench/gpu_check_report.py "$OUT" --started "$START" --budget "$BUDGET"

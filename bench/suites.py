@@ -10,6 +10,7 @@ from . import (
     bench_mrope,
     bench_norm_swiglu,
     bench_patch_merge,
+    bench_vllm,
     bench_window_attn,
 )
 from .harness import Suite
@@ -22,6 +23,7 @@ SUITES: tuple[Suite, ...] = (
     bench_window_attn.SUITE,
     bench_encoder.SUITE,  # the whole tower: our ops inside a model
     bench_encoder_training.SUITE,  # the tower's forward and backward
+    bench_vllm.SUITE,  # vLLM's tower with and without the plug-in, where vllm is installed
 )
 # Ops with no cases of their own: they run the kernels of the op they are a form of.
 NOT_BENCHED = {

@@ -26,11 +26,14 @@ weight loading stay vLLM's. With tensor parallelism each rank runs the ops on it
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import json
 import logging
 import os
+import socket
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -141,6 +144,46 @@ def register() -> None:
     setattr(__init__, _MARK, True)
     tower_class.__init__ = __init__
     logger.info("qwen_kernels: vLLM's Qwen2.5-VL vision tower runs the qwen ops (%s)", kernels)
+
+
+@contextlib.contextmanager
+def standalone_world(world_size: int = 1, rank: int = 0, port: int | None = None) -> Iterator[None]:
+    """vLLM's config and process groups for using its modules outside an engine (benchmarks,
+    tests): eager (no compilation), gloo, ``world_size`` tensor-parallel ranks on one host.
+
+    Args:
+        world_size: tensor-parallel ranks; every rank enters this with its own ``rank``.
+        rank: this process's rank.
+        port: the rendezvous port on 127.0.0.1, the same for every rank (None: a free one; only
+            for one rank).
+
+    Without a CUDA GPU, vLLM runs on the CPU (``VLLM_TARGET_DEVICE=cpu`` unless set; it takes
+    effect where vllm was not imported yet).
+    """
+    if not torch.cuda.is_available():
+        os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
+    from vllm.config import CompilationConfig, CompilationMode, VllmConfig, set_current_vllm_config
+    from vllm.distributed import parallel_state
+
+    if port is None:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+    config = VllmConfig(compilation_config=CompilationConfig(mode=CompilationMode.NONE))
+    with set_current_vllm_config(config):
+        parallel_state.init_distributed_environment(
+            world_size=world_size,
+            rank=rank,
+            local_rank=rank,
+            distributed_init_method=f"tcp://127.0.0.1:{port}",
+            backend="gloo",
+        )
+        parallel_state.initialize_model_parallel(world_size)
+        try:
+            yield
+        finally:
+            parallel_state.destroy_model_parallel()
+            parallel_state.destroy_distributed_environment()
 
 
 def patch_vision_tower(

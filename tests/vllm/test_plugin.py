@@ -5,6 +5,9 @@ interpreter, the CUDA emulation), images and a video, and the qwen ops are the c
 processes; idempotent registration through the entry point; unknown vLLM releases refused."""
 
 import json
+import socket
+import subprocess
+import sys
 from importlib.metadata import entry_points
 
 import pytest
@@ -32,7 +35,7 @@ GRIDS = {"images": towers.IMAGES, "video": towers.VIDEO, "both": towers.IMAGES +
 
 @pytest.fixture(scope="module")
 def world():
-    with towers.vllm_world():
+    with plugin.standalone_world():
         yield
 
 
@@ -58,6 +61,12 @@ def plugin_env(monkeypatch):
         entry.load()()
 
     return register
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def _run(tower, grids, seed=7):
@@ -186,7 +195,7 @@ def test_tensor_parallel_2(tmp_path, reference):
     """Two gloo ranks, one head each: both give transformers' output through the qwen ops."""
     import torch.multiprocessing as mp
 
-    port = towers.free_port()
+    port = _free_port()
     mp.start_processes(
         towers.tensor_parallel_rank, args=(2, port, str(tmp_path)), nprocs=2, start_method="spawn"
     )
@@ -197,3 +206,15 @@ def test_tensor_parallel_2(tmp_path, reference):
         assert result["heads"] == towers.VISION.num_heads // 2
         assert result["counts"]["window_attn_rope"] == towers.VISION.depth
         assert rel_err(result["out"], expected) < FP32_TOL
+
+
+def test_benchmark_dry_run(tmp_path):
+    """bench/bench_vllm.py's dry run: both towers run once on the CPU and match the reference."""
+    command = [sys.executable, "-m", "qwen_kernels", "bench", "--dry-run", "--op", "vllm_tower"]
+    run = subprocess.run(
+        [*command, "--out", str(tmp_path)], capture_output=True, text=True, timeout=600
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert sorted(row["impl"] for row in rows) == sorted(["vllm", "vllm+qwen/auto"] * 2)
+    assert all(row["status"] == "ran" for row in rows), rows

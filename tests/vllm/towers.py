@@ -4,9 +4,7 @@ group of one or more gloo ranks on the CPU."""
 
 from __future__ import annotations
 
-import contextlib
-import socket
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -23,35 +21,6 @@ VISION = VisionConfig.tiny()
 IMAGES = ((1, 10, 12), (1, 16, 20))
 VIDEO = ((2, 8, 12),)
 SEED = 1234
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def vllm_world(world_size: int = 1, rank: int = 0, port: int | None = None) -> Iterator[None]:
-    """vLLM's config (no compilation: eager towers) and its process groups over gloo."""
-    from vllm.config import CompilationConfig, CompilationMode, VllmConfig, set_current_vllm_config
-    from vllm.distributed import parallel_state
-
-    config = VllmConfig(compilation_config=CompilationConfig(mode=CompilationMode.NONE))
-    with set_current_vllm_config(config):
-        parallel_state.init_distributed_environment(
-            world_size=world_size,
-            rank=rank,
-            local_rank=rank,
-            distributed_init_method=f"tcp://127.0.0.1:{port or free_port()}",
-            backend="gloo",
-        )
-        parallel_state.initialize_model_parallel(world_size)
-        try:
-            yield
-        finally:
-            parallel_state.destroy_model_parallel()
-            parallel_state.destroy_distributed_environment()
 
 
 def hf_config() -> Qwen2_5_VLVisionConfig:
@@ -105,7 +74,7 @@ def tensor_parallel_rank(rank: int, world_size: int, port: int, out_dir: str) ->
 
     os.environ[plugin.ENV] = "torch"
     plugin.register()
-    with vllm_world(world_size, rank, port):
+    with plugin.standalone_world(world_size, rank, port):
         tower = vllm_tower(hf_tower())
         grids = IMAGES + VIDEO
         with CountQwenOps() as counter:
