@@ -9,7 +9,7 @@ from transformers.vision_utils import (
 )
 
 from qwen_kernels.model import VisionConfig
-from qwen_kernels.model.layout import build_layout, normalize_grid
+from qwen_kernels.model.layout import LayoutCache, build_layout, normalize_grid
 
 CONFIG = VisionConfig()
 GRIDS = [
@@ -101,3 +101,16 @@ def test_rotary_frequencies_match_transformers():
 def test_bad_grids(grid, match):
     with pytest.raises(ValueError, match=match):
         build_layout(CONFIG, normalize_grid(grid), torch.device("cpu"))
+
+
+def test_layout_cache_keeps_the_most_recent_grids():
+    cache = LayoutCache(VisionConfig.tiny(), size=2)
+    cpu = torch.device("cpu")
+    first = cache.get([(1, 4, 4)], cpu)
+    assert cache.get(torch.tensor([[1, 4, 4]]), cpu) is first  # a tensor grid is the same key
+    second = cache.get([(1, 4, 8)], cpu)
+    cache.get([(1, 4, 4)], cpu)  # most recent again: the next new grid evicts the second
+    cache.get([(2, 4, 4)], cpu)
+    assert cache.get([(1, 4, 4)], cpu) is first
+    assert cache.get([(1, 4, 8)], cpu) is not second
+    assert torch.equal(cache.get([(1, 4, 8)], cpu).token_index, second.token_index)
