@@ -9,17 +9,21 @@ namespace qk {
 // Tensor-core variants (fp16, bf16): a block of 4 warps takes 64 query rows, each warp 16 (the
 // m of mma.m16n8k16), against key tiles of 64. QK^T is head_dim/16 k-steps x 8 key tiles per
 // warp; PV is 4 k-steps x head_dim/8 value tiles; head_dim 80 runs as 5 k-steps of 16, unpadded.
-// kLong = false is the window path (max_seqlen <= 64): one key tile, a single-pass softmax, one
-// shared-memory stage. kLong = true loops over key tiles with an online softmax and two stages
-// of K/V in flight through cp.async. kRope rotates q and k in shared memory (window_attn_rope).
+// kLong = false is the window path (max_seqlen <= kKeyTile): one key tile, a single-pass softmax,
+// one shared-memory stage. kLong = true loops over key tiles with an online softmax and two stages
+// of K/V in flight through cp.async. kRope rotates q and k in shared memory (window_attn_rope), on
+// the window path only: longer segments are rotated once before the plain long path, since each
+// of their key tiles would otherwise be rotated again by every block of queries.
+constexpr int kKeyTile = 64;
+
 template <class T, int kHeadDim_, bool kLong_, bool kRope_>
 struct WindowAttnTraits {
   using Element = T;
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr bool kLong = kLong_;
   static constexpr bool kRope = kRope_;
-  static constexpr int kBlockM = 64;  // query rows per block
-  static constexpr int kBlockN = 64;  // keys per tile
+  static constexpr int kBlockM = 64;        // query rows per block
+  static constexpr int kBlockN = kKeyTile;  // keys per tile
   static constexpr int kWarps = kBlockM / 16;
   static constexpr int kThreads = 32 * kWarps;
   static constexpr int kStages = kLong ? 2 : 1;
@@ -38,6 +42,7 @@ struct WindowAttnTraits {
 
   static_assert(kHeadDim % 16 == 0 && kDimTiles % 2 == 0, "head_dim must be a multiple of 16");
   static_assert(kBlockM == kBlockN, "Q, K and V tiles have one size (kTileElems)");
+  static_assert(!(kLong && kRope), "the long path runs on q and k rotated beforehand");
 };
 
 // fp32 variants: computed in fp32 with FMA, never rounded to 16 bits (tensor cores would take

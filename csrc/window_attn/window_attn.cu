@@ -10,8 +10,9 @@
 // keys in registers and needs no rescaling; the long path runs an online softmax over 64-key
 // tiles with the next K and V tiles in flight. Warps whose 16 rows lie past the segment end and
 // key tiles past it skip their mma. The output goes through shared memory to 16-byte stores.
-// With the rotary flag (window_attn_rope) q and k are rotated in shared memory once they land,
-// so rotary and attention read qkv once.
+// With the rotary flag (window_attn_rope) the window path rotates q and k in shared memory once
+// they land, so rotary and attention read qkv once; longer segments are rotated once by mrope_pos
+// before the plain long path.
 //
 // fp32 (window_attn_fma_kernel): see WindowAttnFmaTraits.
 #include <ATen/ops/empty.h>
@@ -27,6 +28,7 @@
 #include "common/numeric.h"
 #include "common/rope.h"
 #include "common/torch_utils.h"
+#include "mrope/mrope.h"
 #include "window_attn/kernel_traits.h"
 #include "window_attn/params.h"
 #include "window_attn/variants.h"
@@ -181,8 +183,8 @@ __global__ void __launch_bounds__(Traits::kThreads)
 
     cp_async_wait<1>();  // K(tile) (and Q) have landed; V(tile) may be in flight
     __syncthreads();
-    if constexpr (Traits::kRope) {
-      if (tile == 0) rotate_tile<Traits>(sq, min(seg.len - m0, Traits::kBlockM), seg.start + m0, p);
+    if constexpr (Traits::kRope) {  // the window path: one tile, rotated as it lands
+      rotate_tile<Traits>(sq, min(seg.len - m0, Traits::kBlockM), seg.start + m0, p);
       rotate_tile<Traits>(sk_tile, keys, seg.start + kv0, p);
       __syncthreads();
     }
@@ -459,10 +461,12 @@ void run(const WindowAttnParams& params, cudaStream_t stream) {
   } else {
     // One key tile holds every key of a window: the single-pass variant.
     using Window = WindowAttnTraits<T, kHeadDim, false, kRope>;
-    using Long = WindowAttnTraits<T, kHeadDim, true, kRope>;
     if (params.max_seqlen <= Window::kBlockN) {
       launch_kernel<Window>(window_attn_mma_kernel<Window>, params, stream);
+    } else if constexpr (kRope) {
+      TORCH_CHECK(false, "qwen_kernels: window_attn_rope rotates q and k before the long path");
     } else {
+      using Long = WindowAttnTraits<T, kHeadDim, true, false>;
       launch_kernel<Long>(window_attn_mma_kernel<Long>, params, stream);
     }
   }
@@ -620,6 +624,14 @@ at::Tensor window_attn_rope(const at::Tensor& qkv, const at::Tensor& cu_seqlens,
   const at::Tensor q = qkv.select(1, 0), k = qkv.select(1, 1), v = qkv.select(1, 2);
   check_args(q, k, v, cu_seqlens, max_seqlen);
   const Rope rope = check_rope(qkv, positions, inv_freq, mrope_section);
+  if (max_seqlen > kKeyTile) {
+    // Past one key tile every block of queries would rotate every key tile again, forming its
+    // angles inside the key loop: rotate q and k once (mrope_pos, so the rounding is the same)
+    // and run the plain long path.
+    const auto [q_rotated, k_rotated] =
+        mrope_pos(q, k, rope.positions, rope.inv_freq, rope.section);
+    return launch(q_rotated, k_rotated, v, cu_seqlens, max_seqlen, softmax_scale, nullptr);
+  }
   return launch(q, k, v, cu_seqlens, max_seqlen, softmax_scale, &rope);
 }
 

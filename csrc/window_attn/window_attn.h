@@ -20,9 +20,11 @@ at::Tensor window_attn(const at::Tensor& q, const at::Tensor& k, const at::Tenso
 
 // window_attn on the q, k, v of a packed qkv [T, 3, H, D], with q and k rotated (rotate-half
 // M-RoPE, as mrope_pos: the angle of frequency i of token t is positions[axis(i), t] *
-// inv_freq[i] in fp32, mrope_section giving each axis's band of frequencies) while staged in
-// shared memory: rotary and attention read qkv once. positions: int32/int64 [A, T]; inv_freq:
-// [D/2]; the rotated q and k are rounded to qkv's dtype, as mrope_pos stores them.
+// inv_freq[i] in fp32, mrope_section giving each axis's band of frequencies). For max_seqlen up
+// to one key tile (64) they are rotated while staged in shared memory, so rotary and attention
+// read qkv once; longer segments are rotated once by mrope_pos before the plain long path.
+// positions: int32/int64 [A, T]; inv_freq: [D/2]; the rotated q and k are rounded to qkv's
+// dtype, as mrope_pos stores them.
 at::Tensor window_attn_rope(const at::Tensor& qkv, const at::Tensor& cu_seqlens, int64_t max_seqlen,
                             const at::Tensor& positions, const at::Tensor& inv_freq,
                             c10::IntArrayRef mrope_section, double softmax_scale);

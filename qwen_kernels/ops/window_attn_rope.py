@@ -1,9 +1,12 @@
 """Rotary embedding fused into segment attention: ``qwen::window_attn_rope``.
 
 Takes the packed projection ``qkv [T, 3, H, D]`` and the rotary arguments of ``mrope_pos``:
-``mrope_pos`` on q and k, then ``window_attn``, as one op. Kernels rotate q and k while loading
-them, so qkv is read once and only the attention output is written (the unfused chain writes q
-and k back and reads them again).
+``mrope_pos`` on q and k, then ``window_attn``, as one op. On windows (max_seqlen up to one key
+tile of 64) the kernels rotate q and k while loading them, so qkv is read once and only the
+attention output is written (the unfused chain writes q and k back and reads them again). Longer
+segments span several key tiles, which every block of queries reads: there the Triton and CUDA
+kernels rotate q and k once into a scratch copy and run the plain long path, so no angle is
+formed inside the key loop.
 
 Training: where a gradient is needed the op runs ``window_attn_rope_forward`` (its kernels also
 storing each row's log-sum-exp). The backward saves qkv, the output and the lse: it rotates q and

@@ -12,7 +12,13 @@ import qwen_kernels
 from qwen_kernels.model.config import VisionConfig
 from qwen_kernels.model.layout import build_layout
 from tests.helpers import DTYPES, attention_accumulation, randn, targets
-from tests.ops.test_window_attn import GRIDS, assert_attention_close, cu_seqlens_of, segment_loop
+from tests.ops.test_window_attn import (
+    GRIDS,
+    LONG_CASES,
+    assert_attention_close,
+    cu_seqlens_of,
+    segment_loop,
+)
 
 
 def vision_rotary(grids, head_dim: int):
@@ -89,10 +95,21 @@ def test_vision_windows(gen, backend, device, head_dim, dtype):
 @pytest.mark.parametrize(("backend", "device"), targets("window_attn_rope"))
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_vision_frames(gen, backend, device, dtype):
-    """The full-attention layers: whole frames (long path), keys rotated block by block."""
+    """The full-attention layers: whole frames (the long path, on q and k rotated once)."""
     layout, rotary = vision_rotary(GRIDS, 80)
     qkv = randn(gen, layout.num_tokens, 3, 2, 80, dtype=dtype, scale=2.0)
     check_backend(backend, device, qkv, layout.cu_frame_seqlens, 150, rotary)
+
+
+@pytest.mark.parametrize(("backend", "device"), targets("window_attn_rope"))
+@pytest.mark.parametrize(("head_dim", "dtype"), LONG_CASES)
+def test_long_segments(gen, backend, device, head_dim, dtype):
+    """The long path, q and k rotated once before it: 5 and 3 key tiles (the last partial, an odd
+    length), a 1-token and an empty segment, max_seqlen above the longest, 3 position axes."""
+    cu = cu_seqlens_of([0, 300, 1, 0, 131])
+    rotary = text_rotary(gen, int(cu[-1]), head_dim)
+    qkv = randn(gen, int(cu[-1]), 3, 2, head_dim, dtype=dtype, scale=2.0)
+    check_backend(backend, device, qkv, cu, 333, rotary)
 
 
 @pytest.mark.parametrize(("backend", "device"), targets("window_attn_rope"))
