@@ -4,7 +4,8 @@ windows of the 28 window-attention layers and the whole frames of the 4 full-att
 Cases: the real window mix of a 1288x952 image (64-token windows plus 16- and 32-token edge
 windows) and of a 16-frame 448x448 video; windows over square images of 1k-64k tokens; whole
 frames of 1k-16k tokens. Peers: SDPA over windows padded to the longest, ``varlen_attn`` (torch's
-FlashAttention entry), flex_attention with a block mask, flash-attn's varlen kernel, and the
+FlashAttention entry), flex_attention with a block mask, the varlen kernels of flash-attn 2, 3
+(Hopper) and 4 (CuTe) where installed, SDPA on cuDNN for frames of one length, and the
 per-window loop of transformers' Qwen2.5-VL vision attention. The fused op runs the real window
 mix and frames of each visual, against the unfused chain (``mrope_pos_`` in place on the packed
 qkv, then ``window_attn``, each on its "auto" backend) and torch.compile of its reference. The
@@ -224,6 +225,20 @@ def peers(op: str) -> list[Impl]:
             "flash-attn", _flash_attn, missing=missing_module("flash_attn", "flash-attn"), cpu=False
         ),
         Impl(
+            "flash-attn-3",
+            _flash_attn_3,
+            missing=missing_module("flash_attn_interface", "flash-attn 3 (hopper)"),
+            cpu=False,
+        ),
+        Impl(
+            "flash-attn-4",
+            _flash_attn_4,
+            missing=missing_module("flash_attn.cute", "flash-attn 4 (flash_attn.cute)"),
+            cpu=False,
+        ),
+        # Whole frames of one length are a batch with no mask: the form cuDNN's kernels take.
+        Impl("sdpa-cudnn", _sdpa_cudnn, cpu=False, series=frozenset({"frames"})),
+        Impl(
             "transformers-loop",
             _transformers_loop,
             missing=missing_module("transformers", "transformers"),
@@ -309,6 +324,38 @@ def _flash_attn(inputs: Inputs) -> torch.Tensor:
 
     cu, longest = inputs["cu_seqlens"], inputs["max_seqlen"]
     return flash_attn_varlen_func(inputs["q"], inputs["k"], inputs["v"], cu, cu, longest, longest)
+
+
+def _flash_attn_3(inputs: Inputs) -> torch.Tensor:
+    from flash_attn_interface import flash_attn_varlen_func
+
+    cu, longest = inputs["cu_seqlens"], inputs["max_seqlen"]
+    out = flash_attn_varlen_func(inputs["q"], inputs["k"], inputs["v"], cu, cu, longest, longest)
+    return out[0] if isinstance(out, tuple) else out  # some releases also return the lse
+
+
+def _flash_attn_4(inputs: Inputs) -> torch.Tensor:
+    from flash_attn.cute import flash_attn_varlen_func
+
+    cu = inputs["cu_seqlens"]
+    out = flash_attn_varlen_func(
+        inputs["q"], inputs["k"], inputs["v"], cu_seqlens_q=cu, cu_seqlens_k=cu
+    )
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _sdpa_cudnn(inputs: Inputs) -> torch.Tensor:
+    """SDPA on cuDNN's attention kernels over the frames as a batch ``[S, H, L, D]``."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    lengths = inputs["lengths"]
+    tokens, heads, head_dim = inputs["q"].shape
+    q, k, v = (
+        inputs[n].view(len(lengths), lengths[0], heads, head_dim).transpose(1, 2) for n in "qkv"
+    )
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        out = F.scaled_dot_product_attention(q, k, v)
+    return out.transpose(1, 2).reshape(tokens, heads, head_dim)
 
 
 # transformers reads these attributes of the attention module it is called for.

@@ -302,8 +302,13 @@ def cpu_bf16_sdpa_problem() -> str | None:
 
 
 def missing_module(module: str, package: str) -> str | None:
-    """Why a peer's package cannot be used, or None when it is importable."""
-    return None if importlib.util.find_spec(module) else f"{package} is not installed"
+    """Why a peer's package cannot be used, or None when it is importable (``module`` may be a
+    submodule, whose parent package may be missing too)."""
+    try:
+        found = importlib.util.find_spec(module)
+    except ModuleNotFoundError:
+        found = None
+    return None if found else f"{package} is not installed"
 
 
 def tensors(value: Any) -> list[torch.Tensor]:

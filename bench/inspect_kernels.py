@@ -428,10 +428,19 @@ def _note_useful_share(row: Row, call: Call, launch: Launch) -> None:
     row.useful_mma = share if row.useful_mma is None else min(row.useful_mma, share)
 
 
-# The CUDA attention kernels' units of work (csrc/window_attn/kernel_traits.h): a warp per 16
-# query rows, QK^T over 8-key tiles and PV over 16-key steps, each skipped past the segment end;
-# head_dim exactly (k-steps of 16 for 64/80/128).
+# The CUDA attention kernels' units of work (csrc/window_attn/kernel_traits.h), head_dim exactly
+# (k-steps of 16 for 64/80/128). The window path: a warp per 16 query rows, QK^T over 8-key
+# tiles and PV over 16-key steps, each skipped past the segment end. The long path: a warp per
+# 32 query rows (16 for head_dim 128) over whole 64-key tiles, masked rather than skipped.
 CUDA_ATTENTION_STEPS = ((16, 8, 16), (16, 16, 8))
+
+
+def cuda_attention_steps(lengths: Sequence[int], head_dim: int) -> tuple[tuple[int, int, int], ...]:
+    """The units of work of the CUDA path that segments of ``lengths`` run."""
+    if max(lengths, default=0) <= 64:
+        return CUDA_ATTENTION_STEPS
+    rows = 16 if head_dim >= 128 else 32
+    return ((rows, 64, 16), (rows, 64, 8))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -584,7 +593,8 @@ def summary(rows: Sequence[Row], cases: Sequence[Case] = ()) -> list[str]:
         if KIND.get(case.op) == "attention" and case.lengths and "cuda" in REGISTRY[case.op].impls:
             # q (or the packed qkv) on "meta": its shape, nothing allocated.
             head_dim = case.build(Maker("meta", seed=0))[case.args[0]].shape[-1]
-            share = padded_mma_share(case.lengths, head_dim, CUDA_ATTENTION_STEPS)
+            steps = cuda_attention_steps(case.lengths, head_dim)
+            share = padded_mma_share(case.lengths, head_dim, steps)
             lines.append(f"{case.op} cuda, {case.name}: useful mma share {share:.0%}")
     for op in sorted({row.op for row in rows}):
         mine = [row for row in rows if row.op == op]

@@ -25,6 +25,20 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def pytest_collection_finish(session):
+    """The vLLM suite runs in its own interpreter: start it now, beside the rest of the run."""
+    from tests import test_vllm_plugin
+
+    if any(item.name == test_vllm_plugin.SUITE_TEST for item in session.items):
+        test_vllm_plugin.start_vllm_suite()
+
+
+def pytest_unconfigure(config):
+    from tests import test_vllm_plugin
+
+    test_vllm_plugin.stop_vllm_suite()
+
+
 @pytest.fixture
 def gen(request) -> torch.Generator:
     """A CPU generator seeded from the test's id: fresh but reproducible inputs per test."""

@@ -146,6 +146,9 @@ class Accumulation:
         return float(size * spread / ref.detach().double().norm().clamp_min(1e-30))
 
 
+EX2_APPROX_ROUNDINGS = 4
+
+
 def attention_accumulation(q, k, v, cu_seqlens, softmax_scale=None, extra_terms: int = 0):
     """``Accumulation`` of non-causal attention inside segments, from the math of the softmax.
 
@@ -167,7 +170,9 @@ def attention_accumulation(q, k, v, cu_seqlens, softmax_scale=None, extra_terms:
     lengths = cu_seqlens[1:] - cu_seqlens[:-1]
     longest = int(lengths.max()) if lengths.numel() else 1
     weighted_abs_v = qwen_kernels.window_attn(qf, kf, vf.abs(), cu_seqlens, longest, scale, "torch")
-    terms = max(head_dim + 8 + extra_terms, longest + longest // 16 + 8)
+    # exp2 of the long path's CUDA kernel is one ex2.approx (within 2 ulp: up to 4 roundings of
+    # each weight, csrc/common/ptx.h) where a correctly rounded exp2 makes one.
+    terms = max(head_dim + 8 + extra_terms, longest + longest // 16 + 8) + EX2_APPROX_ROUNDINGS
     return Accumulation(terms, (2 * score_spread[..., None] + 1) * weighted_abs_v)
 
 

@@ -122,6 +122,21 @@ QK_DEVICE void ldmatrix_x4_trans(std::uint32_t (&r)[4], const void* row QK_SITE_
 #endif
 }
 
+// ---- ex2.approx.ftz.f32 -------------------------------------------------------------------------
+// 2^x in one MUFU.EX2, subnormal inputs and results flushed to zero (exp2(-inf) = 0). Within 2
+// ulp of 2^x: the CUDA C Programming Guide's bound for exp2f, which nvcc builds from this same
+// instruction plus a guard that rescales inputs below -126 (an FSETP and two FMULs per call, the
+// reason to call it directly where subnormal results may become zero, as softmax weights can).
+QK_DEVICE float ex2_approx_ftz(float x) {
+#ifdef QK_EMULATE
+  return qk_emu::ex2_approx_ftz(x);
+#else
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+#endif
+}
+
 // ---- cp.async -----------------------------------------------------------------------------------
 // Asynchronous global -> shared copies, per thread. Copies issued since the last commit form a
 // group; cp_async_wait<N>() waits until at most N committed groups are still in flight; the data

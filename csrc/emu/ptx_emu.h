@@ -5,6 +5,7 @@
 // ldmatrix").
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <source_location>
@@ -137,6 +138,15 @@ inline void cp_async_wait(unsigned n) {
   Scheduler& s = active();
   Thread& t = s.current();
   s.complete_copies(t, t.cp_group >= n ? t.cp_group - n : 0);
+}
+
+// ex2.approx.ftz.f32 per thread: 2^x rounded to nearest, subnormal inputs and results flushed
+// to zero. The hardware's approximation may differ from it by up to 2 ulp (see ptx.h); a
+// correctly rounded result is one of those it may give.
+inline float ex2_approx_ftz(float x) {
+  if (std::fpclassify(x) == FP_SUBNORMAL) x = std::copysign(0.0f, x);
+  const float y = static_cast<float>(std::exp2(static_cast<double>(x)));
+  return std::fpclassify(y) == FP_SUBNORMAL ? 0.0f : y;
 }
 
 }  // namespace qk_emu

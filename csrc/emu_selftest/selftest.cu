@@ -29,6 +29,11 @@ __global__ void convert_kernel(const float2* x, int pairs, __half2* h, __nv_bflo
   bf[i] = __bfloat1622float2(bv);
 }
 
+__global__ void ex2_kernel(const float* x, int n, float* y) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < n) y[i] = qk::ex2_approx_ftz(x[i]);
+}
+
 template <class T>
 QK_DEVICE void mma_16816(float (&acc)[4], const std::uint32_t (&a)[4],
                          const std::uint32_t (&b)[2]) {
@@ -372,6 +377,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> convert(const at::Ten
             ptr<float2>(x), pairs, mut_ptr<__half2>(h), mut_ptr<__nv_bfloat162>(b),
             mut_ptr<float2>(hf), mut_ptr<float2>(bf));
   return {h, b, hf, bf};
+}
+
+at::Tensor ex2(const at::Tensor& x) {
+  check_input(x, "x");
+  check_dtype(x, "x", {at::kFloat});
+  check_dim(x, "x", 1);
+  DeviceGuard guard(x);
+  at::Tensor y = at::empty_like(x);
+  const int n = static_cast<int>(x.size(0));
+  if (n == 0) return y;
+  QK_LAUNCH(ex2_kernel, static_cast<unsigned>((n + 127) / 128), 128, 0, current_stream(x),
+            ptr<float>(x), n, mut_ptr<float>(y));
+  return y;
 }
 
 at::Tensor mma(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c) {

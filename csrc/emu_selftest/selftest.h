@@ -14,6 +14,9 @@ namespace qk::selftest {
 // converted back to float: (half, bfloat16, float, float).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> convert(const at::Tensor& x);
 
+// ex2.approx.ftz.f32 (qk::ex2_approx_ftz) of every element of x (float).
+at::Tensor ex2(const at::Tensor& x);
+
 // d = a @ b.T + c with per-lane fragment loads from global memory (one warp per 16x8 tile).
 at::Tensor mma(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c);
 

@@ -7,6 +7,7 @@
 
 TORCH_LIBRARY_FRAGMENT(QK_OPS_NAMESPACE, m) {
   m.def("selftest_convert(Tensor x) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("selftest_ex2(Tensor x) -> Tensor");
   m.def("selftest_mma(Tensor a, Tensor b, Tensor c) -> Tensor");
   m.def("selftest_ldmatrix(Tensor src, int num, bool trans) -> Tensor");
   m.def("selftest_shuffle(Tensor x, Tensor table) -> (Tensor, Tensor)");
@@ -22,6 +23,7 @@ TORCH_LIBRARY_FRAGMENT(QK_OPS_NAMESPACE, m) {
 
 TORCH_LIBRARY_IMPL(QK_OPS_NAMESPACE, QK_DISPATCH_KEY, m) {
   m.impl("selftest_convert", &qk::selftest::convert);
+  m.impl("selftest_ex2", &qk::selftest::ex2);
   m.impl("selftest_mma", &qk::selftest::mma);
   m.impl("selftest_ldmatrix", &qk::selftest::ldmatrix);
   m.impl("selftest_shuffle", &qk::selftest::shuffle);

@@ -1,18 +1,20 @@
-// Variable-length attention inside segments. One block takes 64 query rows of one (segment,
-// head) pair; the grid is (segments x heads, query blocks), heads of a segment adjacent so that
-// blocks reading the same token rows of a packed qkv run together.
+// Variable-length attention inside segments. One block takes a tile of query rows of one
+// (segment, head) pair; the grid is (segments x heads, query blocks), heads of a segment adjacent
+// so that blocks reading the same token rows of a packed qkv run together.
 //
-// fp16/bf16 (window_attn_mma_kernel): Q, K and V tiles reach shared memory by 16-byte cp.async
-// (rows past the segment end zero-filled), fragments come from ldmatrix, and each warp runs
-// mma.m16n8k16 over its 16 query rows: S = QK^T in fp32 registers, keys past the segment end
-// masked before the row max, P = exp2(S - max) rounded to the input dtype for PV (as
-// FlashAttention does), the row sum kept in fp32. The window path (max_seqlen <= 64) holds all
-// keys in registers and needs no rescaling; the long path runs an online softmax over 64-key
-// tiles with the next K and V tiles in flight. Warps whose 16 rows lie past the segment end and
-// key tiles past it skip their mma. The output goes through shared memory to 16-byte stores.
-// With the rotary flag (window_attn_rope) the window path rotates q and k in shared memory once
-// they land, so rotary and attention read qkv once; longer segments are rotated once by mrope_pos
-// before the plain long path.
+// fp16/bf16: Q, K and V tiles reach shared memory by 16-byte cp.async (rows past the segment end
+// zero-filled), fragments come from ldmatrix, and warps run mma.m16n8k16: S = QK^T in fp32
+// registers, keys past the segment end masked before the row max, P = exp2(S - max) rounded to
+// the input dtype as the A operand of PV (as FlashAttention does), the row sum kept in fp32. The
+// output goes through shared memory to 16-byte stores.
+// - The window path (window_attn_mma_kernel, max_seqlen <= 64): 16 query rows per warp against
+//   all keys at once, a single-pass softmax; warps whose rows lie past the segment end and key
+//   tiles past it skip their mma. With the rotary flag (window_attn_rope) q and k are rotated in
+//   shared memory once they land, so rotary and attention read qkv once.
+// - The long path (window_attn_long_kernel): 32 query rows per warp as two m-tiles against key
+//   tiles of 64, an online softmax with exp2 as one ex2.approx, the next K and V in flight,
+//   copy offsets fixed before the loop, stages as constants (tiles run in pairs), and masking on
+//   the last tile only. window_attn_rope rotates q and k once (mrope_pos) before it.
 //
 // fp32 (window_attn_fma_kernel): see WindowAttnFmaTraits.
 #include <ATen/ops/empty.h>
@@ -127,185 +129,18 @@ QK_DEVICE void rotate_tile(T* tile, int rows, int first_token, const WindowAttnP
   }
 }
 
-template <class Traits>
-__global__ void __launch_bounds__(Traits::kThreads)
-    window_attn_mma_kernel(const WindowAttnParams p) {
-  using T = typename Traits::Element;
-  constexpr int kStride = Traits::kRowStride, kTile = Traits::kTileElems;
-  QK_DYNAMIC_SMEM(T, smem);
-  T* const sq = smem;
-  T* const sk = sq + kTile;
-  T* const sv = sk + Traits::kStages * kTile;
-
-  const Segment seg = segment_of(p);
-  const int m0 = static_cast<int>(blockIdx.y) * Traits::kBlockM;
-  if (m0 >= seg.len) return;  // the whole block leaves before any barrier
-  const T* q =
-      static_cast<const T*>(p.q) + seg.start * p.q_token_stride + seg.head * p.q_head_stride;
-  const T* k =
-      static_cast<const T*>(p.k) + seg.start * p.k_token_stride + seg.head * p.k_head_stride;
-  const T* v =
-      static_cast<const T*>(p.v) + seg.start * p.v_token_stride + seg.head * p.v_head_stride;
-  const int tiles = Traits::kLong ? (seg.len + Traits::kBlockN - 1) / Traits::kBlockN : 1;
-
-  const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
-  const int g = lane / 4, t = lane % 4;  // the accumulator rows g, g + 8 and columns 2t, 2t + 1
-  const int warp_row = warp * 16;
-  // Warps whose rows all lie past the segment end only join the barriers.
-  const bool warp_active = m0 + warp_row < seg.len;
-
-  // Groups: (Q, K0), (V0); then K(i+1) and V(i+1) each as issued inside the loop.
-  load_tile<Traits, Traits::kBlockM>(sq, q + m0 * p.q_token_stride, p.q_token_stride, seg.len - m0);
-  load_tile<Traits, Traits::kBlockN>(sk, k, p.k_token_stride, seg.len);
-  cp_async_commit();
-  load_tile<Traits, Traits::kBlockN>(sv, v, p.v_token_stride, seg.len);
-  cp_async_commit();
-
-  std::uint32_t qf[Traits::kQkSteps][4];
-  float o[Traits::kDimTiles][4];
-#pragma unroll
-  for (int d = 0; d < Traits::kDimTiles; ++d) {
-#pragma unroll
-    for (int r = 0; r < 4; ++r) o[d][r] = 0.0f;
-  }
-  // Rows g and g + 8: running max of the scaled scores (log2 domain) and this lane's share of
-  // the sum of exp2(score - max).
-  float row_max[2] = {-INFINITY, -INFINITY};
-  float row_sum[2] = {0.0f, 0.0f};
-
-  for (int tile = 0; tile < tiles; ++tile) {
-    const int stage = Traits::kLong ? tile % 2 : 0;
-    const int kv0 = tile * Traits::kBlockN;
-    const int keys = min(seg.len - kv0, Traits::kBlockN);
-    const bool prefetch = Traits::kLong && tile + 1 < tiles;
-    T* const sk_tile = sk + stage * kTile;
-    const T* sv_tile = sv + stage * kTile;
-
-    cp_async_wait<1>();  // K(tile) (and Q) have landed; V(tile) may be in flight
-    __syncthreads();
-    if constexpr (Traits::kRope) {  // the window path: one tile, rotated as it lands
-      rotate_tile<Traits>(sq, min(seg.len - m0, Traits::kBlockM), seg.start + m0, p);
-      rotate_tile<Traits>(sk_tile, keys, seg.start + kv0, p);
-      __syncthreads();
-    }
-    float s[Traits::kKeyTiles][4];
-    if (warp_active) {
-      if (tile == 0) {
-#pragma unroll
-        for (int ks = 0; ks < Traits::kQkSteps; ++ks) {
-          const int row = warp_row + lane % 8 + lane / 8 % 2 * 8;
-          ldmatrix_x4(qf[ks], sq + row * kStride + ks * 16 + lane / 16 * 8);
-        }
-      }
-      // S = Q K^T, two key tiles of 8 per ldmatrix.x4; tiles past the segment end stay -inf.
-#pragma unroll
-      for (int n = 0; n < Traits::kKeyTiles; n += 2) {
-#pragma unroll
-        for (int r = 0; r < 4; ++r) s[n][r] = s[n + 1][r] = n * 8 < keys ? 0.0f : -INFINITY;
-        if (n * 8 >= keys) continue;
-#pragma unroll
-        for (int ks = 0; ks < Traits::kQkSteps; ++ks) {
-          std::uint32_t kf[4];
-          const int row = n * 8 + lane / 16 * 8 + lane % 8;
-          ldmatrix_x4(kf, sk_tile + row * kStride + ks * 16 + lane / 8 % 2 * 8);
-          const std::uint32_t b0[2] = {kf[0], kf[1]}, b1[2] = {kf[2], kf[3]};
-          mma<T>(s[n], qf[ks], b0);
-          mma<T>(s[n + 1], qf[ks], b1);
-        }
-      }
-      // Mask keys past the segment end before the max: every valid row keeps key 0.
-      if (keys < Traits::kBlockN) {
-#pragma unroll
-        for (int n = 0; n < Traits::kKeyTiles; ++n) {
-#pragma unroll
-          for (int r = 0; r < 4; ++r) {
-            if (n * 8 + 2 * t + r % 2 >= keys) s[n][r] = -INFINITY;
-          }
-        }
-      }
-      float tile_max[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-      for (int n = 0; n < Traits::kKeyTiles; ++n) {
-#pragma unroll
-        for (int r = 0; r < 4; ++r) tile_max[r / 2] = fmaxf(tile_max[r / 2], s[n][r]);
-      }
-      float shift[2];  // the new max times scale_log2, subtracted inside one FMA per score
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const float new_max = fmaxf(row_max[h], quad_max(tile_max[h]));
-        if constexpr (Traits::kLong) {
-          // exp2(-inf) = 0 on the first tile, where o and the sum are still zero.
-          const float correction = exp2f((row_max[h] - new_max) * p.scale_log2);
-          row_sum[h] *= correction;
-#pragma unroll
-          for (int d = 0; d < Traits::kDimTiles; ++d) {
-            o[d][2 * h] *= correction;
-            o[d][2 * h + 1] *= correction;
-          }
-        }
-        row_max[h] = new_max;
-        shift[h] = new_max * p.scale_log2;
-      }
-#pragma unroll
-      for (int n = 0; n < Traits::kKeyTiles; ++n) {
-#pragma unroll
-        for (int r = 0; r < 4; ++r) {
-          s[n][r] = exp2f(fmaf(s[n][r], p.scale_log2, -shift[r / 2]));
-          row_sum[r / 2] += s[n][r];
-        }
-      }
-    }
-
-    if (prefetch) {
-      // That stage's K was last read by QK^T of tile - 1, before the barrier above.
-      load_tile<Traits, Traits::kBlockN>(sk + (tile + 1) % 2 * kTile,
-                                         k + (kv0 + Traits::kBlockN) * p.k_token_stride,
-                                         p.k_token_stride, seg.len - kv0 - Traits::kBlockN);
-      cp_async_commit();
-      cp_async_wait<1>();  // V(tile) has landed; K(tile + 1) may be in flight
-    } else {
-      cp_async_wait<0>();
-    }
-    __syncthreads();
-
-    if (warp_active) {
-      // O += P V: the S accumulators of key tiles 2j, 2j + 1 are the A fragment of k-step j.
-#pragma unroll
-      for (int j = 0; j < Traits::kPvSteps; ++j) {
-        if (j * 16 >= keys) continue;
-        const std::uint32_t pf[4] = {pack_pair<T>(s[2 * j][0], s[2 * j][1]),
-                                     pack_pair<T>(s[2 * j][2], s[2 * j][3]),
-                                     pack_pair<T>(s[2 * j + 1][0], s[2 * j + 1][1]),
-                                     pack_pair<T>(s[2 * j + 1][2], s[2 * j + 1][3])};
-#pragma unroll
-        for (int d = 0; d < Traits::kDimTiles; d += 2) {
-          std::uint32_t vf[4];
-          const int row = j * 16 + lane % 8 + lane / 8 % 2 * 8;
-          ldmatrix_x4_trans(vf, sv_tile + row * kStride + d * 8 + lane / 16 * 8);
-          const std::uint32_t b0[2] = {vf[0], vf[1]}, b1[2] = {vf[2], vf[3]};
-          mma<T>(o[d], pf, b0);
-          mma<T>(o[d + 1], pf, b1);
-        }
-      }
-    }
-
-    if (prefetch) {
-      // That stage's V was last read by PV of tile - 1, before the first barrier above.
-      load_tile<Traits, Traits::kBlockN>(sv + (tile + 1) % 2 * kTile,
-                                         v + (kv0 + Traits::kBlockN) * p.v_token_stride,
-                                         p.v_token_stride, seg.len - kv0 - Traits::kBlockN);
-      cp_async_commit();
-    }
-  }
-  if (!warp_active) return;  // no barrier follows
-
-  // Normalise, round once to T and stage this warp's 16 rows in its own rows of the Q tile
-  // (read only by this warp, at tile 0), then store them as 16-byte vectors.
-  T* const staged = sq + warp_row * kStride;
+// Normalises 16 rows of O (one m-tile of a warp: rows g and g + 8 of each lane), rounds them once
+// to T, stages them in `staged` (16 rows of a shared tile that only this warp reads from here on)
+// and stores those of rows first_row.. that lie inside the segment as 16-byte vectors.
+template <class Traits, class T>
+QK_DEVICE void store_m_tile(const float (&o)[Traits::kDimTiles][4], const float (&row_sum)[2],
+                            T* staged, T* out, int first_row, int seg_len, int64_t token_stride) {
+  constexpr int kStride = Traits::kRowStride, kChunkElems = Traits::kChunkElems;
+  const int lane = static_cast<int>(threadIdx.x) % 32, g = lane / 4, t = lane % 4;
   float inv_sum[2];
 #pragma unroll
   for (int h = 0; h < 2; ++h) inv_sum[h] = 1.0f / quad_sum(row_sum[h]);
-  __syncwarp();
+  __syncwarp();  // every lane is done reading these rows
 #pragma unroll
   for (int d = 0; d < Traits::kDimTiles; ++d) {
 #pragma unroll
@@ -316,18 +151,433 @@ __global__ void __launch_bounds__(Traits::kThreads)
     }
   }
   __syncwarp();
-  constexpr int kChunkElems = Traits::kChunkElems;
   constexpr int kChunks = 16 * Traits::kChunksPerRow;
   static_assert(kChunks % 32 == 0, "every lane stores the same count");
-  T* out = static_cast<T*>(p.out) + seg.start * p.out_token_stride + seg.head * p.out_head_stride;
 #pragma unroll
   for (int c = lane; c < kChunks; c += 32) {
     const int row = c / Traits::kChunksPerRow, col = c % Traits::kChunksPerRow * kChunkElems;
-    const int token = m0 + warp_row + row;
-    if (token < seg.len) {
-      store_pack<T, kChunkElems>(out + token * p.out_token_stride + col,
+    const int token = first_row + row;
+    if (token < seg_len) {
+      store_pack<T, kChunkElems>(out + token * token_stride + col,
                                  load_pack<T, kChunkElems>(staged + row * kStride + col));
     }
+  }
+}
+
+// The window path: one tile of 64 query rows against every key of the segment at once.
+template <class Traits>
+__global__ void __launch_bounds__(Traits::kThreads)
+    window_attn_mma_kernel(const WindowAttnParams p) {
+  using T = typename Traits::Element;
+  constexpr int kStride = Traits::kRowStride, kTile = Traits::kTileElems;
+  QK_DYNAMIC_SMEM(T, smem);
+  T* const sq = smem;
+  T* const sk = sq + kTile;
+  T* const sv = sk + kTile;
+
+  const Segment seg = segment_of(p);
+  const int m0 = static_cast<int>(blockIdx.y) * Traits::kBlockM;
+  if (m0 >= seg.len) return;  // the whole block leaves before any barrier
+  const T* q =
+      static_cast<const T*>(p.q) + seg.start * p.q_token_stride + seg.head * p.q_head_stride;
+  const T* k =
+      static_cast<const T*>(p.k) + seg.start * p.k_token_stride + seg.head * p.k_head_stride;
+  const T* v =
+      static_cast<const T*>(p.v) + seg.start * p.v_token_stride + seg.head * p.v_head_stride;
+  const int keys = min(seg.len, Traits::kBlockN);
+
+  const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
+  const int t = lane % 4;  // the accumulator columns 2t, 2t + 1
+  const int warp_row = warp * 16;
+  // Warps whose rows all lie past the segment end only join the barriers.
+  const bool warp_active = m0 + warp_row < seg.len;
+
+  // Groups: (Q, K), then V, which may still land while QK^T runs.
+  load_tile<Traits, Traits::kBlockM>(sq, q + m0 * p.q_token_stride, p.q_token_stride, seg.len - m0);
+  load_tile<Traits, Traits::kBlockN>(sk, k, p.k_token_stride, seg.len);
+  cp_async_commit();
+  load_tile<Traits, Traits::kBlockN>(sv, v, p.v_token_stride, seg.len);
+  cp_async_commit();
+
+  cp_async_wait<1>();
+  __syncthreads();
+  if constexpr (Traits::kRope) {
+    rotate_tile<Traits>(sq, min(seg.len - m0, Traits::kBlockM), seg.start + m0, p);
+    rotate_tile<Traits>(sk, keys, seg.start, p);
+    __syncthreads();
+  }
+  float s[Traits::kKeyTiles][4];
+  float row_sum[2] = {0.0f, 0.0f};  // this lane's share of rows g and g + 8
+  if (warp_active) {
+    std::uint32_t qf[Traits::kQkSteps][4];
+#pragma unroll
+    for (int ks = 0; ks < Traits::kQkSteps; ++ks) {
+      const int row = warp_row + lane % 8 + lane / 8 % 2 * 8;
+      ldmatrix_x4(qf[ks], sq + row * kStride + ks * 16 + lane / 16 * 8);
+    }
+    // S = Q K^T, two key tiles of 8 per ldmatrix.x4; tiles past the segment end stay -inf.
+#pragma unroll
+    for (int n = 0; n < Traits::kKeyTiles; n += 2) {
+#pragma unroll
+      for (int r = 0; r < 4; ++r) s[n][r] = s[n + 1][r] = n * 8 < keys ? 0.0f : -INFINITY;
+      if (n * 8 >= keys) continue;
+#pragma unroll
+      for (int ks = 0; ks < Traits::kQkSteps; ++ks) {
+        std::uint32_t kf[4];
+        const int row = n * 8 + lane / 16 * 8 + lane % 8;
+        ldmatrix_x4(kf, sk + row * kStride + ks * 16 + lane / 8 % 2 * 8);
+        const std::uint32_t b0[2] = {kf[0], kf[1]}, b1[2] = {kf[2], kf[3]};
+        mma<T>(s[n], qf[ks], b0);
+        mma<T>(s[n + 1], qf[ks], b1);
+      }
+    }
+    // Mask keys past the segment end before the max: every valid row keeps key 0.
+    if (keys < Traits::kBlockN) {
+#pragma unroll
+      for (int n = 0; n < Traits::kKeyTiles; ++n) {
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          if (n * 8 + 2 * t + r % 2 >= keys) s[n][r] = -INFINITY;
+        }
+      }
+    }
+    float row_max[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int n = 0; n < Traits::kKeyTiles; ++n) {
+#pragma unroll
+      for (int r = 0; r < 4; ++r) row_max[r / 2] = fmaxf(row_max[r / 2], s[n][r]);
+    }
+    float shift[2];  // the max times scale_log2, subtracted inside one FMA per score
+#pragma unroll
+    for (int h = 0; h < 2; ++h) shift[h] = quad_max(row_max[h]) * p.scale_log2;
+#pragma unroll
+    for (int n = 0; n < Traits::kKeyTiles; ++n) {
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        s[n][r] = exp2f(fmaf(s[n][r], p.scale_log2, -shift[r / 2]));
+        row_sum[r / 2] += s[n][r];
+      }
+    }
+  }
+  cp_async_wait<0>();
+  __syncthreads();
+  if (!warp_active) return;  // no barrier follows
+
+  float o[Traits::kDimTiles][4];
+#pragma unroll
+  for (int d = 0; d < Traits::kDimTiles; ++d) {
+#pragma unroll
+    for (int r = 0; r < 4; ++r) o[d][r] = 0.0f;
+  }
+  // O = P V: the S accumulators of key tiles 2j, 2j + 1 are the A fragment of k-step j.
+#pragma unroll
+  for (int j = 0; j < Traits::kPvSteps; ++j) {
+    if (j * 16 >= keys) continue;
+    const std::uint32_t pf[4] = {pack_pair<T>(s[2 * j][0], s[2 * j][1]),
+                                 pack_pair<T>(s[2 * j][2], s[2 * j][3]),
+                                 pack_pair<T>(s[2 * j + 1][0], s[2 * j + 1][1]),
+                                 pack_pair<T>(s[2 * j + 1][2], s[2 * j + 1][3])};
+#pragma unroll
+    for (int d = 0; d < Traits::kDimTiles; d += 2) {
+      std::uint32_t vf[4];
+      const int row = j * 16 + lane % 8 + lane / 8 % 2 * 8;
+      ldmatrix_x4_trans(vf, sv + row * kStride + d * 8 + lane / 16 * 8);
+      const std::uint32_t b0[2] = {vf[0], vf[1]}, b1[2] = {vf[2], vf[3]};
+      mma<T>(o[d], pf, b0);
+      mma<T>(o[d + 1], pf, b1);
+    }
+  }
+  // This warp's rows of the Q tile are read by it alone, and no more.
+  T* out = static_cast<T*>(p.out) + seg.start * p.out_token_stride + seg.head * p.out_head_stride;
+  store_m_tile<Traits>(o, row_sum, sq + warp_row * kStride, out, m0 + warp_row, seg.len,
+                       p.out_token_stride);
+}
+
+// ---- The long path -------------------------------------------------------------------------
+
+// Where this thread's 16-byte copies of a K or V tile go and come from, fixed for the whole
+// loop: a copy then costs one address add, with no division by the chunks per row in the loop.
+// Shared offsets are in bytes (what the copy's shared address adds), source offsets in elements
+// from the tile's first token, one set for K and V (the launcher gives them one token stride),
+// 32-bit (it copies inputs whose token stride would overflow them).
+template <class Traits>
+struct KvCopies {
+  int smem_bytes[Traits::kKvCopies];
+  int src[Traits::kKvCopies];
+
+  QK_DEVICE explicit KvCopies(int64_t token_stride) {
+    using T = typename Traits::Element;
+#pragma unroll
+    for (int i = 0; i < Traits::kKvCopies; ++i) {
+      const int c = static_cast<int>(threadIdx.x) + i * Traits::kThreads;
+      const int row = c / Traits::kChunksPerRow;
+      const int col = c % Traits::kChunksPerRow * Traits::kChunkElems;
+      smem_bytes[i] = (row * Traits::kRowStride + col) * static_cast<int>(sizeof(T));
+      src[i] = row * static_cast<int>(token_stride) + col;
+    }
+  }
+};
+
+// Issues the copies of one K or V tile; with kPartial (the segment's last tile) only its first
+// `rows` rows are read and the rest zero-filled, so masked keys meet zeros in V.
+template <class Traits, bool kPartial, class T>
+QK_DEVICE void copy_kv_tile(T* tile, const T* src, const KvCopies<Traits>& copies, int rows) {
+  char* const tile_bytes = reinterpret_cast<char*>(tile);
+#pragma unroll
+  for (int i = 0; i < Traits::kKvCopies; ++i) {
+    void* const to = tile_bytes + copies.smem_bytes[i];
+    if constexpr (kPartial) {
+      const int row =
+          (static_cast<int>(threadIdx.x) + i * Traits::kThreads) / Traits::kChunksPerRow;
+      const bool valid = row < rows;
+      cp_async_16_zfill(to, valid ? src + copies.src[i] : src, valid);
+    } else {
+      cp_async_16(to, src + copies.src[i]);
+    }
+  }
+}
+
+// A long-path block's state: its pointers, and each lane's accumulators and softmax statistics
+// for rows g and g + 8 of its warp's two m-tiles.
+template <class Traits>
+struct LongBlock {
+  using T = typename Traits::Element;
+  const WindowAttnParams& p;
+  T* sq;
+  T* sk;  // 2 stages
+  T* sv;  // 2 stages
+  const T* k;
+  const T* v;
+  KvCopies<Traits> copies;
+  int seg_len, tiles, warp_row, lane;
+  bool warp_active;
+  float o[Traits::kMTiles][Traits::kDimTiles][4];
+  float row_max[Traits::kMTiles][2];
+  float row_sum[Traits::kMTiles][2];  // this lane's share; the quad's sum at the end
+};
+
+// One key tile: S = Q K^T for both m-tiles, the online softmax, O += P V. kStage (the shared
+// stage holding this tile) is a constant, so every shared address is a base plus a constant;
+// kLast marks the segment's last tile, the only one that masks keys and prefetches nothing.
+template <class Traits, int kStage, bool kLast>
+QK_DEVICE void long_step(LongBlock<Traits>& b, int tile) {
+  using T = typename Traits::Element;
+  constexpr int kStride = Traits::kRowStride, kKv = Traits::kKvTileElems;
+  constexpr int kM = Traits::kMTiles, kN = Traits::kKeyTiles, kD = Traits::kDimTiles;
+  const WindowAttnParams& p = b.p;
+  const int lane = b.lane, t = lane % 4;
+  const T* sk = b.sk + kStage * kKv;
+  const T* sv = b.sv + kStage * kKv;
+  const int kv0 = tile * Traits::kBlockN;
+  const int next_rows = b.seg_len - kv0 - Traits::kBlockN;  // rows of the next tile, if any
+  const bool next_partial = tile + 2 == b.tiles && next_rows < Traits::kBlockN;
+
+  cp_async_wait<1>();  // K(tile) (and Q) have landed; V(tile) may be in flight
+  __syncthreads();
+  float s[kM][kN][4];
+  if (b.warp_active) {
+#pragma unroll
+    for (int m = 0; m < kM; ++m) {
+#pragma unroll
+      for (int n = 0; n < kN; ++n) {
+#pragma unroll
+        for (int r = 0; r < 4; ++r) s[m][n][r] = 0.0f;
+      }
+    }
+#pragma unroll
+    for (int ks = 0; ks < Traits::kQkSteps; ++ks) {
+      std::uint32_t qf[kM][4];
+#pragma unroll
+      for (int m = 0; m < kM; ++m) {
+        const int row = b.warp_row + 16 * m + lane % 8 + lane / 8 % 2 * 8;
+        ldmatrix_x4(qf[m], b.sq + row * kStride + ks * 16 + lane / 16 * 8);
+      }
+#pragma unroll
+      for (int n = 0; n < kN; n += 2) {
+        std::uint32_t kf[4];
+        const int row = n * 8 + lane / 16 * 8 + lane % 8;
+        ldmatrix_x4(kf, sk + row * kStride + ks * 16 + lane / 8 % 2 * 8);
+        const std::uint32_t b0[2] = {kf[0], kf[1]}, b1[2] = {kf[2], kf[3]};
+#pragma unroll
+        for (int m = 0; m < kM; ++m) {
+          mma<T>(s[m][n], qf[m], b0);
+          mma<T>(s[m][n + 1], qf[m], b1);
+        }
+      }
+    }
+    if constexpr (kLast) {
+      // Keys past the segment end leave the softmax; every row keeps key kv0.
+      const int keys = b.seg_len - kv0;
+#pragma unroll
+      for (int m = 0; m < kM; ++m) {
+#pragma unroll
+        for (int n = 0; n < kN; ++n) {
+#pragma unroll
+          for (int r = 0; r < 4; ++r) {
+            if (n * 8 + 2 * t + r % 2 >= keys) s[m][n][r] = -INFINITY;
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int m = 0; m < kM; ++m) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        float tile_max = -INFINITY;
+#pragma unroll
+        for (int n = 0; n < kN; ++n)
+          tile_max = fmaxf(tile_max, fmaxf(s[m][n][2 * h], s[m][n][2 * h + 1]));
+        const float new_max = fmaxf(b.row_max[m][h], quad_max(tile_max));
+        const float shift = new_max * p.scale_log2;  // subtracted inside one FMA per score
+        // exp2(-inf) = 0 on the first tile, where o and the sum are still zero.
+        const float correction = ex2_approx_ftz(fmaf(b.row_max[m][h], p.scale_log2, -shift));
+        b.row_max[m][h] = new_max;
+        b.row_sum[m][h] *= correction;
+#pragma unroll
+        for (int d = 0; d < kD; ++d) {
+          b.o[m][d][2 * h] *= correction;
+          b.o[m][d][2 * h + 1] *= correction;
+        }
+#pragma unroll
+        for (int n = 0; n < kN; ++n) {
+#pragma unroll
+          for (int r = 2 * h; r < 2 * h + 2; ++r) {
+            s[m][n][r] = ex2_approx_ftz(fmaf(s[m][n][r], p.scale_log2, -shift));
+            b.row_sum[m][h] += s[m][n][r];
+          }
+        }
+      }
+    }
+  }
+
+  if constexpr (!kLast) {
+    // That stage's K was last read by QK^T of tile - 1, before the barrier above.
+    T* const next = b.sk + (1 - kStage) * kKv;
+    const T* src = b.k + (kv0 + Traits::kBlockN) * p.k_token_stride;
+    if (next_partial) {
+      copy_kv_tile<Traits, true>(next, src, b.copies, next_rows);
+    } else {
+      copy_kv_tile<Traits, false>(next, src, b.copies, next_rows);
+    }
+    cp_async_commit();
+    cp_async_wait<1>();  // V(tile) has landed; K(tile + 1) may be in flight
+  } else {
+    cp_async_wait<0>();
+  }
+  __syncthreads();
+
+  if (b.warp_active) {
+    // O += P V: the S accumulators of key tiles 2j, 2j + 1 are the A fragment of k-step j,
+    // each V fragment serving both m-tiles.
+#pragma unroll
+    for (int j = 0; j < Traits::kPvSteps; ++j) {
+      std::uint32_t pf[kM][4];
+#pragma unroll
+      for (int m = 0; m < kM; ++m) {
+        pf[m][0] = pack_pair<T>(s[m][2 * j][0], s[m][2 * j][1]);
+        pf[m][1] = pack_pair<T>(s[m][2 * j][2], s[m][2 * j][3]);
+        pf[m][2] = pack_pair<T>(s[m][2 * j + 1][0], s[m][2 * j + 1][1]);
+        pf[m][3] = pack_pair<T>(s[m][2 * j + 1][2], s[m][2 * j + 1][3]);
+      }
+#pragma unroll
+      for (int d = 0; d < kD; d += 2) {
+        std::uint32_t vf[4];
+        const int row = j * 16 + lane % 8 + lane / 8 % 2 * 8;
+        ldmatrix_x4_trans(vf, sv + row * kStride + d * 8 + lane / 16 * 8);
+        const std::uint32_t b0[2] = {vf[0], vf[1]}, b1[2] = {vf[2], vf[3]};
+#pragma unroll
+        for (int m = 0; m < kM; ++m) {
+          mma<T>(b.o[m][d], pf[m], b0);
+          mma<T>(b.o[m][d + 1], pf[m], b1);
+        }
+      }
+    }
+  }
+
+  if constexpr (!kLast) {
+    // That stage's V was last read by PV of tile - 1, before the first barrier above.
+    T* const next = b.sv + (1 - kStage) * kKv;
+    const T* src = b.v + (kv0 + Traits::kBlockN) * p.v_token_stride;
+    if (next_partial) {
+      copy_kv_tile<Traits, true>(next, src, b.copies, next_rows);
+    } else {
+      copy_kv_tile<Traits, false>(next, src, b.copies, next_rows);
+    }
+    cp_async_commit();
+  }
+}
+
+template <class Traits>
+__global__ void __launch_bounds__(Traits::kThreads)
+    window_attn_long_kernel(const WindowAttnParams p) {
+  using T = typename Traits::Element;
+  constexpr int kKv = Traits::kKvTileElems;
+  QK_DYNAMIC_SMEM(T, smem);
+
+  const Segment seg = segment_of(p);
+  const int m0 = static_cast<int>(blockIdx.y) * Traits::kBlockM;
+  if (m0 >= seg.len) return;  // the whole block leaves before any barrier
+  const T* q =
+      static_cast<const T*>(p.q) + seg.start * p.q_token_stride + seg.head * p.q_head_stride;
+  const int warp = static_cast<int>(threadIdx.x) / 32;
+  LongBlock<Traits> b{
+      p, smem, smem + Traits::kQTileElems, smem + Traits::kQTileElems + 2 * kKv,
+      static_cast<const T*>(p.k) + seg.start * p.k_token_stride + seg.head * p.k_head_stride,
+      static_cast<const T*>(p.v) + seg.start * p.v_token_stride + seg.head * p.v_head_stride,
+      KvCopies<Traits>(p.k_token_stride), seg.len,
+      (seg.len + Traits::kBlockN - 1) / Traits::kBlockN, warp * 16 * Traits::kMTiles,
+      static_cast<int>(threadIdx.x) % 32,
+      // Warps whose rows all lie past the segment end only join the barriers.
+      m0 + warp * 16 * Traits::kMTiles < seg.len};
+#pragma unroll
+  for (int m = 0; m < Traits::kMTiles; ++m) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      b.row_max[m][h] = -INFINITY;
+      b.row_sum[m][h] = 0.0f;
+    }
+#pragma unroll
+    for (int d = 0; d < Traits::kDimTiles; ++d) {
+#pragma unroll
+      for (int r = 0; r < 4; ++r) b.o[m][d][r] = 0.0f;
+    }
+  }
+
+  // Groups: (Q, K0), (V0); then K(i+1) and V(i+1) each as issued inside the steps.
+  load_tile<Traits, Traits::kBlockM>(b.sq, q + m0 * p.q_token_stride, p.q_token_stride,
+                                     seg.len - m0);
+  if (b.tiles == 1) {
+    copy_kv_tile<Traits, true>(b.sk, b.k, b.copies, seg.len);
+    cp_async_commit();
+    copy_kv_tile<Traits, true>(b.sv, b.v, b.copies, seg.len);
+  } else {
+    copy_kv_tile<Traits, false>(b.sk, b.k, b.copies, seg.len);
+    cp_async_commit();
+    copy_kv_tile<Traits, false>(b.sv, b.v, b.copies, seg.len);
+  }
+  cp_async_commit();
+
+  // Tiles in pairs, so that each step's stage is a constant; the last one or two after.
+  int tile = 0;
+  for (; tile + 2 < b.tiles; tile += 2) {
+    long_step<Traits, 0, false>(b, tile);
+    long_step<Traits, 1, false>(b, tile + 1);
+  }
+  if (tile + 1 < b.tiles) {
+    long_step<Traits, 0, false>(b, tile);
+    long_step<Traits, 1, true>(b, tile + 1);
+  } else {
+    long_step<Traits, 0, true>(b, tile);
+  }
+  if (!b.warp_active) return;  // no barrier follows
+
+  // Each warp's rows of the Q tile are read by it alone, and no more.
+  T* out = static_cast<T*>(p.out) + seg.start * p.out_token_stride + seg.head * p.out_head_stride;
+#pragma unroll
+  for (int m = 0; m < Traits::kMTiles; ++m) {
+    const int row = b.warp_row + 16 * m;
+    store_m_tile<Traits>(b.o[m], b.row_sum[m], b.sq + row * Traits::kRowStride, out, m0 + row,
+                         seg.len, p.out_token_stride);
   }
 }
 
@@ -423,10 +673,15 @@ __global__ void __launch_bounds__(Traits::kThreads)
 // ---- Host side ----------------------------------------------------------------------------------
 
 // Whether rows of t can move as 16-byte copies: a unit last stride, an aligned base and strides.
+// The long path addresses a key tile's rows by 32-bit offsets from its first token.
+constexpr int64_t kMaxTokenStride = (int64_t{INT32_MAX} - 1024) / kKeyTile;
+
+// Whether rows of t can move as 16-byte copies (a unit last stride, an aligned base and strides)
+// and its token stride suits the long path's 32-bit tile offsets.
 bool rows_aligned(const at::Tensor& t) {
   const int64_t chunk = 16 / t.element_size();
   return t.stride(2) == 1 && reinterpret_cast<std::uintptr_t>(t.data_ptr()) % 16 == 0 &&
-         t.stride(0) % chunk == 0 && t.stride(1) % chunk == 0;
+         t.stride(0) % chunk == 0 && t.stride(1) % chunk == 0 && t.stride(0) <= kMaxTokenStride;
 }
 
 // t itself, or a contiguous copy where its layout rules out 16-byte copies. The copy costs a read
@@ -439,8 +694,20 @@ at::Tensor with_aligned_rows(const at::Tensor& t, const char* name) {
       " bytes more memory and one more read and write of it per call. ",
       "Its kernels move rows as 16-byte copies, which need a unit last stride and a ",
       "base address and token and head strides that are multiples of 16 bytes (",
-      16 / t.element_size(), " elements of ", t.scalar_type(), "). ", "Warned once per process.");
+      16 / t.element_size(), " elements of ", t.scalar_type(), "), and a token stride of at most ",
+      kMaxTokenStride, " elements. Warned once per process.");
   return t.clone(at::MemoryFormat::Contiguous);
+}
+
+// The long path reads K and V tiles through one set of offsets: where their token strides
+// differ, the one not contiguous (or both) is copied, which the first time warns.
+void share_token_stride(at::Tensor& k, at::Tensor& v) {
+  if (k.stride(0) == v.stride(0)) return;
+  TORCH_WARN_ONCE("qwen_kernels: the CUDA window_attn long path copies k or v (token strides ",
+                  k.stride(0), " and ", v.stride(0), ") to a contiguous tensor: its kernel reads ",
+                  "K and V with one token stride. Warned once per process.");
+  if (!k.is_contiguous()) k = k.contiguous();
+  if (!v.is_contiguous()) v = v.contiguous();
 }
 
 // One block per (segment, head) pair and block of Traits::kBlockM query rows.
@@ -460,14 +727,14 @@ void run(const WindowAttnParams& params, cudaStream_t stream) {
     launch_kernel<Traits>(window_attn_fma_kernel<Traits>, params, stream);
   } else {
     // One key tile holds every key of a window: the single-pass variant.
-    using Window = WindowAttnTraits<T, kHeadDim, false, kRope>;
+    using Window = WindowAttnTraits<T, kHeadDim, kRope>;
     if (params.max_seqlen <= Window::kBlockN) {
       launch_kernel<Window>(window_attn_mma_kernel<Window>, params, stream);
     } else if constexpr (kRope) {
       TORCH_CHECK(false, "qwen_kernels: window_attn_rope rotates q and k before the long path");
     } else {
-      using Long = WindowAttnTraits<T, kHeadDim, true, false>;
-      launch_kernel<Long>(window_attn_mma_kernel<Long>, params, stream);
+      using Long = WindowAttnLongTraits<T, kHeadDim>;
+      launch_kernel<Long>(window_attn_long_kernel<Long>, params, stream);
     }
   }
 }
@@ -559,8 +826,9 @@ at::Tensor launch(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tens
                   const Rope* rope) {
   at::Tensor out = at::empty(q_in.sizes(), q_in.options());
   if (q_in.numel() == 0) return out;
-  const at::Tensor q = with_aligned_rows(q_in, "q"), k = with_aligned_rows(k_in, "k"),
-                   v = with_aligned_rows(v_in, "v");
+  const at::Tensor q = with_aligned_rows(q_in, "q");
+  at::Tensor k = with_aligned_rows(k_in, "k"), v = with_aligned_rows(v_in, "v");
+  if (q.scalar_type() != at::kFloat && max_seqlen > kKeyTile) share_token_stride(k, v);
   const at::Tensor cu_seqlens = cu_seqlens_in.contiguous();
 
   WindowAttnParams params{};

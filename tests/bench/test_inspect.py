@@ -14,7 +14,13 @@ import textwrap
 
 import pytest
 
-from bench.inspect_kernels import KIND, cuda_library
+from bench.inspect_kernels import (
+    CUDA_ATTENTION_STEPS,
+    KIND,
+    cuda_attention_steps,
+    cuda_library,
+    padded_mma_share,
+)
 from qwen_kernels._backends import REGISTRY
 
 ARCHS = ("sm_80", "sm_90a")
@@ -100,6 +106,18 @@ def test_matrix_kernels_use_tensor_cores(report):
         if matrix and row["dtype"] != "fp32":
             counts = row["counts"]
             assert counts["hmma"] + counts["hgmma"] > 0, (row["op"], row["kernel"], row["arch"])
+
+
+def test_cuda_attention_steps_follow_the_path_a_segment_takes():
+    """Windows skip 8-key tiles past the end; the long path computes whole 64-key tiles for 32
+    query rows per warp (16 at head_dim 128)."""
+    assert cuda_attention_steps([64, 16], 80) == CUDA_ATTENTION_STEPS
+    assert padded_mma_share([64, 16], 80, CUDA_ATTENTION_STEPS) == 1.0
+    long_steps = cuda_attention_steps([130, 7], 80)
+    assert long_steps == ((32, 64, 16), (32, 64, 8))
+    assert cuda_attention_steps([130], 128)[0][0] == 16
+    share = (130 * 130 + 7 * 7) / (160 * 192 + 32 * 64)
+    assert padded_mma_share([130, 7], 80, long_steps) == pytest.approx(share)
 
 
 def test_cuda_memory_kernels_have_a_16_byte_variant(report):

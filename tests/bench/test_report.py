@@ -139,3 +139,10 @@ def test_profiled_suites_add_memory_and_non_gemm_columns(monkeypatch, tmp_path):
     for row in rows:
         row.peak_mib = row.non_gemm_share = None
     assert "peak MiB" not in report.markdown(result)
+
+
+def test_missing_module_names_the_package_of_absent_modules_and_submodules():
+    assert harness.missing_module("torch", "torch") is None
+    assert harness.missing_module("torch.nn", "torch") is None
+    for module in ("no_such_package_qk", "no_such_package_qk.cute"):
+        assert harness.missing_module(module, "the package") == "the package is not installed"

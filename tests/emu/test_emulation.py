@@ -85,6 +85,25 @@ def test_conversions_round_to_nearest_even(target, gen):
     torch.testing.assert_close(bf, x.bfloat16().float(), equal_nan=True, rtol=0, atol=0)
 
 
+def test_ex2_approx_ftz_within_two_ulp_and_flushing_subnormals(target, gen):
+    """ex2.approx.ftz.f32: within 2 ulp of 2^x (the CUDA C Programming Guide's exp2f bound, the
+    same instruction), exact at the specials, subnormal inputs read as 0 and subnormal results
+    flushed to +0. The emulation rounds 2^x to nearest; the hardware may differ by those 2 ulp."""
+    ops, device = target
+    specials = [0.0, -0.0, 1.0, -1.0, 10.0, -126.0, 127.0, 128.0, -150.0, 1e-40, -1e-40]
+    specials += [float("inf"), float("-inf"), float("nan")]
+    x = torch.cat([torch.tensor(specials), torch.rand(4000, generator=gen) * 250 - 125])
+    got = ops.selftest_ex2(x.to(device)).cpu()
+    exact = torch.exp2(x.double())
+    want = [1.0, 1.0, 2.0, 0.5, 1024.0, 2.0**-126, 2.0**127, float("inf"), 0.0, 1.0, 1.0]
+    assert got[:11].tolist() == want
+    assert got[11] == float("inf") and got[12] == 0.0 and torch.isnan(got[13])
+    ulp = torch.exp2(torch.floor(torch.log2(exact[14:])) - 23)
+    assert ((got[14:].double() - exact[14:]).abs() <= 2 * ulp).all()
+    if device.type == "cpu":  # the emulation's own choice: rounded to nearest
+        assert torch.equal(got[14:], exact[14:].float())
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_mma_m16n8k16_matches_matmul(target, dtype, gen):
     ops, device = target

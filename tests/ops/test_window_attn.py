@@ -237,6 +237,16 @@ def test_strided_views_of_packed_qkv(gen, backend, device, dtype):
     check_backend(backend, device, heads_first, k, spaced, cu, 64)
 
 
+@pytest.mark.parametrize(("backend", "device"), targets("window_attn"))
+def test_long_path_on_k_and_v_of_different_token_strides(gen, backend, device):
+    """The long path with v stored head-major (token stride D) beside a token-major k (H * D):
+    the CUDA kernel reads K and V through one token stride, so its launcher copies v."""
+    cu = cu_seqlens_of([130, 7, 65])
+    q, k, _ = random_qkv(gen, int(cu[-1]), 2, 80, torch.bfloat16, scale=2.0)
+    v = randn(gen, 2, int(cu[-1]), 80, dtype=torch.bfloat16).transpose(0, 1)
+    check_backend(backend, device, q, k, v, cu, 130)
+
+
 def test_check_rejects_scaled_and_truncated_outputs(gen):
     """The comparison catches a kernel whose output is 0.3% off or truncated instead of rounded
     to bf16: built from the fp32 reference of bf16 inputs, then broken on purpose."""
