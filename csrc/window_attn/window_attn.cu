@@ -108,11 +108,13 @@ QK_DEVICE float quad_sum(float x) {
   return x + __shfl_xor_sync(kFullMask, x, 2);
 }
 
-// Rotates rows [0, rows) of a staged q or k tile in place, rows starting at token first_token:
-// x * cos + rotate_half(x) * sin in fp32 without contraction (the reference's two products and
-// a sum), rounded once to T, as mrope_pos writes it.
+// Rotates rows [0, rows) of staged tiles in place, rows starting at token first_token: x * cos
+// + rotate_half(x) * sin in fp32 without contraction (the reference's two products and a sum),
+// rounded once to T, as mrope_pos writes it. Given a second tile of the same tokens (the window
+// path's q and k), each angle's position, frequency and sincos serve both.
 template <class Traits, class T>
-QK_DEVICE void rotate_tile(T* tile, int rows, int first_token, const WindowAttnParams& p) {
+QK_DEVICE void rotate_tiles(T* tile, std::type_identity_t<T>* same_tokens, int rows,
+                            int first_token, const WindowAttnParams& p) {
   constexpr int kHalf = Traits::kHeadDim / 2;
   for (int e = static_cast<int>(threadIdx.x); e < rows * kHalf; e += Traits::kThreads) {
     const int row = e / kHalf, i = e % kHalf;
@@ -121,11 +123,14 @@ QK_DEVICE void rotate_tile(T* tile, int rows, int first_token, const WindowAttnP
     const float position = static_cast<float>(p.positions[axis * p.tokens + first_token + row]);
     float sin_a, cos_a;
     rope_sincos(position, p.inv_freq[i], &sin_a, &cos_a);
-    T* x = tile + row * Traits::kRowStride;
-    float x0 = to_float(x[i]), x1 = to_float(x[i + kHalf]);
-    rotate_half_pair(x0, x1, cos_a, sin_a, cos_a, sin_a);
-    x[i] = from_float<T>(x0);
-    x[i + kHalf] = from_float<T>(x1);
+    for (T* rotated : {tile, same_tokens}) {
+      if (rotated == nullptr) continue;
+      T* x = rotated + row * Traits::kRowStride;
+      float x0 = to_float(x[i]), x1 = to_float(x[i + kHalf]);
+      rotate_half_pair(x0, x1, cos_a, sin_a, cos_a, sin_a);
+      x[i] = from_float<T>(x0);
+      x[i + kHalf] = from_float<T>(x1);
+    }
   }
 }
 
@@ -202,8 +207,8 @@ __global__ void __launch_bounds__(Traits::kThreads)
   cp_async_wait<1>();
   __syncthreads();
   if constexpr (Traits::kRope) {
-    rotate_tile<Traits>(sq, min(seg.len - m0, Traits::kBlockM), seg.start + m0, p);
-    rotate_tile<Traits>(sk, keys, seg.start, p);
+    // One query block (m0 = 0) holds the window's tokens: q and k rows are the same tokens.
+    rotate_tiles<Traits>(sq, sk, keys, seg.start, p);
     __syncthreads();
   }
   float s[Traits::kKeyTiles][4];
@@ -623,8 +628,10 @@ __global__ void __launch_bounds__(Traits::kThreads)
     cp_async_wait_all();
     __syncthreads();
     if constexpr (Traits::kRope) {
-      if (kv0 == 0) rotate_tile<Traits>(sq, min(seg.len - m0, Traits::kBlockM), seg.start + m0, p);
-      rotate_tile<Traits>(sk, keys, seg.start + kv0, p);
+      if (kv0 == 0) {
+        rotate_tiles<Traits>(sq, nullptr, min(seg.len - m0, Traits::kBlockM), seg.start + m0, p);
+      }
+      rotate_tiles<Traits>(sk, nullptr, keys, seg.start + kv0, p);
       __syncthreads();
     }
     float tile_max = -INFINITY;
