@@ -479,9 +479,11 @@ def _iteration(graph: dict[int, Block], scope: str, region: Loop, path: _Path) -
     counts = dict.fromkeys([*CATEGORIES, *MUFU, "mufu_other", "other"], 0)
     for start in sorted(counted):
         for insn in graph[start].instructions:
-            if shape := mma_shape(insn.opcode):
-                shapes[shape[0]] = shapes.get(shape[0], 0) + 1
-            elif insn.category != "mma":
+            if insn.category == "mma":  # a shape mma_shape does not know counts, without FLOP
+                shape = mma_shape(insn.opcode)
+                name = shape[0] if shape else ".".join(insn.opcode.split(".")[:2])
+                shapes[name] = shapes.get(name, 0) + 1
+            else:
                 counts[insn.category] += 1
     return Iteration(
         scope=scope,
