@@ -12,7 +12,9 @@ local memory (spills), shared memory, and counts of the instructions that decide
 
 Theoretical occupancy (warps per SM) follows the A100 and H100 limits. For attention kernels the
 share of tensor-core work that is useful (not padding) comes from the case's segment lengths and
-the kernel's tiles.
+the kernel's tiles. Every kernel's ``loop`` is the instruction mix of one steady-state iteration of
+its main loop, read from the SASS control-flow graph (``bench/sass_loop.py`` says how). Any other
+cubin or library (e.g. FlashAttention's) is read the same way with ``--cubin FILE --kernel REGEX``.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from qwen_kernels._backends import REGISTRY
 from qwen_kernels.ops._define import prepared
 from qwen_kernels.triton_kernels._common import Launch, recorded_launches
 
+from . import sass_loop
 from .harness import Case, Maker
 from .shapes import SCALES, Scale
 from .suites import SUITES
@@ -114,6 +117,7 @@ class Row:
     # kernels, whose contraction nvcc decides per expression): off where a kernel claims a
     # reference's rounding.
     fp_fusion: bool | None = None
+    loop: dict[str, Any] | None = None  # sass_loop.Iteration.to_dict() of its main loop
 
     @property
     def spills(self) -> bool:
@@ -162,39 +166,66 @@ class _Function:
     stack_bytes: int = 0
     shared_bytes: int = 0
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(INSTRUCTIONS, 0))
+    loop: dict[str, Any] | None = None
 
 
-def read_binary(path: Path, arch: str = "sm_80") -> dict[tuple[str, str], _Function]:
+def read_binary(
+    path: Path, arch: str = "sm_80", names: Sequence[str] = ()
+) -> dict[tuple[str, str], _Function]:
     """Per (arch, mangled function name) of a cubin (compiled for ``arch``) or of a library with
-    embedded cubins (which name their archs): resource usage and instruction counts."""
+    embedded cubins (which name their archs): resource usage, instruction counts and the main
+    loop's mix. ``names`` (mangled) restricts the SASS read to those functions."""
     cuobjdump = _tool("cuobjdump")
-    functions: dict[tuple[str, str], _Function] = {}
+    only = ["-fun", ",".join(names)] if names else []
+    functions = resource_usage(path, arch)
     default_arch = arch
+    patterns = {key: re.compile(p) for key, p in INSTRUCTIONS.items()}
+    sass: dict[tuple[str, str], list[str]] = {}
     current = None
-    for line in _run(cuobjdump, "-res-usage", str(path)).splitlines():
+    for line in _run(cuobjdump, "-sass", *only, str(path)).splitlines():
+        if m := re.match(r"\s*(?:arch = |code for )(sm_\w+)", line):
+            arch = m.group(1)
+        elif m := re.match(r"\s*Function : (\S+)", line):
+            current = (arch, m.group(1))
+            # A bare cubin's resource usage names no arch: it was filed under the default.
+            if current not in functions and (default := (default_arch, m.group(1))) in functions:
+                functions[current] = functions.pop(default)
+                functions[current].shared_bytes = _own_shared(arch, functions[current].shared_bytes)
+            functions.setdefault(current, _Function())
+            sass[current] = []
+        elif current is not None and "/*" in line:
+            sass[current].append(line)
+            for key, pattern in patterns.items():
+                if pattern.search(line):
+                    functions[current].counts[key] += 1
+    for key, lines in sass.items():
+        iteration = sass_loop.main_loop(sass_loop.parse(lines))
+        functions[key].loop = iteration.to_dict() if iteration else None
+    return {key: functions[key] for key in sass} if names else functions
+
+
+def resource_usage(path: Path, arch: str = "sm_80") -> dict[tuple[str, str], _Function]:
+    """Registers, stack and shared memory per (arch, mangled function name) of a cubin (compiled
+    for ``arch``) or of a library with embedded cubins (which name their archs)."""
+    functions: dict[tuple[str, str], _Function] = {}
+    current = None
+    for line in _run(_tool("cuobjdump"), "-res-usage", str(path)).splitlines():
         if m := re.match(r"\s*arch = (sm_\w+)", line):
             arch = m.group(1)
         elif m := re.match(r"\s*Function (\S+):", line):
             current = functions.setdefault((arch, m.group(1)), _Function())
         elif current is not None and (m := re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+)", line)):
             current.registers, current.stack_bytes, shared = map(int, m.groups())
-            # From sm_90 on the count includes the 1 KiB the driver reserves per block; the
-            # occupancy model adds that reservation on every arch itself.
-            if int(arch[3:5]) >= 90 and shared >= RESERVED_SHARED:
-                shared -= RESERVED_SHARED
-            current.shared_bytes = shared
-    patterns = {key: re.compile(p) for key, p in INSTRUCTIONS.items()}
-    arch, current = default_arch, None
-    for line in _run(cuobjdump, "-sass", str(path)).splitlines():
-        if m := re.match(r"\s*arch = (sm_\w+)", line):
-            arch = m.group(1)
-        elif m := re.match(r"\s*Function : (\S+)", line):
-            current = functions.setdefault((arch, m.group(1)), _Function())
-        elif current is not None and "/*" in line:
-            for key, pattern in patterns.items():
-                if pattern.search(line):
-                    current.counts[key] += 1
+            current.shared_bytes = _own_shared(arch, shared)
     return functions
+
+
+def _own_shared(arch: str, shared: int) -> int:
+    """From sm_90 on cuobjdump's count includes the 1 KiB the driver reserves per block; the
+    occupancy model adds that reservation on every arch itself."""
+    return (
+        shared - RESERVED_SHARED if int(arch[3:5]) >= 90 and shared >= RESERVED_SHARED else shared
+    )
 
 
 def ptxas_spills(ptx: str, arch: str, toolkit_first: bool = False) -> dict[str, int]:
@@ -395,6 +426,7 @@ def _triton_row(op: str, launch: Launch, compiled: Any, variant: str, arch: str)
         counts=function.counts,
         occupancy=_occupancy(warps, function.registers, shared),
         fp_fusion=getattr(compiled.metadata, "enable_fp_fusion", None),
+        loop=function.loop,
     )
 
 
@@ -551,6 +583,7 @@ def cuda_rows(archs: Sequence[str]) -> list[Row]:
                 shared_bytes=function.shared_bytes,
                 counts=function.counts,
                 occupancy=_occupancy(declared.get(name), function.registers, function.shared_bytes),
+                loop=function.loop,
             )
         )
     return rows
@@ -641,7 +674,142 @@ def markdown(rows: Sequence[Row], command: str, cases: Sequence[Case] = ()) -> s
             f"{r.occupancy['H100'] or ''} | {c['hmma']} | {c['hgmma']} | {c['ldsm']} | "
             f"{c['ldgsts']} | {c['ldg128']} | {c['stg128']} | {c['ldl'] + c['stl']} | {useful} |"
         )
+    looped = [r for r in rows if r.loop and r.loop["mma"]]
+    if looped:
+        lines += ["", *main_loops_table(looped)]
     return "\n".join(lines) + "\n"
+
+
+LOOP_COLUMNS = (
+    "scope | instr | mma | instr/kFLOP | LDSM | LDGSTS/LDG | EX2 | SIN/COS | "
+    "float (FFMA/FMUL/FADD) | int/addr | barriers | control | left out | nested loops"
+)
+LOOP_NOTE = (
+    "One steady-state iteration of each kernel's innermost loop that holds tensor-core mma (scope "
+    "`kernel`: no such loop, one pass through the kernel), per warp, from the SASS control-flow "
+    "graph. FLOP per warp: HMMA.16816 = 2\\*16\\*8\\*16; HGMMA.64xNx16 = 2\\*64\\*N\\*16 / 4 "
+    "(a warpgroup's 4 warps issue it). *left out*: instructions in blocks of the loop that a full "
+    "tile does not run (tail masks, divergence fallbacks, slow paths), in how many address ranges; "
+    "*nested loops*: loops inside the main loop, counted for one trip. Per-block detail: the "
+    "`loop` fields of inspect.json."
+)
+
+
+def loop_cells(loop: dict[str, Any]) -> str:
+    """The Main-loops columns (LOOP_COLUMNS) of one ``loop`` dict, as Markdown cells."""
+    mma = " + ".join(f"{n} {shape}" for shape, n in loop["mma_shapes"].items()) or "0"
+    ratio = loop["instr_per_kflop"]
+    floats = loop["ffma"] + loop["fmul"] + loop["fadd"] + loop["float_other"]
+    left_out = loop["left_out"]
+    dropped = sum(span["instructions"] for span in left_out)
+    return " | ".join(
+        str(cell)
+        for cell in (
+            loop["scope"],
+            loop["instructions"],
+            mma,
+            f"{ratio:.2f}" if ratio is not None else "",
+            loop["ldsm"],
+            f"{loop['ldgsts']}/{loop['ldg']}",
+            loop["ex2"],
+            f"{loop['sin']}/{loop['cos']}",
+            f"{floats} ({loop['ffma']}/{loop['fmul']}/{loop['fadd']})",
+            loop["int_addr"],
+            loop["barriers"],
+            loop["control"],
+            f"{dropped} in {len(left_out)}" if left_out else "0",
+            len(loop["inner_loops"]),
+        )
+    )
+
+
+def main_loops_table(rows: Sequence[Row]) -> list[str]:
+    """The "Main loops" section: one line per row that has a main loop with mma."""
+    header = f"| op | backend | kernel | arch | variant | {LOOP_COLUMNS} |"
+    lines = [
+        "## Main loops",
+        "",
+        LOOP_NOTE,
+        "",
+        header,
+        "|" + " --- |" * (header.count("|") - 1),
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r.op} | {r.backend} | `{r.kernel}` | {r.arch} | {r.variant} | "
+            f"{loop_cells(r.loop)} |"
+        )
+    return lines
+
+
+def cubin_kernels(path: Path, pattern: str, archs: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """The kernels of any cubin or library with embedded cubins (FlashAttention's, say) whose
+    demangled name matches ``pattern`` (``re.search``), on ``archs`` (e.g. "8.0"; default: all
+    in the file): resource usage, instruction counts and the main loop, as plain dicts."""
+    wanted = {_sm(a) for a in archs}
+    readable = _demangle(sorted({name for _, name in resource_usage(path)}))
+    regex = re.compile(pattern)
+    names = sorted(name for name in readable if regex.search(readable[name]))
+    if not names:
+        return []
+    functions = read_binary(path, names=names)
+    return [
+        {
+            "kernel": readable[name],
+            "mangled": name,
+            "arch": arch,
+            "registers": function.registers,
+            "stack_bytes": function.stack_bytes,
+            "shared_bytes": function.shared_bytes,
+            "counts": function.counts,
+            "loop": function.loop,
+        }
+        for (arch, name), function in sorted(functions.items())
+        if not wanted or arch in wanted
+    ]
+
+
+def cubin_markdown(kernels: Sequence[dict[str, Any]], command: str) -> str:
+    """The ``--cubin`` report: the command, then one Main-loops line per kernel."""
+    header = f"| kernel | arch | regs | stack B | smem B | {LOOP_COLUMNS} |"
+    lines = [
+        "# Static kernel report",
+        "",
+        f"Regenerate with `{command}` (no GPU needed).",
+        "",
+        LOOP_NOTE,
+        "",
+        header,
+        "|" + " --- |" * (header.count("|") - 1),
+    ]
+    for k in kernels:
+        # The parameter list repeats the template arguments of a CUTLASS kernel: dropped.
+        name = re.sub(r"^void |\([^()]*\)$", "", k["kernel"])
+        cells = loop_cells(k["loop"]) if k["loop"] else " | " * LOOP_COLUMNS.count("|")
+        lines.append(
+            f"| `{name}` | {k['arch']} | {k['registers']} | {k['stack_bytes']} | "
+            f"{k['shared_bytes']} | {cells} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main_cubin(
+    path: Path, pattern: str, archs: Sequence[str], out: Path | None, command: str
+) -> int:
+    """Print the report on the kernels of ``path`` that match ``pattern`` (and write
+    ``inspect.json`` + ``inspect.md`` into ``out``); 1 when none matches."""
+    kernels = cubin_kernels(path, pattern, archs)
+    if not kernels:
+        print(f"inspect: no kernel of {path} matches {pattern!r}")
+        return 1
+    text = cubin_markdown(kernels, command)
+    print(text)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "inspect.json").write_text(json.dumps(kernels, indent=1) + "\n")
+        (out / "inspect.md").write_text(text)
+        print(f"inspect: wrote {out / 'inspect.json'} and {out / 'inspect.md'}")
+    return 0
 
 
 def to_json(rows: Sequence[Row]) -> list[dict[str, Any]]:

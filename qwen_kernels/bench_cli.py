@@ -90,12 +90,13 @@ def add_inspect_parser(commands: argparse._SubParsersAction) -> None:
         help="static report of every kernel's machine code (no GPU needed)",
         description="Compile every Triton kernel variant the benchmark cases launch, and read "
         "the CUDA kernels of qwen_kernels._C, for each arch: registers, spills, shared memory, "
-        "occupancy, tensor-core and 16-byte memory instructions.",
+        "occupancy, tensor-core and 16-byte memory instructions, and the instruction mix of each "
+        "kernel's main loop. With --cubin, read the main loops of any cubin or library instead.",
     )
     parser.add_argument(
         "--arch",
-        default="8.0,9.0a",
-        help="comma-separated compute capabilities (default: 8.0,9.0a)",
+        help="comma-separated compute capabilities (default: 8.0,9.0a; with --cubin: every "
+        "arch in the file)",
     )
     parser.add_argument(
         "--op", action="append", metavar="NAME", help="only this op (repeatable); default: all"
@@ -106,6 +107,18 @@ def add_inspect_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--out", type=Path, metavar="DIR", help="also write DIR/inspect.json and DIR/inspect.md"
     )
+    parser.add_argument(
+        "--cubin",
+        type=Path,
+        metavar="FILE",
+        help="read this cubin or library with embedded cubins (e.g. FlashAttention's) instead "
+        "of our kernels; needs --kernel",
+    )
+    parser.add_argument(
+        "--kernel",
+        metavar="REGEX",
+        help="with --cubin: the kernels whose demangled name matches REGEX (re.search)",
+    )
 
 
 def run_inspect(args: argparse.Namespace) -> int:
@@ -113,12 +126,23 @@ def run_inspect(args: argparse.Namespace) -> int:
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("qwen-kernels inspect: unset TRITON_INTERPRET (it compiles real kernels)")
         return 2
+    if (args.cubin is None) != (args.kernel is None):
+        print("qwen-kernels inspect: --cubin and --kernel go together")
+        return 2
+    if args.cubin is not None and (args.op or args.quick):
+        print("qwen-kernels inspect: --op and --quick choose our kernels, not a --cubin's")
+        return 2
     inspect_kernels = checkout_tool("inspect_kernels")
     if inspect_kernels is None:
         return 2
-    archs = [a.strip() for a in args.arch.split(",") if a.strip()]
-    flags = [f"--arch={args.arch}", *[f"--op={op}" for op in args.op or ()]]
-    flags += ["--quick"] * args.quick  # --out does not change the report
+    arch = args.arch or ("" if args.cubin else "8.0,9.0a")
+    archs = [a.strip() for a in arch.split(",") if a.strip()]
+    flags = [f"--arch={arch}"] if arch else []  # --out does not change the report
+    if args.cubin is not None:
+        flags += [f"--cubin={args.cubin}", f"--kernel={args.kernel}"]
+        command = shlex.join(["qwen-kernels", "inspect", *flags])
+        return inspect_kernels.main_cubin(args.cubin, args.kernel, archs, args.out, command)
+    flags += [f"--op={op}" for op in args.op or ()] + ["--quick"] * args.quick
     command = shlex.join(["qwen-kernels", "inspect", *flags])
     scale = "quick" if args.quick else "full"
     return inspect_kernels.main(archs, args.out, scale, args.op, command)

@@ -8,12 +8,14 @@ report is made in a subprocess without ``TRITON_INTERPRET``."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
 
 import pytest
 
+from bench import sass_loop
 from bench.inspect_kernels import (
     CUDA_ATTENTION_STEPS,
     KIND,
@@ -40,7 +42,7 @@ ALIGNED_INPUTS = {
 }
 
 
-def _python(code: str, *argv: str) -> str:
+def _python(code: str, *argv: str, status: int = 0) -> str:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code), *argv],
@@ -49,15 +51,18 @@ def _python(code: str, *argv: str) -> str:
         env=env,
         check=False,
     )
-    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.returncode == status, result.stderr[-4000:]
     return result.stdout
+
+
+CLI = "import sys; from qwen_kernels import cli; sys.exit(cli.main(sys.argv[1:]))"
 
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("inspect")
     _python(
-        "import sys; from qwen_kernels import cli; sys.exit(cli.main(sys.argv[1:]))",
+        CLI,
         "inspect",
         "--quick",
         "--arch=8.0,9.0a",
@@ -165,3 +170,109 @@ def test_kernels_that_claim_a_reference_rounding_compile_without_fp_fusion(repor
             or "ROTARY=True" in row["variant"]
         )
         assert row["fp_fusion"] is not rotates, (row["op"], row["kernel"], row["variant"])
+
+
+def test_every_row_reports_its_main_loop(report):
+    rows, markdown = report
+    fields = {"scope", "instructions", "mma", "flop_per_warp", "instr_per_kflop", "left_out"}
+    categories = {*sass_loop.CATEGORIES, *sass_loop.MUFU, "mufu_other", "other"}
+    for row in rows:
+        loop = row["loop"]
+        assert fields | categories <= set(loop), (row["kernel"], row["arch"])
+        assert sum(loop[c] for c in categories) + loop["mma"] == loop["instructions"]
+        if row["counts"]["hmma"] + row["counts"]["hgmma"]:
+            assert loop["mma"] > 0 and loop["instr_per_kflop"] > 0, (row["kernel"], row["arch"])
+    assert "## Main loops" in markdown
+
+
+def test_triton_attention_loops_do_one_tiles_products_per_warp(report):
+    """QK^T and PV of one BLOCK_M x BLOCK_N tile, split over the warps: the FLOP the loop's mma
+    shapes add up to, whether it is a loop over key tiles or the window path's single pass."""
+    rows, _ = report
+    checked = 0
+    for row in rows:
+        if row["kernel"] != "_window_attn_kernel" or not row["loop"]["mma"]:
+            continue
+        v = dict(re.findall(r"(\w+)=(\w+)", row["variant"]))
+        if v["HEADS_PER_PROGRAM"] != "1":
+            continue
+        cols = int(v["D_MAIN"]) + int(v["D_TAIL"])
+        tile = 2 * 2 * int(v["BLOCK_M"]) * int(v["BLOCK_N"]) * cols
+        assert row["loop"]["flop_per_warp"] == tile // int(v["num_warps"]), row["variant"]
+        assert row["loop"]["scope"] == ("kernel" if v["ONE_PASS"] == "True" else "loop")
+        checked += 1
+    assert checked
+
+
+DOT_KERNEL = """
+    import sys
+    import triton
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+
+    @triton.jit
+    def _dot_kernel(a_ptr, b_ptr, c_ptr, n):
+        rows = tl.arange(0, 64)
+        tile = rows[:, None] * 64 + rows[None, :]
+        acc = tl.zeros((64, 64), tl.float32)
+        for k in range(n):
+            acc += tl.dot(tl.load(a_ptr + k * 4096 + tile), tl.load(b_ptr + k * 4096 + tile))
+        tl.store(c_ptr + tile, acc)
+
+
+    signature = {"a_ptr": "*bf16", "b_ptr": "*bf16", "c_ptr": "*fp32", "n": "i32"}
+    source = ASTSource(_dot_kernel, signature, {}, {})
+    for capability, path in zip((80, 90), sys.argv[1:]):
+        compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32))
+        open(path, "wb").write(compiled.asm["cubin"])
+"""
+
+
+def test_any_cubin_is_read_the_same_way(tmp_path):
+    """--cubin on Triton's cubins of a 64x64x64 bf16 product per iteration (4 warps)."""
+    script = tmp_path / "dot.py"  # triton.jit reads the kernel's source from its file
+    script.write_text(textwrap.dedent(DOT_KERNEL))
+    cubins = [tmp_path / "dot_sm80.cubin", tmp_path / "dot_sm90a.cubin"]
+    _python(
+        f"import runpy; runpy.run_path({str(script)!r}, run_name='__main__')", *map(str, cubins)
+    )
+    for cubin, arch, mma in zip(cubins, ("sm_80", "sm_90a"), ("HMMA.16816", "HGMMA"), strict=True):
+        out = tmp_path / arch
+        _python(CLI, "inspect", f"--cubin={cubin}", "--kernel=_dot", f"--out={out}")
+        (kernel,) = json.loads((out / "inspect.json").read_text())
+        assert kernel["arch"] == arch and kernel["registers"] > 0
+        loop = kernel["loop"]
+        assert loop["scope"] == "loop"
+        assert all(shape.startswith(mma) for shape in loop["mma_shapes"])
+        assert loop["flop_per_warp"] == 2 * 64**3 // 4
+        assert (
+            f"qwen-kernels inspect --cubin={cubin} --kernel=_dot"
+            in (out / "inspect.md").read_text()
+        )
+    _python(CLI, "inspect", f"--cubin={cubins[0]}", "--kernel=nothing_like_it", status=1)
+    _python(CLI, "inspect", f"--cubin={cubins[0]}", status=2)  # no --kernel
+
+
+def test_cubin_mode_on_the_cuda_build_agrees_with_the_report(report, tmp_path):
+    rows, _ = report
+    library = cuda_library()
+    if library is None:
+        pytest.skip("qwen_kernels._C is not built here")
+    ours = [
+        row["loop"]
+        for row in rows
+        if row["backend"] == "cuda" and row["kernel"] == "window_attn_mma_kernel"
+        if row["arch"] == "sm_80"
+    ]
+    _python(
+        CLI,
+        "inspect",
+        f"--cubin={library}",
+        "--kernel=window_attn_mma_kernel<",
+        "--arch=8.0",
+        f"--out={tmp_path}",
+    )
+    theirs = [k["loop"] for k in json.loads((tmp_path / "inspect.json").read_text())]
+    assert ours and sorted(map(json.dumps, theirs)) == sorted(map(json.dumps, ours))
