@@ -140,6 +140,9 @@ class OpBackends:
     misfit: Callable[[str, int], str | None] | None = None
     # How "auto" decides for this op, when it is more than the device's order (for `info`).
     auto_note: str = ""
+    # "auto"'s order of backends on CUDA tensors for these arguments, where it depends on more
+    # than the device type (the GPU generation, a segment length), or None for the device's.
+    auto_order: Callable[[tuple], tuple[str, ...] | None] | None = None
     # The implementation chosen for each call signature that passed the op's checks: ops look a
     # call up here and `resolve` it on a miss.
     resolved: dict[tuple, Callable] = field(default_factory=dict, init=False, repr=False)
@@ -186,22 +189,30 @@ class OpBackends:
         if self.check is not None:
             self.check(*args)
         like = next(a for a in args if isinstance(a, torch.Tensor))
-        impl = self.select(backend, like)
+        order = None
+        if backend == "auto" and self.auto_order is not None and like.device.type == "cuda":
+            order = self.auto_order(args)
+        impl = self.select(backend, like, order)
         if len(self.resolved) >= _MAX_SIGNATURES:
             self.resolved.clear()  # shapes can vary without bound in serving: start over
         self.resolved[signature] = impl
         return impl
 
-    def select(self, backend: str, like: torch.Tensor) -> Callable:
+    def select(
+        self, backend: str, like: torch.Tensor, order: Sequence[str] | None = None
+    ) -> Callable:
         """Resolve ``backend`` (possibly "auto") for inputs like ``like`` (its device, dtype and,
         where ``fits`` reads it, last dim). Returns the implementation to call; raises if the
         backend cannot run these inputs here."""
-        name = self.select_name(backend, like)
+        name = self.select_name(backend, like, order)
         return self.auto_impl if name == AUTO_CHAIN else self._load(name)
 
-    def select_name(self, backend: str, like: torch.Tensor) -> str:
+    def select_name(
+        self, backend: str, like: torch.Tensor, order: Sequence[str] | None = None
+    ) -> str:
         """The backend that ``select`` runs for inputs like ``like``: a name of ``BACKENDS``, or
-        ``AUTO_CHAIN`` where "auto" runs the op's ``auto_impl``."""
+        ``AUTO_CHAIN`` where "auto" runs the op's ``auto_impl``. ``order`` replaces the device's
+        order of "auto" (``auto_order``'s answer for the call)."""
         if backend == "auto" and like.numel() == 0:
             return "torch"  # nothing to compute: no launch, no failure
         device = like.device
@@ -210,7 +221,7 @@ class OpBackends:
         if backend == "auto" and self.auto_impl is not None:
             return AUTO_CHAIN
         if backend == "auto":
-            for name in _AUTO_ORDER.get(device.type, ("torch",)):
+            for name in order or _AUTO_ORDER.get(device.type, ("torch",)):
                 if name == "torch":
                     return name
                 usable = name in self.impls and runtime_missing(name, device.type) is None

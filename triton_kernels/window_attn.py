@@ -97,12 +97,13 @@ def attn_config(
 
     Window path for fp16/bf16 and ``max_seqlen <= 64``: the smallest tile of 16, 32 or 64 rows
     that holds a segment, one warp per 16 query rows. Long path: 128x64 tiles with 8 warps for
-    fp16/bf16, 64x32 for heads over 128, and 64x32 with 8 warps for fp32 at any segment length
-    (its products run on FMA units, not tensor cores, and a whole 64-row fp32 window spills
-    thousands of words at head_dim 64 and 128); 3 pipeline stages on sm_90+ and on sm_80 up to
-    head_dim 80, 2 elsewhere (shared memory, and registers: 128x64 at head_dim 128 spills with
-    3 stages on sm_80). Compiled offline for sm_80 and sm_90 at head_dim 64, 80 and 128, these
-    spill no registers, but fp32 at head_dim 128 on sm_80 (a few words; so does head_dim 256).
+    fp16/bf16 (128x128 with 2 stages on sm_90+ up to head_dim 80), 64x32 for heads over 128,
+    and 64x32 with 8 warps for fp32 at any segment length (its products run on FMA units, not
+    tensor cores, and a whole 64-row fp32 window spills thousands of words at head_dim 64 and
+    128); 3 pipeline stages on sm_90+ and on sm_80 up to head_dim 80, 2 elsewhere (shared
+    memory, and registers: 128x64 at head_dim 128 spills with 3 stages on sm_80). Compiled
+    offline for sm_80 and sm_90 at head_dim 64, 80 and 128, these spill no registers, but fp32
+    at head_dim 128 on sm_80 (a few words; so does head_dim 256).
 
     Heads per program: one on the GPU (sharing the rotary angles between 2 or 4 heads costs
     their registers: 255 per thread against 168 for one head). Under the interpreter, where
@@ -121,6 +122,11 @@ def attn_config(
         block_m, block_n, warps = 64, 32, 8
     elif head_dim > 128:
         block_m, block_n, warps = 64, 32, 4
+    elif arch[0] >= 9 and head_dim <= 80:
+        # Hopper's wgmma over 64x128 score tiles per warpgroup: 0.84 main-loop instructions per
+        # kFLOP against 1.11 for 128x64 (bench/STATIC.md). Its 216 registers hold one block
+        # (8 warps) per SM; the 2 blocks of 128x64 cost a third more instructions per FLOP.
+        return AttnConfig(128, 128, False, 1, 8, 2)
     else:
         block_m, block_n, warps = 128, 64, 8
     major, minor = arch
@@ -254,11 +260,18 @@ def _load_head(
 
 
 @triton.jit
-def _scores(q_a, q_b, k_a, k_b, key_mask, qk_scale, D_TAIL: tl.constexpr, IEEE: tl.constexpr):
-    """``q k^T * scale * log2(e)`` over both column blocks, -inf at keys outside the segment."""
+def _dots(q_a, q_b, k_a, k_b, D_TAIL: tl.constexpr, IEEE: tl.constexpr):
+    """``q k^T`` over both column blocks, unscaled."""
     s = _dot(q_a, tl.trans(k_a), tl.zeros((q_a.shape[0], k_a.shape[0]), tl.float32), IEEE)
     if D_TAIL > 0:
         s = _dot(q_b, tl.trans(k_b), s, IEEE)
+    return s
+
+
+@triton.jit
+def _scores(q_a, q_b, k_a, k_b, key_mask, qk_scale, D_TAIL: tl.constexpr, IEEE: tl.constexpr):
+    """``q k^T * scale * log2(e)`` over both column blocks, -inf at keys outside the segment."""
+    s = _dots(q_a, q_b, k_a, k_b, D_TAIL, IEEE)
     return tl.where(key_mask[None, :], s * qk_scale, float("-inf"))
 
 
@@ -286,20 +299,28 @@ def _kv_step(
     BLOCK_N: tl.constexpr,
     UPCAST: tl.constexpr,
     IEEE: tl.constexpr,
+    MASKED: tl.constexpr,
 ):
-    """One K/V block of the online softmax (long path): rescale the running sums, add P V."""
+    """One K/V block of the online softmax (long path): rescale the running sums, add P V.
+    Only a block that the segment's end cuts (``MASKED``) masks its keys; the scale enters the
+    exponent inside one multiply-add per score (m is kept scaled)."""
     keys = n0 + tl.arange(0, BLOCK_N)
-    key_mask = keys < seqlen
+    # A block the segment fills gets a constant mask, which the compiler folds away.
+    key_mask = tl.full((BLOCK_N,), True, tl.int1)
+    if MASKED:
+        key_mask = keys < seqlen
     tokens = start + keys
     k_a, k_b = _load_head(
         k_head, tokens, key_mask, stride_kt, cols_a, cols_b, 0.0, 0.0, 0.0, 0.0, HEAD_DIM,
         D_TAIL, MASK_COLS, False, UPCAST,
     )  # fmt: skip
-    s = _scores(q_a, q_b, k_a, k_b, key_mask, qk_scale, D_TAIL, IEEE)
+    s = _dots(q_a, q_b, k_a, k_b, D_TAIL, IEEE)
+    if MASKED:
+        s = tl.where(key_mask[None, :], s, float("-inf"))
     # Keys past the segment are -inf; the block's first key is inside it, so m stays finite.
-    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
     alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
+    p = tl.exp2(s * qk_scale - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     p_in = round_to(p, v_head.dtype.element_ty)
     if UPCAST:
@@ -431,14 +452,22 @@ def _window_attn_kernel(
                     acc_a, acc_b, m_i, l_i = _kv_step(
                         acc_a, acc_b, m_i, l_i, q_a, q_b, k_head, v_head, start, seqlen,
                         block * BLOCK_N, stride_kt, stride_vt, qk_scale, cols_a, cols_b,
-                        HEAD_DIM, D_TAIL, MASK_COLS, BLOCK_N, UPCAST, IEEE,
+                        HEAD_DIM, D_TAIL, MASK_COLS, BLOCK_N, UPCAST, IEEE, True,
                     )  # fmt: skip
             else:
-                for n0 in range(0, seqlen, BLOCK_N):
+                # Blocks the segment fills, unmasked; then the one its end cuts, if any.
+                full_end = seqlen // BLOCK_N * BLOCK_N
+                for n0 in range(0, full_end, BLOCK_N):
                     acc_a, acc_b, m_i, l_i = _kv_step(
                         acc_a, acc_b, m_i, l_i, q_a, q_b, k_head, v_head, start, seqlen, n0,
                         stride_kt, stride_vt, qk_scale, cols_a, cols_b, HEAD_DIM, D_TAIL,
-                        MASK_COLS, BLOCK_N, UPCAST, IEEE,
+                        MASK_COLS, BLOCK_N, UPCAST, IEEE, False,
+                    )  # fmt: skip
+                if full_end < seqlen:
+                    acc_a, acc_b, m_i, l_i = _kv_step(
+                        acc_a, acc_b, m_i, l_i, q_a, q_b, k_head, v_head, start, seqlen,
+                        full_end, stride_kt, stride_vt, qk_scale, cols_a, cols_b, HEAD_DIM,
+                        D_TAIL, MASK_COLS, BLOCK_N, UPCAST, IEEE, True,
                     )  # fmt: skip
         if STORE_LSE:  # natural log-sum-exp of the scaled scores, [T, H] fp32, for the backward
             lse = (m_i + tl.log2(l_i)) / LOG2E

@@ -68,7 +68,7 @@ class OpSpec:
         defaults: defaults that depend on the inputs, by argument name: a function of the first
             tensor argument giving the value where the caller passed None (the softmax scale
             from the head dim). Filled in before any implementation runs, so none computes it.
-        misfit, auto_impl, auto_note: how ``"auto"`` chooses (see ``OpBackends``).
+        misfit, auto_impl, auto_note, auto_order: how ``"auto"`` chooses (see ``OpBackends``).
         autograd: the op's derivative (``Autograd``), or None for an op autograd cannot go
             through. An op that writes an argument in place raises when called with grad
             enabled on an input that requires grad, instead of leaving autograd a stale graph.
@@ -91,6 +91,7 @@ class OpSpec:
     misfit: Callable[[str, int], str | None] | None = None
     auto_impl: Callable | None = None
     auto_note: str = ""
+    auto_order: Callable[[tuple], tuple[str, ...] | None] | None = None
     autograd: Autograd | None = None
     train_with: str | None = None
 
@@ -256,6 +257,7 @@ def define(spec: OpSpec) -> Callable:
         misfit=spec.misfit,
         auto_impl=spec.auto_impl,
         auto_note=spec.auto_note,
+        auto_order=spec.auto_order,
     )
     for backend, impl in spec.kernels.items():
         table.register(backend, impl)

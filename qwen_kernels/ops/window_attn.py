@@ -258,11 +258,37 @@ def default_softmax_scale(q: Tensor) -> float:
     return q.shape[-1] ** -0.5
 
 
+# The longest segment of the window path (one key tile in every kernel family).
+WINDOW_MAX_SEQLEN = 64
+
+# "auto" on CUDA tensors where the device's order (cuda, triton, torch) is not the choice, by GPU
+# generation (compute capability major) and path ("window": max_seqlen <= 64, else "long"), each
+# entry with its source: the static figure until a GPU benchmark (bench/RESULTS.md) replaces it.
+AUTO_CHOICES: dict[tuple[int, str], tuple[tuple[str, ...], str]] = {
+    (9, "long"): (
+        ("triton", "cuda", "torch"),
+        "static, bench/STATIC.md main loops: Triton's wgmma loop (128x128, 8 warps) 0.84 "
+        "instructions per kFLOP against 1.11 for the CUDA long path, whose mma.sync issues at "
+        "most half of Hopper's wgmma rate",
+    ),
+}
+
 AUTO_NOTE = (
     "CUDA tensors: the CUDA kernels where the build holds the head dim, else Triton where its "
-    "kernel does, else the reference; no peer (varlen_attn, flash-attn) until a benchmark "
-    "shows a case it wins"
+    "kernel does, else the reference, but where AUTO_CHOICES names another order (sm_90 long "
+    "segments: Triton first); no peer (varlen_attn, flash-attn) until a benchmark shows a case "
+    "it wins"
 )
+
+
+def attention_auto_order(like: Tensor, max_seqlen: int) -> tuple[str, ...] | None:
+    """ "auto"'s order of backends for attention on CUDA tensors like ``like`` over segments of at
+    most ``max_seqlen`` tokens: ``AUTO_CHOICES``'s entry for the GPU and path, or None (the
+    device's order)."""
+    major = torch.cuda.get_device_capability(like.device)[0]
+    path = "window" if max_seqlen <= WINDOW_MAX_SEQLEN else "long"
+    entry = AUTO_CHOICES.get((major, path))
+    return entry[0] if entry else None
 
 
 def _check_backward_args(
@@ -416,6 +442,7 @@ window_attn = define(
         defaults={"softmax_scale": default_softmax_scale},
         misfit=kernel_misfit,
         auto_note=AUTO_NOTE,
+        auto_order=lambda args: attention_auto_order(args[0], args[4]),
         train_with="window_attn_forward",
     )
 )

@@ -25,6 +25,7 @@ from ._define import Autograd, OpSpec, backward_backend, define, not_differentia
 from .mrope import _check_positions, mrope_pos_reference
 from .window_attn import (
     AUTO_NOTE,
+    attention_auto_order,
     attention_grads,
     check_segment_args,
     check_segment_values,
@@ -192,6 +193,7 @@ window_attn_rope = define(
         defaults={"softmax_scale": default_softmax_scale},
         misfit=kernel_misfit,
         auto_note=AUTO_NOTE,
+        auto_order=lambda args: attention_auto_order(args[0], args[2]),
         train_with="window_attn_rope_forward",
     )
 )

@@ -377,7 +377,9 @@ def test_triton_launch_configs():
     assert config(9, 80, torch.bfloat16, None).block_m == 16
     assert not config(65, 80, torch.bfloat16, None).one_pass
     hopper = config(4096, 80, torch.bfloat16, (9, 0))
-    assert (hopper.block_m, hopper.block_n, hopper.num_warps, hopper.num_stages) == (128, 64, 8, 3)
+    assert (hopper.block_m, hopper.block_n, hopper.num_warps, hopper.num_stages) == (128, 128, 8, 2)
+    hopper_128 = config(4096, 128, torch.bfloat16, (9, 0))
+    assert (hopper_128.block_m, hopper_128.block_n, hopper_128.num_stages) == (128, 64, 3)
     fp32 = config(4096, 80, torch.float32, (9, 0))
     assert (fp32.block_m, fp32.block_n, fp32.num_warps) == (64, 32, 8)
     assert config(64, 80, torch.float32, (9, 0)) == fp32
@@ -621,3 +623,24 @@ def test_bad_layouts_with_checks_off(gen, backend, device, bounds, max_seqlen, d
         expected = segment_loop(q[piece], k[piece], v[piece], cu_seqlens_of([end - start]))
         kept = rows[0] if rows else end - start
         assert rel_err(out[start : start + kept], expected[:kept]) < 1e-5, (start, end)
+
+
+def test_auto_order_on_hopper_long_segments_comes_from_auto_choices(monkeypatch):
+    """ "auto"'s order for CUDA tensors: AUTO_CHOICES's entry for the GPU and path (Triton first
+    for long segments on sm_90), the device's order elsewhere; each entry names its source."""
+    backends = importlib.import_module("qwen_kernels._backends")
+    attention = importlib.import_module("qwen_kernels.ops.window_attn")
+    like = torch.empty(4, 2, 80, device="meta")
+    for major, max_seqlen, expected in [
+        (9, 4096, ("triton", "cuda", "torch")),
+        (9, 64, None),
+        (8, 4096, None),
+        (10, 4096, None),
+    ]:
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device, m=major: (m, 0))
+        assert attention.attention_auto_order(like, max_seqlen) == expected, (major, max_seqlen)
+    assert all(source.startswith("static") for _, source in attention.AUTO_CHOICES.values())
+    monkeypatch.setattr(backends, "runtime_missing", lambda name, device=None: None)
+    table = backends.REGISTRY["window_attn"]
+    assert table.select_name("auto", like, ("triton", "cuda", "torch")) == "triton"
+    assert table.select_name("auto", torch.empty(4, 2, 512, device="meta"), ("cuda",)) == "torch"
