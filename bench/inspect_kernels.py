@@ -723,17 +723,15 @@ def loop_cells(loop: dict[str, Any]) -> str:
     )
 
 
+def _loop_table_head(header: str) -> list[str]:
+    """The note on how main loops are counted, then a table's header and separator lines."""
+    return [LOOP_NOTE, "", header, "|" + " --- |" * (header.count("|") - 1)]
+
+
 def main_loops_table(rows: Sequence[Row]) -> list[str]:
     """The "Main loops" section: one line per row that has a main loop with mma."""
-    header = f"| op | backend | kernel | arch | variant | {LOOP_COLUMNS} |"
-    lines = [
-        "## Main loops",
-        "",
-        LOOP_NOTE,
-        "",
-        header,
-        "|" + " --- |" * (header.count("|") - 1),
-    ]
+    lines = ["## Main loops", ""]
+    lines += _loop_table_head(f"| op | backend | kernel | arch | variant | {LOOP_COLUMNS} |")
     for r in rows:
         lines.append(
             f"| {r.op} | {r.backend} | `{r.kernel}` | {r.arch} | {r.variant} | "
@@ -771,17 +769,8 @@ def cubin_kernels(path: Path, pattern: str, archs: Sequence[str] = ()) -> list[d
 
 def cubin_markdown(kernels: Sequence[dict[str, Any]], command: str) -> str:
     """The ``--cubin`` report: the command, then one Main-loops line per kernel."""
-    header = f"| kernel | arch | regs | stack B | smem B | {LOOP_COLUMNS} |"
-    lines = [
-        "# Static kernel report",
-        "",
-        f"Regenerate with `{command}` (no GPU needed).",
-        "",
-        LOOP_NOTE,
-        "",
-        header,
-        "|" + " --- |" * (header.count("|") - 1),
-    ]
+    lines = ["# Static kernel report", "", f"Regenerate with `{command}` (no GPU needed).", ""]
+    lines += _loop_table_head(f"| kernel | arch | regs | stack B | smem B | {LOOP_COLUMNS} |")
     for k in kernels:
         # The parameter list repeats the template arguments of a CUTLASS kernel: dropped.
         name = re.sub(r"^void |\([^()]*\)$", "", k["kernel"])

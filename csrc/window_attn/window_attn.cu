@@ -342,6 +342,17 @@ QK_DEVICE void copy_kv_tile(T* tile, const T* src, const KvCopies<Traits>& copie
   }
 }
 
+// copy_kv_tile with its form chosen at run time: one uniform branch per tile.
+template <class Traits, class T>
+QK_DEVICE void copy_kv_tile(T* tile, const T* src, const KvCopies<Traits>& copies, int rows,
+                            bool partial) {
+  if (partial) {
+    copy_kv_tile<Traits, true>(tile, src, copies, rows);
+  } else {
+    copy_kv_tile<Traits, false>(tile, src, copies, rows);
+  }
+}
+
 // A long-path block's state: its pointers, and each lane's accumulators and softmax statistics
 // for rows g and g + 8 of its warp's two m-tiles.
 template <class Traits>
@@ -459,11 +470,7 @@ QK_DEVICE void long_step(LongBlock<Traits>& b, int tile) {
     // That stage's K was last read by QK^T of tile - 1, before the barrier above.
     T* const next = b.sk + (1 - kStage) * kKv;
     const T* src = b.k + (kv0 + Traits::kBlockN) * p.k_token_stride;
-    if (next_partial) {
-      copy_kv_tile<Traits, true>(next, src, b.copies, next_rows);
-    } else {
-      copy_kv_tile<Traits, false>(next, src, b.copies, next_rows);
-    }
+    copy_kv_tile(next, src, b.copies, next_rows, next_partial);
     cp_async_commit();
     cp_async_wait<1>();  // V(tile) has landed; K(tile + 1) may be in flight
   } else {
@@ -503,11 +510,7 @@ QK_DEVICE void long_step(LongBlock<Traits>& b, int tile) {
     // That stage's V was last read by PV of tile - 1, before the first barrier above.
     T* const next = b.sv + (1 - kStage) * kKv;
     const T* src = b.v + (kv0 + Traits::kBlockN) * p.v_token_stride;
-    if (next_partial) {
-      copy_kv_tile<Traits, true>(next, src, b.copies, next_rows);
-    } else {
-      copy_kv_tile<Traits, false>(next, src, b.copies, next_rows);
-    }
+    copy_kv_tile(next, src, b.copies, next_rows, next_partial);
     cp_async_commit();
   }
 }
@@ -551,15 +554,9 @@ __global__ void __launch_bounds__(Traits::kThreads)
   // Groups: (Q, K0), (V0); then K(i+1) and V(i+1) each as issued inside the steps.
   load_tile<Traits, Traits::kBlockM>(b.sq, q + m0 * p.q_token_stride, p.q_token_stride,
                                      seg.len - m0);
-  if (b.tiles == 1) {
-    copy_kv_tile<Traits, true>(b.sk, b.k, b.copies, seg.len);
-    cp_async_commit();
-    copy_kv_tile<Traits, true>(b.sv, b.v, b.copies, seg.len);
-  } else {
-    copy_kv_tile<Traits, false>(b.sk, b.k, b.copies, seg.len);
-    cp_async_commit();
-    copy_kv_tile<Traits, false>(b.sv, b.v, b.copies, seg.len);
-  }
+  copy_kv_tile(b.sk, b.k, b.copies, seg.len, b.tiles == 1);
+  cp_async_commit();
+  copy_kv_tile(b.sv, b.v, b.copies, seg.len, b.tiles == 1);
   cp_async_commit();
 
   // Tiles in pairs, so that each step's stage is a constant; the last one or two after.
