@@ -72,6 +72,13 @@ def test_register_without_qk_vllm_does_nothing(monkeypatch):
 
 
 SUITE_TEST = "test_the_vllm_suite_passes_in_its_environment"
+
+
+def _vllm_env_ready() -> bool:
+    """Whether scripts/setup_vllm.sh finished .venv-vllm (its last stamp)."""
+    return (VENV / ".qwen-kernels-build").is_file()
+
+
 _running: dict[str, subprocess.Popen] = {}
 
 
@@ -79,7 +86,7 @@ def start_vllm_suite() -> None:
     """Starts tests/vllm in .venv-vllm in the background, once (the session's conftest calls this
     when the collected tests include ``SUITE_TEST``): its minutes in vLLM's interpreter overlap
     the rest of this suite instead of adding to it."""
-    if _running or not (VENV / ".qwen-kernels-build").is_file():
+    if _running or not _vllm_env_ready():
         return
     env = {k: v for k, v in os.environ.items() if k not in (plugin.ENV, "TRITON_INTERPRET")}
     command = [str(VENV / "bin" / "python"), "-m", "pytest", "-q", "-p", "no:cacheprovider"]
@@ -104,7 +111,7 @@ def stop_vllm_suite() -> None:
 def test_the_vllm_suite_passes_in_its_environment():
     """tests/vllm in .venv-vllm: vLLM's tower against transformers' with the plug-in on (every
     CPU backend), off, tensor-parallel 2. Its output is printed (pytest -s shows it)."""
-    if not (VENV / ".qwen-kernels-build").is_file():
+    if not _vllm_env_ready():
         message = "no vLLM environment: run `bash scripts/setup_vllm.sh` (about 4 minutes)"
         if IN_CI:
             pytest.fail(message)

@@ -124,8 +124,9 @@ def attn_config(
         block_m, block_n, warps = 64, 32, 4
     elif arch[0] >= 9 and head_dim <= 80:
         # Hopper's wgmma over 64x128 score tiles per warpgroup: 0.84 main-loop instructions per
-        # kFLOP against 1.11 for 128x64 (bench/STATIC.md). Its 216 registers hold one block
-        # (8 warps) per SM; the 2 blocks of 128x64 cost a third more instructions per FLOP.
+        # kFLOP (bench/STATIC.md) against 1.11 for 128x64 (compiled offline for sm_90a). Its 216
+        # registers hold one block (8 warps) per SM; the 2 blocks of 128x64 cost a third more
+        # instructions per FLOP.
         return AttnConfig(128, 128, False, 1, 8, 2)
     else:
         block_m, block_n, warps = 128, 64, 8

@@ -703,8 +703,14 @@ at::Tensor with_aligned_rows(const at::Tensor& t, const char* name) {
   return t.clone(at::MemoryFormat::Contiguous);
 }
 
-// The long path reads K and V tiles through one set of offsets: where their token strides
-// differ, the one not contiguous (or both) is copied, which the first time warns.
+// Whether the launch runs the long tensor-core kernel, which reads K and V tiles through one
+// set of offsets (one token stride for both).
+bool reads_kv_with_one_stride(const at::Tensor& q, int64_t max_seqlen) {
+  return q.scalar_type() != at::kFloat && max_seqlen > kKeyTile;
+}
+
+// For that kernel: where the token strides of k and v differ, the one not contiguous (or both)
+// is copied, which the first time warns.
 void share_token_stride(at::Tensor& k, at::Tensor& v) {
   if (k.stride(0) == v.stride(0)) return;
   TORCH_WARN_ONCE("qwen_kernels: the CUDA window_attn long path copies k or v (token strides ",
@@ -832,7 +838,7 @@ at::Tensor launch(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tens
   if (q_in.numel() == 0) return out;
   const at::Tensor q = with_aligned_rows(q_in, "q");
   at::Tensor k = with_aligned_rows(k_in, "k"), v = with_aligned_rows(v_in, "v");
-  if (q.scalar_type() != at::kFloat && max_seqlen > kKeyTile) share_token_stride(k, v);
+  if (reads_kv_with_one_stride(q, max_seqlen)) share_token_stride(k, v);
   const at::Tensor cu_seqlens = cu_seqlens_in.contiguous();
 
   WindowAttnParams params{};
@@ -902,7 +908,11 @@ at::Tensor window_attn_rope(const at::Tensor& qkv, const at::Tensor& cu_seqlens,
     // and run the plain long path.
     const auto [q_rotated, k_rotated] =
         mrope_pos(q, k, rope.positions, rope.inv_freq, rope.section);
-    return launch(q_rotated, k_rotated, v, cu_seqlens, max_seqlen, softmax_scale, nullptr);
+    // The rotated k is contiguous: v, a view of qkv, comes contiguous too where the kernel
+    // reads both with one token stride (a copy expected here, so no warning).
+    const at::Tensor v_alongside = reads_kv_with_one_stride(q, max_seqlen) ? v.contiguous() : v;
+    return launch(q_rotated, k_rotated, v_alongside, cu_seqlens, max_seqlen, softmax_scale,
+                  nullptr);
   }
   return launch(q, k, v, cu_seqlens, max_seqlen, softmax_scale, &rope);
 }
