@@ -71,3 +71,26 @@ inline int vector_width(int64_t element_size, int64_t count,
 }
 
 }  // namespace qk
+
+// QK_DISPATCH_GRAD(same, T, G, ...): runs the body with the gradient's element type G = T when
+// `same` (the gradient has the activation's dtype), else G = float (the launcher brought the
+// gradient to fp32, an exact conversion from any of the three dtypes).
+#define QK_DISPATCH_GRAD(same, T, G, ...) \
+  [&] {                                   \
+    if (same) {                           \
+      using G = T;                        \
+      return __VA_ARGS__();               \
+    }                                     \
+    using G = float;                      \
+    return __VA_ARGS__();                 \
+  }()
+
+namespace qk {
+
+// A gradient of `dtype`'s tensor as its kernels read it: as it is when it has that dtype, else
+// in fp32 (an exact conversion), so that kernels instantiate G = T or G = float only.
+inline at::Tensor grad_for(const at::Tensor& grad, at::ScalarType dtype) {
+  return grad.scalar_type() == dtype ? grad : grad.to(at::kFloat);
+}
+
+}  // namespace qk

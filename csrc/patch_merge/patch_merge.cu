@@ -36,30 +36,6 @@ struct PatchMergeParams {
   bool weight_packed;  // weight aligned for Pack<W, weight_vec<W, VEC>()> loads
 };
 
-// Weights per vector load: VEC, or as many as 16 bytes hold (fp32 weights of 8 bf16 values).
-template <class W, int VEC>
-constexpr int weight_vec() {
-  return VEC * sizeof(W) <= 16 ? VEC : static_cast<int>(16 / sizeof(W));
-}
-
-// weight[0, VEC) as floats: vector loads when the weight is aligned for them (the weight stays in
-// L1, but scalar loads would cost VEC instructions per 16-byte vector of x).
-template <class W, int VEC>
-QK_DEVICE void load_weight(const W* weight, bool packed, float (&w)[VEC]) {
-  constexpr int kWVec = weight_vec<W, VEC>();
-  if (packed) {
-#pragma unroll
-    for (int k = 0; k < VEC; k += kWVec) {
-      const Pack<W, kWVec> pack = load_pack<W, kWVec>(weight + k);
-#pragma unroll
-      for (int j = 0; j < kWVec; ++j) w[k + j] = to_float(pack.v[j]);
-    }
-  } else {
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) w[j] = to_float(weight[j]);
-  }
-}
-
 template <class T, class W, class I, int VEC>
 __global__ void patch_merge_kernel(const PatchMergeParams<T, W, I> p) {
   __shared__ float warp_sums[kRowBlockWarps];
@@ -147,8 +123,7 @@ void launch(const at::Tensor& x_rows, const W* weight, const I* unit_index, doub
   const int64_t rows_per_block = kRowBlockWarps / p.warps_per_row;
   const dim3 grid(static_cast<unsigned>((p.out_rows + rows_per_block - 1) / rows_per_block));
   QK_DISPATCH_VEC(vec, VEC, [&] {
-    constexpr std::uintptr_t kWeightBytes = sizeof(Pack<W, weight_vec<W, VEC>()>);
-    p.weight_packed = reinterpret_cast<std::uintptr_t>(weight) % kWeightBytes == 0;
+    p.weight_packed = weight_packs<W, VEC>(weight);
     QK_LAUNCH((patch_merge_kernel<T, W, I, VEC>), grid, dim3(32 * kRowBlockWarps), 0,
               current_stream(x_rows), p);
   });

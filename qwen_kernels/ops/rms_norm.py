@@ -196,7 +196,7 @@ rms_norm_backward = define(
         grad: ``[..., C]``, the gradient of the output; x's shape, any float dtype and strides.
         x, weight, eps: the forward's arguments (add_rms_norm: its sum output as x).
         grad_residual: None, or the gradient of add_rms_norm's sum output, added to grad_x.
-        backend: "auto", "torch" or "triton".
+        backend: "auto", "torch", "triton", "cuda" or "cuda_emu".
 
     Returns:
         ``(grad_x, grad_weight)``: grad_x contiguous in x's dtype, grad_weight ``[C]`` in
@@ -206,5 +206,6 @@ rms_norm_backward = define(
         check=_check_backward_args,
         outputs=lambda grad, x, weight, *_: (_like(x), torch.empty_like(weight)),
         kernels={"triton": "qwen_kernels.triton_kernels.rms_norm:rms_norm_backward"},
+        native=True,
     )
 )

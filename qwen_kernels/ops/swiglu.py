@@ -94,7 +94,7 @@ swiglu_backward = define(
     Args:
         grad: ``[..., I]``, the gradient of the output; any float dtype and strides.
         gate_up: ``[..., 2I]``, the forward's input.
-        backend: "auto", "torch" or "triton".
+        backend: "auto", "torch", "triton", "cuda" or "cuda_emu".
 
     Returns:
         ``[..., 2I]`` contiguous in gate_up's dtype, ``[grad_gate | grad_up]``, computed in fp32.
@@ -105,5 +105,6 @@ swiglu_backward = define(
             gate_up, memory_format=torch.contiguous_format
         ),
         kernels={"triton": "qwen_kernels.triton_kernels.swiglu:swiglu_backward"},
+        native=True,
     )
 )

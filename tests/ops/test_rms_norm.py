@@ -339,6 +339,45 @@ def test_gradients_of_fp32_weight_and_many_rows(gen, backend, device):
     assert_norm_gradients(got, ref64, eager, NormGradientBounds.of(grad, x, weight, EPS))
 
 
+@pytest.mark.parametrize(("backend", "device"), targets("rms_norm_backward", with_reference=True))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gradients_of_wide_rows(gen, backend, device, dtype):
+    """Rows wider than the CUDA backward's register accumulators hold (8192 features): its
+    weight-gradient partials then live in memory; an odd width leaves scalar accesses."""
+    x, weight = randn(gen, 5, 8195, dtype=dtype), randn(gen, 8195, dtype=dtype)
+    grad = randn(gen, 5, 8195, dtype=dtype)
+    got, ref64, eager = norm_gradients(backend, device, x, weight, grad)
+    assert_norm_gradients(got, ref64, eager, NormGradientBounds.of(grad, x, weight, EPS))
+
+
+@pytest.mark.parametrize(("backend", "device"), targets("rms_norm_backward", with_reference=True))
+def test_gradient_of_another_dtype(gen, backend, device):
+    """bf16 x with fp32 output and residual gradients: each is read as it is, without a
+    rounding to x's dtype first."""
+    x, weight = randn(gen, 19, 136, dtype=torch.bfloat16), randn(gen, 136, dtype=torch.bfloat16)
+    grad, grad_residual = randn(gen, 19, 136), randn(gen, 19, 136)
+    on = [t.to(device) for t in (grad, x, weight)]
+    got = qwen_kernels.rms_norm_backward(*on, EPS, grad_residual.to(device), backend)
+    wide = [t.double() for t in (grad, x, weight)]
+    ref64 = qwen_kernels.rms_norm_backward(*wide, EPS, grad_residual.double(), "torch")
+    eager = qwen_kernels.rms_norm_backward(grad, x, weight, EPS, grad_residual, "torch")
+    bounds = NormGradientBounds.of(grad, x, weight, EPS)
+    assert_close_to_reference(
+        got[0].cpu(),
+        ref64[0],
+        eager[0],
+        magnitude=bounds.x_magnitude + grad_residual.double().abs(),
+        accumulation=bounds.x_accumulation,
+    )
+    assert_close_to_reference(
+        got[1].cpu(),
+        ref64[1],
+        eager[1],
+        magnitude=bounds.weight_magnitude,
+        accumulation=bounds.weight_accumulation,
+    )
+
+
 @pytest.mark.parametrize(("backend", "device"), targets("add_rms_norm", with_reference=True))
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_add_rms_norm_gradients(gen, backend, device, dtype):

@@ -301,6 +301,18 @@ def test_swiglu_gradients_of_strided_views(gen, backend, device):
     assert_close_to_reference(got[:, 3:-3], ref64[:, 3:-3], eager[:, 3:-3], magnitude=magnitude)
 
 
+@pytest.mark.parametrize(("backend", "device"), targets("swiglu_backward", with_reference=True))
+def test_swiglu_gradient_of_another_dtype(gen, backend, device):
+    """An fp32 output gradient of a bf16 swiglu is read as it is, not rounded to bf16 first."""
+    gate_up = randn(gen, 11, 2 * 200, dtype=torch.bfloat16, scale=3.0)
+    grad = randn(gen, 11, 200)
+    got = qwen_kernels.swiglu_backward(grad.to(device), gate_up.to(device), backend).cpu()
+    ref64 = qwen_kernels.swiglu_backward(grad.double(), gate_up.double(), "torch")
+    eager = qwen_kernels.swiglu_backward(grad, gate_up, "torch")
+    magnitude = swiglu_gradient_magnitude(gate_up, grad)
+    assert_close_to_reference(got, ref64, eager.to(torch.bfloat16), magnitude=magnitude)
+
+
 def test_swiglu_gradient_checks_reject_broken_kernels(gen):
     """A backward that scales by 1.01, swaps the gate and up halves, drops the sigmoid's
     derivative term or truncates fails the checks."""
