@@ -15,6 +15,8 @@ struct WindowAttnParams {
   const void* k;
   const void* v;
   void* out;
+  // window_attn_forward only: each row's natural log-sum-exp, fp32 [T, H] contiguous; else null.
+  float* lse;
   // Element strides between consecutive tokens and heads; the head dim is contiguous.
   int64_t q_token_stride, q_head_stride;
   int64_t k_token_stride, k_head_stride;

@@ -134,17 +134,38 @@ QK_DEVICE void rotate_tiles(T* tile, std::type_identity_t<T>* same_tokens, int r
   }
 }
 
+// The natural log-sum-exp of a row from its max times scale_log2 (`shift`) and its sum of
+// exp2(score * scale_log2 - shift): what window_attn_forward returns for the backward.
+QK_DEVICE float log_sum_exp(float shift, float sum) {
+  return (shift + log2f(sum)) * static_cast<float>(1.0 / kLog2e);
+}
+
+// Where a block writes its rows' log-sum-exp: lse of the segment's first token and this head,
+// consecutive tokens `heads` apart; null when the launch wants none.
+QK_DEVICE float* lse_of(const WindowAttnParams& p, int start, int head) {
+  return p.lse == nullptr ? nullptr : p.lse + static_cast<int64_t>(start) * p.heads + head;
+}
+
 // Normalises 16 rows of O (one m-tile of a warp: rows g and g + 8 of each lane), rounds them once
 // to T, stages them in `staged` (16 rows of a shared tile that only this warp reads from here on)
-// and stores those of rows first_row.. that lie inside the segment as 16-byte vectors.
+// and stores those of rows first_row.. that lie inside the segment as 16-byte vectors. With an
+// `lse` (lse_of), also each row's log-sum-exp, from its `shift` (the max times scale_log2).
 template <class Traits, class T>
 QK_DEVICE void store_m_tile(const float (&o)[Traits::kDimTiles][4], const float (&row_sum)[2],
-                            T* staged, T* out, int first_row, int seg_len, int64_t token_stride) {
+                            const float (&shift)[2], float* lse, int heads, T* staged, T* out,
+                            int first_row, int seg_len, int64_t token_stride) {
   constexpr int kStride = Traits::kRowStride, kChunkElems = Traits::kChunkElems;
   const int lane = static_cast<int>(threadIdx.x) % 32, g = lane / 4, t = lane % 4;
   float inv_sum[2];
 #pragma unroll
-  for (int h = 0; h < 2; ++h) inv_sum[h] = 1.0f / quad_sum(row_sum[h]);
+  for (int h = 0; h < 2; ++h) {
+    const float sum = quad_sum(row_sum[h]);
+    inv_sum[h] = 1.0f / sum;
+    const int token = first_row + g + 8 * h;
+    if (lse != nullptr && t == 0 && token < seg_len) {
+      lse[static_cast<int64_t>(token) * heads] = log_sum_exp(shift[h], sum);
+    }
+  }
   __syncwarp();  // every lane is done reading these rows
 #pragma unroll
   for (int d = 0; d < Traits::kDimTiles; ++d) {
@@ -213,6 +234,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
   }
   float s[Traits::kKeyTiles][4];
   float row_sum[2] = {0.0f, 0.0f};  // this lane's share of rows g and g + 8
+  float shift[2];                   // the max times scale_log2, subtracted inside one FMA per score
   if (warp_active) {
     std::uint32_t qf[Traits::kQkSteps][4];
 #pragma unroll
@@ -252,7 +274,6 @@ __global__ void __launch_bounds__(Traits::kThreads)
 #pragma unroll
       for (int r = 0; r < 4; ++r) row_max[r / 2] = fmaxf(row_max[r / 2], s[n][r]);
     }
-    float shift[2];  // the max times scale_log2, subtracted inside one FMA per score
 #pragma unroll
     for (int h = 0; h < 2; ++h) shift[h] = quad_max(row_max[h]) * p.scale_log2;
 #pragma unroll
@@ -294,8 +315,8 @@ __global__ void __launch_bounds__(Traits::kThreads)
   }
   // This warp's rows of the Q tile are read by it alone, and no more.
   T* out = static_cast<T*>(p.out) + seg.start * p.out_token_stride + seg.head * p.out_head_stride;
-  store_m_tile<Traits>(o, row_sum, sq + warp_row * kStride, out, m0 + warp_row, seg.len,
-                       p.out_token_stride);
+  store_m_tile<Traits>(o, row_sum, shift, lse_of(p, seg.start, seg.head), p.heads,
+                       sq + warp_row * kStride, out, m0 + warp_row, seg.len, p.out_token_stride);
 }
 
 // ---- The long path -------------------------------------------------------------------------
@@ -578,8 +599,10 @@ __global__ void __launch_bounds__(Traits::kThreads)
 #pragma unroll
   for (int m = 0; m < Traits::kMTiles; ++m) {
     const int row = b.warp_row + 16 * m;
-    store_m_tile<Traits>(b.o[m], b.row_sum[m], b.sq + row * Traits::kRowStride, out, m0 + row,
-                         seg.len, p.out_token_stride);
+    const float shift[2] = {b.row_max[m][0] * p.scale_log2, b.row_max[m][1] * p.scale_log2};
+    store_m_tile<Traits>(b.o[m], b.row_sum[m], shift, lse_of(p, seg.start, seg.head), p.heads,
+                         b.sq + row * Traits::kRowStride, out, m0 + row, seg.len,
+                         p.out_token_stride);
   }
 }
 
@@ -663,6 +686,9 @@ __global__ void __launch_bounds__(Traits::kThreads)
   }
   if (m0 + row >= seg.len) return;
   const float inv_sum = 1.0f / row_sum;
+  if (float* lse = lse_of(p, seg.start, seg.head); lse != nullptr && slice == 0) {
+    lse[static_cast<int64_t>(m0 + row) * p.heads] = log_sum_exp(row_max, row_sum);
+  }
   float* out = static_cast<float*>(p.out) + (seg.start + m0 + row) * p.out_token_stride +
                seg.head * p.out_head_stride + col;
 #pragma unroll
@@ -830,10 +856,11 @@ Rope check_rope(const at::Tensor& qkv, const at::Tensor& positions, const at::Te
           mrope_section.vec()};
 }
 
-// Launches the variant for q's dtype and head dim; rope is null for plain attention.
+// Launches the variant for q's dtype and head dim; rope is null for plain attention. With an
+// `lse`, also writes each row's log-sum-exp into it (fp32 [T, H], contiguous).
 at::Tensor launch(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
                   const at::Tensor& cu_seqlens_in, int64_t max_seqlen, double scale,
-                  const Rope* rope) {
+                  const Rope* rope, float* lse = nullptr) {
   at::Tensor out = at::empty(q_in.sizes(), q_in.options());
   if (q_in.numel() == 0) return out;
   const at::Tensor q = with_aligned_rows(q_in, "q");
@@ -846,6 +873,7 @@ at::Tensor launch(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tens
   params.k = k.data_ptr();
   params.v = v.data_ptr();
   params.out = out.data_ptr();
+  params.lse = lse;
   params.q_token_stride = q.stride(0);
   params.q_head_stride = q.stride(1);
   params.k_token_stride = k.stride(0);
@@ -893,9 +921,17 @@ at::Tensor window_attn(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   return launch(q, k, v, cu_seqlens, max_seqlen, softmax_scale, nullptr);
 }
 
-at::Tensor window_attn_rope(const at::Tensor& qkv, const at::Tensor& cu_seqlens, int64_t max_seqlen,
-                            const at::Tensor& positions, const at::Tensor& inv_freq,
-                            c10::IntArrayRef mrope_section, double softmax_scale) {
+namespace {
+
+// Each row's log-sum-exp for the training forwards: fp32 [T, H]. Every row of a valid layout is
+// written (every token lies in a segment of at most max_seqlen tokens).
+at::Tensor empty_lse(const at::Tensor& q) {
+  return at::empty({q.size(0), q.size(1)}, q.options().dtype(at::kFloat));
+}
+
+at::Tensor launch_rope(const at::Tensor& qkv, const at::Tensor& cu_seqlens, int64_t max_seqlen,
+                       const at::Tensor& positions, const at::Tensor& inv_freq,
+                       c10::IntArrayRef mrope_section, double softmax_scale, float* lse) {
   check_device(qkv, "qkv");
   QK_CHECK_ARG(qkv.dim() == 4 && qkv.size(1) == 3, "qkv", "shape [T, 3, H, D] (got ", qkv.sizes(),
                ")");
@@ -911,10 +947,44 @@ at::Tensor window_attn_rope(const at::Tensor& qkv, const at::Tensor& cu_seqlens,
     // The rotated k is contiguous: v, a view of qkv, comes contiguous too where the kernel
     // reads both with one token stride (a copy expected here, so no warning).
     const at::Tensor v_alongside = reads_kv_with_one_stride(q, max_seqlen) ? v.contiguous() : v;
-    return launch(q_rotated, k_rotated, v_alongside, cu_seqlens, max_seqlen, softmax_scale,
-                  nullptr);
+    return launch(q_rotated, k_rotated, v_alongside, cu_seqlens, max_seqlen, softmax_scale, nullptr,
+                  lse);
   }
-  return launch(q, k, v, cu_seqlens, max_seqlen, softmax_scale, &rope);
+  return launch(q, k, v, cu_seqlens, max_seqlen, softmax_scale, &rope, lse);
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> window_attn_forward(const at::Tensor& q, const at::Tensor& k,
+                                                       const at::Tensor& v,
+                                                       const at::Tensor& cu_seqlens,
+                                                       int64_t max_seqlen, double softmax_scale) {
+  check_dim(q, "q", 3);
+  check_args(q, k, v, cu_seqlens, max_seqlen);
+  at::Tensor lse = empty_lse(q);
+  at::Tensor out =
+      launch(q, k, v, cu_seqlens, max_seqlen, softmax_scale, nullptr, lse.data_ptr<float>());
+  return {out, lse};
+}
+
+at::Tensor window_attn_rope(const at::Tensor& qkv, const at::Tensor& cu_seqlens, int64_t max_seqlen,
+                            const at::Tensor& positions, const at::Tensor& inv_freq,
+                            c10::IntArrayRef mrope_section, double softmax_scale) {
+  return launch_rope(qkv, cu_seqlens, max_seqlen, positions, inv_freq, mrope_section, softmax_scale,
+                     nullptr);
+}
+
+std::tuple<at::Tensor, at::Tensor> window_attn_rope_forward(
+    const at::Tensor& qkv, const at::Tensor& cu_seqlens, int64_t max_seqlen,
+    const at::Tensor& positions, const at::Tensor& inv_freq, c10::IntArrayRef mrope_section,
+    double softmax_scale) {
+  check_device(qkv, "qkv");
+  QK_CHECK_ARG(qkv.dim() == 4 && qkv.size(1) == 3, "qkv", "shape [T, 3, H, D] (got ", qkv.sizes(),
+               ")");
+  at::Tensor lse = empty_lse(qkv.select(1, 0));
+  at::Tensor out = launch_rope(qkv, cu_seqlens, max_seqlen, positions, inv_freq, mrope_section,
+                               softmax_scale, lse.data_ptr<float>());
+  return {out, lse};
 }
 
 }  // namespace qk

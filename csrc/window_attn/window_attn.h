@@ -1,9 +1,11 @@
-// Variable-length attention inside segments (torch.ops.qwen_cuda.window_attn).
+// Variable-length attention inside segments (torch.ops.qwen_cuda.window_attn and its rotary and
+// training forms).
 #pragma once
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/ArrayRef.h>
 
+#include <tuple>
 #include <vector>
 
 namespace qk {
@@ -28,6 +30,19 @@ at::Tensor window_attn(const at::Tensor& q, const at::Tensor& k, const at::Tenso
 at::Tensor window_attn_rope(const at::Tensor& qkv, const at::Tensor& cu_seqlens, int64_t max_seqlen,
                             const at::Tensor& positions, const at::Tensor& inv_freq,
                             c10::IntArrayRef mrope_section, double softmax_scale);
+
+// window_attn and each row's natural log-sum-exp (fp32 [T, H]): the training forward, whose
+// lse the backward recomputes P from.
+std::tuple<at::Tensor, at::Tensor> window_attn_forward(const at::Tensor& q, const at::Tensor& k,
+                                                       const at::Tensor& v,
+                                                       const at::Tensor& cu_seqlens,
+                                                       int64_t max_seqlen, double softmax_scale);
+
+// window_attn_rope and each row's log-sum-exp of the rotated q and k (fp32 [T, H]).
+std::tuple<at::Tensor, at::Tensor> window_attn_rope_forward(
+    const at::Tensor& qkv, const at::Tensor& cu_seqlens, int64_t max_seqlen,
+    const at::Tensor& positions, const at::Tensor& inv_freq, c10::IntArrayRef mrope_section,
+    double softmax_scale);
 
 // The head dims the kernels are instantiated for (variants.h): the op layer reads them through
 // torch.ops.<library>.window_attn_head_dims() instead of restating them.

@@ -345,7 +345,7 @@ def _backward(ctx, grad: Tensor, _grad_lse: Tensor | None) -> tuple:
 _SHARED_ARGS = """
     Args:
         q, k, v, cu_seqlens, max_seqlen, softmax_scale: as in ``window_attn``.
-        backend: "auto", "torch" or "triton".
+        backend: "auto", "torch", "triton", "cuda" or "cuda_emu".
 """
 
 window_attn_backward = define(
@@ -397,6 +397,7 @@ window_attn_forward = define(
             q.new_empty(q.shape[:2], dtype=compute_dtype(q.dtype)),
         ),
         kernels={"triton": "qwen_kernels.triton_kernels.window_attn:window_attn_forward"},
+        native=True,
         check_values=lambda q, k, v, cu_seqlens, max_seqlen, _scale: check_segment_values(
             "window_attn_forward", q.shape[0], cu_seqlens, max_seqlen
         ),

@@ -127,7 +127,7 @@ window_attn_rope_forward = define(
     Args:
         qkv, cu_seqlens, max_seqlen, positions, inv_freq, mrope_section, softmax_scale: as in
             ``window_attn_rope``.
-        backend: "auto", "torch" or "triton".
+        backend: "auto", "torch", "triton", "cuda" or "cuda_emu".
 
     Returns:
         ``(out, lse)``: out as ``window_attn_rope``'s, lse ``[T, H]`` fp32 (fp64 for fp64
@@ -143,6 +143,7 @@ window_attn_rope_forward = define(
             ),
         ),
         kernels={"triton": "qwen_kernels.triton_kernels.window_attn:window_attn_rope_forward"},
+        native=True,
         check_values=lambda qkv, cu_seqlens, max_seqlen, *_: check_segment_values(
             "window_attn_rope_forward", qkv.shape[0], cu_seqlens, max_seqlen
         ),

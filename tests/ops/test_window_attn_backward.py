@@ -117,9 +117,12 @@ def assert_gradients_close(ours, ref64, eager, packed, cu, grad, scale=None) -> 
             assert abs(bias) <= 0.5, f"{name}: biased by {bias:+.2f} mean eager errors"
 
 
-@pytest.mark.parametrize(
-    ("backend", "device"), targets("window_attn_backward", with_reference=True)
-)
+# The gradient tests run on every backend of the training forward: its log-sum-exp feeds the
+# backward (the forward's backend where that has backward kernels, else "auto"'s).
+GRADIENT_TARGETS = targets("window_attn_forward", with_reference=True)
+
+
+@pytest.mark.parametrize(("backend", "device"), GRADIENT_TARGETS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
     ("lengths", "max_seqlen"),
@@ -136,9 +139,7 @@ def test_gradients_match_fp64_autograd(gen, backend, device, dtype, lengths, max
     assert_gradients_close(ours, ref64, eager, packed, cu, grad)
 
 
-@pytest.mark.parametrize(
-    ("backend", "device"), targets("window_attn_backward", with_reference=True)
-)
+@pytest.mark.parametrize(("backend", "device"), GRADIENT_TARGETS)
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_other_head_dims_and_scales(gen, backend, device, head_dim):
     cu = cu_seqlens_of([33, 64, 5])
@@ -148,9 +149,7 @@ def test_other_head_dims_and_scales(gen, backend, device, head_dim):
     assert_gradients_close(ours, ref64, eager, packed, cu, grad, scale=0.3)
 
 
-@pytest.mark.parametrize(
-    ("backend", "device"), targets("window_attn_backward", with_reference=True)
-)
+@pytest.mark.parametrize(("backend", "device"), GRADIENT_TARGETS)
 def test_gradient_of_a_transposed_output_gradient(gen, backend, device):
     """The output gradient as autograd may hand it over: not contiguous."""
     cu = cu_seqlens_of([40, 24])
@@ -160,18 +159,28 @@ def test_gradient_of_a_transposed_output_gradient(gen, backend, device):
     assert_gradients_close(ours, ref64, eager, packed, cu, grad)
 
 
-@pytest.mark.parametrize(("backend", "device"), targets("window_attn_forward", with_reference=True))
-def test_forward_returns_the_output_and_the_log_sum_exp(gen, backend, device):
-    cu = cu_seqlens_of(LONG_LENGTHS)
-    q, k, v = (randn(gen, 221, 2, 80, dtype=torch.bfloat16) for _ in range(3))
+@pytest.mark.parametrize(("backend", "device"), GRADIENT_TARGETS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("lengths", "max_seqlen"), [(LONG_LENGTHS, 150), (WINDOW_LENGTHS, 64)], ids=["long", "windows"]
+)
+def test_forward_returns_the_output_and_the_log_sum_exp(
+    gen, backend, device, dtype, lengths, max_seqlen
+):
+    """Every row's log-sum-exp (window, long and fp32 kernels), and the same output as
+    window_attn's."""
+    cu = cu_seqlens_of(lengths)
+    tokens = int(cu[-1])
+    q, k, v = (randn(gen, tokens, 2, 80, dtype=dtype) for _ in range(3))
     args = [t.to(device) for t in (q, k, v, cu)]
-    out, lse = qwen_kernels.window_attn_forward(*args, 150, None, backend)
-    assert torch.equal(out, qwen_kernels.window_attn(*args, 150, None, backend))
-    assert lse.dtype == torch.float32 and lse.shape == (221, 2)
-    expected = torch.empty(221, 2, dtype=torch.float64)
+    out, lse = qwen_kernels.window_attn_forward(*args, max_seqlen, None, backend)
+    assert torch.equal(out, qwen_kernels.window_attn(*args, max_seqlen, None, backend))
+    assert lse.dtype == torch.float32 and lse.shape == (tokens, 2)
+    expected = torch.empty(tokens, 2, dtype=torch.float64)
     for start, end in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True):
         scores = q[start:end].double().transpose(0, 1) @ k[start:end].double().permute(1, 2, 0)
         expected[start:end] = torch.logsumexp(scores * 80**-0.5, -1).t()
+    # A few fp32 roundings of values of a few units (the long path's ex2.approx: 2 ulp more).
     assert torch.allclose(lse.cpu().double(), expected, rtol=0, atol=1e-5)
 
 
