@@ -481,6 +481,9 @@ def cuda_attention_steps(lengths: Sequence[int], head_dim: int) -> tuple[tuple[i
 # Kernel name prefix (demangled, without namespaces) -> the op it serves; the rms_norm kernel
 # serves add_rms_norm too (its last template argument says whether it adds a residual).
 _CUDA_KERNEL_OPS = {
+    "swiglu_backward_kernel": "swiglu_backward",
+    "rms_norm_backward_kernel": "rms_norm_backward",
+    "column_sum_kernel": "rms_norm_backward",  # the weight gradient's second stage
     "swiglu_kernel": "swiglu",
     "patch_merge": "patch_merge",
     "mrope": "mrope",

@@ -61,7 +61,7 @@ def pair(base_model, setting: str):
 
 def _backends() -> list:
     params = []
-    for backend in ("torch", "triton"):
+    for backend in ("torch", "triton", "cuda_emu"):
         missing = qwen_kernels._backends.runtime_missing(backend, "cpu")
         marks = [pytest.mark.skip(reason=f"{backend} cannot run here: {missing}")] * bool(missing)
         params.append(pytest.param(backend, marks=marks))
@@ -89,7 +89,8 @@ def test_gradients_match_the_unpatched_model(gen, base_model, setting, inputs):
 
 @pytest.mark.parametrize("backend", _backends())
 def test_kernel_backends_train(gen, base_model, backend):
-    """The patched model on Triton's backward kernels (the interpreter on the CPU)."""
+    """The patched model on each backend's kernels and backward kernels (Triton's through the
+    interpreter, CUDA's through the emulation), the others from "auto"."""
     inputs = image_inputs(gen)
     unpatched, patched = pair(base_model, "all")
     _, expected = gradients(unpatched, inputs)

@@ -6,12 +6,11 @@
 #include "common/kernel.h"
 #include "common/numeric.h"
 #include "common/torch_utils.h"
+#include "swiglu/gate_up_rows.h"
 #include "swiglu/swiglu.h"
 
 namespace qk {
 namespace {
-
-constexpr int kThreads = 256;
 
 template <class T, int VEC>
 __global__ void swiglu_kernel(const T* __restrict__ gate_up, int64_t row_stride,
@@ -35,28 +34,19 @@ __global__ void swiglu_kernel(const T* __restrict__ gate_up, int64_t row_stride,
 }  // namespace
 
 at::Tensor swiglu(const at::Tensor& gate_up) {
-  check_device(gate_up, "gate_up");
-  check_dtype(gate_up, "gate_up", {at::kFloat, at::kHalf, at::kBFloat16});
-  QK_CHECK_ARG(gate_up.dim() >= 1 && gate_up.size(-1) % 2 == 0, "gate_up",
-               "an even last dimension [..., 2I] (got shape ", gate_up.sizes(), ")");
-  const int64_t cols = gate_up.size(-1) / 2;
-  std::vector<int64_t> out_shape(gate_up.sizes().begin(), gate_up.sizes().end());
-  out_shape.back() = cols;
-  at::Tensor out = at::empty(out_shape, gate_up.options());
+  check_gate_up(gate_up);
+  at::Tensor out = at::empty(swiglu_shape(gate_up), gate_up.options());
   if (out.numel() == 0) return out;
-  at::Tensor rows = gate_up.reshape({-1, gate_up.size(-1)});
-  if (rows.stride(-1) != 1) rows = rows.contiguous();
-  const int64_t n_rows = rows.size(0);
-  QK_CHECK_ARG(cols <= INT32_MAX && n_rows <= INT32_MAX, "gate_up",
-               "fewer than 2^31 rows and columns (got shape ", gate_up.sizes(), ")");
+  const at::Tensor rows = gate_up_rows(gate_up);
+  const int64_t n_rows = rows.size(0), cols = rows.size(1) / 2;
 
   DeviceGuard guard(gate_up);
   QK_DISPATCH_FLOAT(gate_up.scalar_type(), T, [&] {
     const int vec =
         vector_width(sizeof(T), cols, {rows.data_ptr(), out.data_ptr()}, {rows.stride(0)});
     QK_DISPATCH_VEC(vec, VEC, [&] {
-      const dim3 grid(n_rows, (cols / VEC + kThreads - 1) / kThreads);
-      QK_LAUNCH((swiglu_kernel<T, VEC>), grid, dim3(kThreads), 0, current_stream(gate_up),
+      const dim3 grid(n_rows, (cols / VEC + kSwigluThreads - 1) / kSwigluThreads);
+      QK_LAUNCH((swiglu_kernel<T, VEC>), grid, dim3(kSwigluThreads), 0, current_stream(gate_up),
                 static_cast<const T*>(rows.data_ptr()), rows.stride(0),
                 static_cast<T*>(out.data_ptr()), static_cast<int>(cols));
     });

@@ -9,12 +9,11 @@
 #include "common/kernel.h"
 #include "common/numeric.h"
 #include "common/torch_utils.h"
+#include "swiglu/gate_up_rows.h"
 #include "swiglu/swiglu.h"
 
 namespace qk {
 namespace {
-
-constexpr int kThreads = 256;
 
 template <class T, class G, int VEC>
 __global__ void swiglu_backward_kernel(const G* __restrict__ grad, int64_t grad_row_stride,
@@ -45,26 +44,18 @@ __global__ void swiglu_backward_kernel(const G* __restrict__ grad, int64_t grad_
 }  // namespace
 
 at::Tensor swiglu_backward(const at::Tensor& grad, const at::Tensor& gate_up) {
-  check_device(gate_up, "gate_up");
-  check_dtype(gate_up, "gate_up", {at::kFloat, at::kHalf, at::kBFloat16});
+  check_gate_up(gate_up);
   check_same_device(grad, "grad", gate_up, "gate_up");
   check_dtype(grad, "grad", {at::kFloat, at::kHalf, at::kBFloat16});
-  QK_CHECK_ARG(gate_up.dim() >= 1 && gate_up.size(-1) % 2 == 0, "gate_up",
-               "an even last dimension [..., 2I] (got shape ", gate_up.sizes(), ")");
-  const int64_t cols = gate_up.size(-1) / 2;
-  std::vector<int64_t> grad_shape(gate_up.sizes().begin(), gate_up.sizes().end());
-  grad_shape.back() = cols;
+  const std::vector<int64_t> grad_shape = swiglu_shape(gate_up);
   QK_CHECK_ARG(grad.sizes() == at::IntArrayRef(grad_shape), "grad", "the output's shape ",
                at::IntArrayRef(grad_shape), " (got ", grad.sizes(), ")");
   at::Tensor out = at::empty(gate_up.sizes(), gate_up.options());
   if (out.numel() == 0) return out;
-  at::Tensor rows = gate_up.reshape({-1, gate_up.size(-1)});
-  if (rows.stride(-1) != 1) rows = rows.contiguous();
+  const at::Tensor rows = gate_up_rows(gate_up);
+  const int64_t n_rows = rows.size(0), cols = rows.size(1) / 2;
   at::Tensor grad_rows = grad_for(grad, gate_up.scalar_type()).reshape({-1, cols});
   if (grad_rows.stride(-1) != 1) grad_rows = grad_rows.contiguous();
-  const int64_t n_rows = rows.size(0);
-  QK_CHECK_ARG(cols <= INT32_MAX && n_rows <= INT32_MAX, "gate_up",
-               "fewer than 2^31 rows and columns (got shape ", gate_up.sizes(), ")");
 
   DeviceGuard guard(gate_up);
   QK_DISPATCH_FLOAT(gate_up.scalar_type(), T, [&] {
@@ -75,8 +66,8 @@ at::Tensor swiglu_backward(const at::Tensor& grad, const at::Tensor& gate_up) {
                                    {rows.stride(0), grad_rows.stride(0)});
       QK_DISPATCH_VEC(vec, VEC, [&] {
         if constexpr (VEC * sizeof(G) <= 16) {
-          const dim3 grid(n_rows, (cols / VEC + kThreads - 1) / kThreads);
-          QK_LAUNCH((swiglu_backward_kernel<T, G, VEC>), grid, dim3(kThreads), 0,
+          const dim3 grid(n_rows, (cols / VEC + kSwigluThreads - 1) / kSwigluThreads);
+          QK_LAUNCH((swiglu_backward_kernel<T, G, VEC>), grid, dim3(kSwigluThreads), 0,
                     current_stream(gate_up), static_cast<const G*>(grad_rows.data_ptr()),
                     grad_rows.stride(0), static_cast<const T*>(rows.data_ptr()), rows.stride(0),
                     static_cast<T*>(out.data_ptr()), static_cast<int>(cols));
