@@ -103,6 +103,13 @@ inline void check_dim(const at::Tensor& t, const char* arg, int64_t dim) {
   QK_CHECK_ARG(t.dim() == dim, arg, dim, " dimensions (got shape ", t.sizes(), ")");
 }
 
+// t as rows [N, t.shape[-1]] with a unit column stride: a view where the layout allows, else a
+// contiguous copy.
+inline at::Tensor as_rows(const at::Tensor& t) {
+  at::Tensor rows = t.reshape({-1, t.size(-1)});
+  return rows.stride(-1) == 1 ? rows : rows.contiguous();
+}
+
 // The tensor is contiguous.
 inline void check_contiguous(const at::Tensor& t, const char* arg) {
   QK_CHECK_ARG(t.is_contiguous(), arg, "a contiguous tensor (got strides ", t.strides(), ")");

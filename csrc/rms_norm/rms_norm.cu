@@ -13,6 +13,7 @@
 #include "common/numeric.h"
 #include "common/row_groups.h"
 #include "common/torch_utils.h"
+#include "rms_norm/norm_args.h"
 #include "rms_norm/rms_norm.h"
 
 namespace qk {
@@ -64,22 +65,6 @@ __global__ void rms_norm_kernel(const T* __restrict__ x, int64_t x_stride,
   }
 }
 
-at::Tensor as_rows(const at::Tensor& t) {
-  at::Tensor rows = t.reshape({-1, t.size(-1)});
-  return rows.stride(-1) == 1 ? rows : rows.contiguous();
-}
-
-void check_args(const at::Tensor& x, const at::Tensor& weight) {
-  check_device(x, "x");
-  check_dtype(x, "x", {at::kFloat, at::kHalf, at::kBFloat16});
-  QK_CHECK_ARG(x.dim() >= 1 && x.size(-1) > 0, "x",
-               "at least 1 dimension and a non-empty last one (got shape ", x.sizes(), ")");
-  check_same_device(weight, "weight", x, "x");
-  check_dtype(weight, "weight", {x.scalar_type(), at::kFloat});
-  QK_CHECK_ARG(weight.dim() == 1 && weight.size(0) == x.size(-1), "weight",
-               "shape [x.shape[-1]] = [", x.size(-1), "] (got ", weight.sizes(), ")");
-}
-
 // Launches 8 / warps_per_row rows per block; `residual` and `residual_out` are defined only for
 // the add.
 void launch(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight, double eps,
@@ -90,7 +75,6 @@ void launch(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& w
   const at::Tensor w = weight.contiguous();
   const int64_t rows = x_rows.size(0), cols = x_rows.size(1);
   if (rows == 0) return;
-  QK_CHECK_ARG(cols <= INT32_MAX, "x", "rows shorter than 2^31 (got ", cols, ")");
 
   DeviceGuard guard(x);
   QK_DISPATCH_FLOAT(x.scalar_type(), T, [&] {
@@ -131,7 +115,7 @@ void launch(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& w
 }  // namespace
 
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
-  check_args(x, weight);
+  check_norm_args(x, weight);
   at::Tensor out = at::empty(x.sizes(), x.options());
   at::Tensor none;
   launch(x, at::Tensor(), weight, eps, out, none);
@@ -140,7 +124,7 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
 
 std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const at::Tensor& residual,
                                                 const at::Tensor& weight, double eps) {
-  check_args(x, weight);
+  check_norm_args(x, weight);
   check_same_device(residual, "residual", x, "x");
   check_dtype(residual, "residual", {x.scalar_type()});
   QK_CHECK_ARG(residual.sizes() == x.sizes(), "residual", "x's shape ", x.sizes(), " (got ",

@@ -19,6 +19,7 @@
 #include "common/numeric.h"
 #include "common/row_groups.h"
 #include "common/torch_utils.h"
+#include "rms_norm/norm_args.h"
 #include "rms_norm/rms_norm.h"
 
 namespace qk {
@@ -164,11 +165,6 @@ __global__ void column_sum_kernel(const float* __restrict__ partial, int64_t par
   out[col] = from_float<W>(total);
 }
 
-at::Tensor as_rows(const at::Tensor& t) {
-  at::Tensor rows = t.reshape({-1, t.size(-1)});
-  return rows.stride(-1) == 1 ? rows : rows.contiguous();
-}
-
 template <class T, class W, class G>
 void launch(NormBackwardParams<T, W, G> p, int vec, at::Tensor& grad_weight,
             const at::Tensor& like) {
@@ -206,15 +202,7 @@ void launch(NormBackwardParams<T, W, G> p, int vec, at::Tensor& grad_weight,
 std::tuple<at::Tensor, at::Tensor> rms_norm_backward(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight, double eps,
     const std::optional<at::Tensor>& grad_residual) {
-  check_device(x, "x");
-  check_dtype(x, "x", {at::kFloat, at::kHalf, at::kBFloat16});
-  QK_CHECK_ARG(x.dim() >= 1 && x.size(-1) > 0, "x",
-               "at least 1 dimension and a non-empty last one (got shape ", x.sizes(), ")");
-  QK_CHECK_ARG(x.size(-1) <= INT32_MAX, "x", "rows shorter than 2^31 (got ", x.size(-1), ")");
-  check_same_device(weight, "weight", x, "x");
-  check_dtype(weight, "weight", {x.scalar_type(), at::kFloat});
-  QK_CHECK_ARG(weight.dim() == 1 && weight.size(0) == x.size(-1), "weight",
-               "shape [x.shape[-1]] = [", x.size(-1), "] (got ", weight.sizes(), ")");
+  check_norm_args(x, weight);
   for (const auto& [t, name] :
        {std::pair{&grad, "grad"},
         std::pair{grad_residual ? &*grad_residual : nullptr, "grad_residual"}}) {

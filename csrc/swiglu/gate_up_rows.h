@@ -22,8 +22,7 @@ inline void check_gate_up(const at::Tensor& gate_up) {
 
 // A non-empty gate_up as rows [N, 2I] with a unit column stride (copied otherwise).
 inline at::Tensor gate_up_rows(const at::Tensor& gate_up) {
-  at::Tensor rows = gate_up.reshape({-1, gate_up.size(-1)});
-  if (rows.stride(-1) != 1) rows = rows.contiguous();
+  at::Tensor rows = as_rows(gate_up);
   QK_CHECK_ARG(rows.size(1) / 2 <= INT32_MAX && rows.size(0) <= INT32_MAX, "gate_up",
                "fewer than 2^31 rows and columns (got shape ", gate_up.sizes(), ")");
   return rows;

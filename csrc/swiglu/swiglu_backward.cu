@@ -54,8 +54,7 @@ at::Tensor swiglu_backward(const at::Tensor& grad, const at::Tensor& gate_up) {
   if (out.numel() == 0) return out;
   const at::Tensor rows = gate_up_rows(gate_up);
   const int64_t n_rows = rows.size(0), cols = rows.size(1) / 2;
-  at::Tensor grad_rows = grad_for(grad, gate_up.scalar_type()).reshape({-1, cols});
-  if (grad_rows.stride(-1) != 1) grad_rows = grad_rows.contiguous();
+  const at::Tensor grad_rows = as_rows(grad_for(grad, gate_up.scalar_type()));
 
   DeviceGuard guard(gate_up);
   QK_DISPATCH_FLOAT(gate_up.scalar_type(), T, [&] {

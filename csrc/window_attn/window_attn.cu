@@ -22,6 +22,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -856,13 +857,20 @@ Rope check_rope(const at::Tensor& qkv, const at::Tensor& positions, const at::Te
           mrope_section.vec()};
 }
 
-// Launches the variant for q's dtype and head dim; rope is null for plain attention. With an
-// `lse`, also writes each row's log-sum-exp into it (fp32 [T, H], contiguous).
-at::Tensor launch(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
-                  const at::Tensor& cu_seqlens_in, int64_t max_seqlen, double scale,
-                  const Rope* rope, float* lse = nullptr) {
+// The output, and each row's log-sum-exp where asked.
+using Outputs = std::tuple<at::Tensor, at::Tensor>;
+
+// Launches the variant for q's dtype and head dim; rope is null for plain attention. With
+// `with_lse` (the training forwards), also returns each row's log-sum-exp (fp32 [T, H]; every
+// row of a valid layout is written), else an undefined tensor in its place.
+Outputs launch(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+               const at::Tensor& cu_seqlens_in, int64_t max_seqlen, double scale, const Rope* rope,
+               bool with_lse) {
   at::Tensor out = at::empty(q_in.sizes(), q_in.options());
-  if (q_in.numel() == 0) return out;
+  at::Tensor lse = with_lse
+                       ? at::empty({q_in.size(0), q_in.size(1)}, q_in.options().dtype(at::kFloat))
+                       : at::Tensor();
+  if (q_in.numel() == 0) return {out, lse};
   const at::Tensor q = with_aligned_rows(q_in, "q");
   at::Tensor k = with_aligned_rows(k_in, "k"), v = with_aligned_rows(v_in, "v");
   if (reads_kv_with_one_stride(q, max_seqlen)) share_token_stride(k, v);
@@ -873,7 +881,7 @@ at::Tensor launch(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tens
   params.k = k.data_ptr();
   params.v = v.data_ptr();
   params.out = out.data_ptr();
-  params.lse = lse;
+  params.lse = with_lse ? lse.data_ptr<float>() : nullptr;
   params.q_token_stride = q.stride(0);
   params.q_head_stride = q.stride(1);
   params.k_token_stride = k.stride(0);
@@ -903,35 +911,12 @@ at::Tensor launch(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tens
   QK_DISPATCH_FLOAT(q.scalar_type(), T, [&] {
     run_head_dim<T>(static_cast<int>(q.size(2)), rope != nullptr, params, current_stream(q));
   });
-  return out;
+  return {out, lse};
 }
 
-}  // namespace
-
-std::vector<int64_t> window_attn_head_dims() {
-#define QK_WINDOW_ATTN_DIM(D) D,
-  return {QK_WINDOW_ATTN_HEAD_DIMS(QK_WINDOW_ATTN_DIM)};
-#undef QK_WINDOW_ATTN_DIM
-}
-
-at::Tensor window_attn(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                       const at::Tensor& cu_seqlens, int64_t max_seqlen, double softmax_scale) {
-  check_dim(q, "q", 3);
-  check_args(q, k, v, cu_seqlens, max_seqlen);
-  return launch(q, k, v, cu_seqlens, max_seqlen, softmax_scale, nullptr);
-}
-
-namespace {
-
-// Each row's log-sum-exp for the training forwards: fp32 [T, H]. Every row of a valid layout is
-// written (every token lies in a segment of at most max_seqlen tokens).
-at::Tensor empty_lse(const at::Tensor& q) {
-  return at::empty({q.size(0), q.size(1)}, q.options().dtype(at::kFloat));
-}
-
-at::Tensor launch_rope(const at::Tensor& qkv, const at::Tensor& cu_seqlens, int64_t max_seqlen,
-                       const at::Tensor& positions, const at::Tensor& inv_freq,
-                       c10::IntArrayRef mrope_section, double softmax_scale, float* lse) {
+Outputs launch_rope(const at::Tensor& qkv, const at::Tensor& cu_seqlens, int64_t max_seqlen,
+                    const at::Tensor& positions, const at::Tensor& inv_freq,
+                    c10::IntArrayRef mrope_section, double softmax_scale, bool with_lse) {
   check_device(qkv, "qkv");
   QK_CHECK_ARG(qkv.dim() == 4 && qkv.size(1) == 3, "qkv", "shape [T, 3, H, D] (got ", qkv.sizes(),
                ")");
@@ -948,12 +933,25 @@ at::Tensor launch_rope(const at::Tensor& qkv, const at::Tensor& cu_seqlens, int6
     // reads both with one token stride (a copy expected here, so no warning).
     const at::Tensor v_alongside = reads_kv_with_one_stride(q, max_seqlen) ? v.contiguous() : v;
     return launch(q_rotated, k_rotated, v_alongside, cu_seqlens, max_seqlen, softmax_scale, nullptr,
-                  lse);
+                  with_lse);
   }
-  return launch(q, k, v, cu_seqlens, max_seqlen, softmax_scale, &rope, lse);
+  return launch(q, k, v, cu_seqlens, max_seqlen, softmax_scale, &rope, with_lse);
 }
 
 }  // namespace
+
+std::vector<int64_t> window_attn_head_dims() {
+#define QK_WINDOW_ATTN_DIM(D) D,
+  return {QK_WINDOW_ATTN_HEAD_DIMS(QK_WINDOW_ATTN_DIM)};
+#undef QK_WINDOW_ATTN_DIM
+}
+
+at::Tensor window_attn(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                       const at::Tensor& cu_seqlens, int64_t max_seqlen, double softmax_scale) {
+  check_dim(q, "q", 3);
+  check_args(q, k, v, cu_seqlens, max_seqlen);
+  return std::get<0>(launch(q, k, v, cu_seqlens, max_seqlen, softmax_scale, nullptr, false));
+}
 
 std::tuple<at::Tensor, at::Tensor> window_attn_forward(const at::Tensor& q, const at::Tensor& k,
                                                        const at::Tensor& v,
@@ -961,30 +959,22 @@ std::tuple<at::Tensor, at::Tensor> window_attn_forward(const at::Tensor& q, cons
                                                        int64_t max_seqlen, double softmax_scale) {
   check_dim(q, "q", 3);
   check_args(q, k, v, cu_seqlens, max_seqlen);
-  at::Tensor lse = empty_lse(q);
-  at::Tensor out =
-      launch(q, k, v, cu_seqlens, max_seqlen, softmax_scale, nullptr, lse.data_ptr<float>());
-  return {out, lse};
+  return launch(q, k, v, cu_seqlens, max_seqlen, softmax_scale, nullptr, true);
 }
 
 at::Tensor window_attn_rope(const at::Tensor& qkv, const at::Tensor& cu_seqlens, int64_t max_seqlen,
                             const at::Tensor& positions, const at::Tensor& inv_freq,
                             c10::IntArrayRef mrope_section, double softmax_scale) {
-  return launch_rope(qkv, cu_seqlens, max_seqlen, positions, inv_freq, mrope_section, softmax_scale,
-                     nullptr);
+  return std::get<0>(launch_rope(qkv, cu_seqlens, max_seqlen, positions, inv_freq, mrope_section,
+                                 softmax_scale, false));
 }
 
 std::tuple<at::Tensor, at::Tensor> window_attn_rope_forward(
     const at::Tensor& qkv, const at::Tensor& cu_seqlens, int64_t max_seqlen,
     const at::Tensor& positions, const at::Tensor& inv_freq, c10::IntArrayRef mrope_section,
     double softmax_scale) {
-  check_device(qkv, "qkv");
-  QK_CHECK_ARG(qkv.dim() == 4 && qkv.size(1) == 3, "qkv", "shape [T, 3, H, D] (got ", qkv.sizes(),
-               ")");
-  at::Tensor lse = empty_lse(qkv.select(1, 0));
-  at::Tensor out = launch_rope(qkv, cu_seqlens, max_seqlen, positions, inv_freq, mrope_section,
-                               softmax_scale, lse.data_ptr<float>());
-  return {out, lse};
+  return launch_rope(qkv, cu_seqlens, max_seqlen, positions, inv_freq, mrope_section, softmax_scale,
+                     true);
 }
 
 }  // namespace qk
