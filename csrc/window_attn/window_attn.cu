@@ -18,7 +18,6 @@
 //
 // fp32 (window_attn_fma_kernel): see WindowAttnFmaTraits.
 #include <ATen/ops/empty.h>
-#include <c10/util/StringUtil.h>
 
 #include <cmath>
 #include <cstring>
@@ -33,6 +32,7 @@
 #include "common/torch_utils.h"
 #include "mrope/mrope.h"
 #include "window_attn/kernel_traits.h"
+#include "window_attn/launch_args.h"
 #include "window_attn/params.h"
 #include "window_attn/tiles.h"
 #include "window_attn/variants.h"
@@ -635,33 +635,6 @@ __global__ void __launch_bounds__(Traits::kThreads)
 
 // ---- Host side ----------------------------------------------------------------------------------
 
-// Whether rows of t can move as 16-byte copies: a unit last stride, an aligned base and strides.
-// The long path addresses a key tile's rows by 32-bit offsets from its first token.
-constexpr int64_t kMaxTokenStride = (int64_t{INT32_MAX} - 1024) / kKeyTile;
-
-// Whether rows of t can move as 16-byte copies (a unit last stride, an aligned base and strides)
-// and its token stride suits the long path's 32-bit tile offsets.
-bool rows_aligned(const at::Tensor& t) {
-  const int64_t chunk = 16 / t.element_size();
-  return t.stride(2) == 1 && reinterpret_cast<std::uintptr_t>(t.data_ptr()) % 16 == 0 &&
-         t.stride(0) % chunk == 0 && t.stride(1) % chunk == 0 && t.stride(0) <= kMaxTokenStride;
-}
-
-// t itself, or a contiguous copy where its layout rules out 16-byte copies. The copy costs a read
-// and a write of t and its memory for the call, so it is not silent: the first one warns.
-at::Tensor with_aligned_rows(const at::Tensor& t, const char* name) {
-  if (rows_aligned(t)) return t;
-  TORCH_WARN_ONCE(
-      "qwen_kernels: the CUDA window_attn copies ", name, " (shape ", t.sizes(), ", strides ",
-      t.strides(), ") to a contiguous tensor before the kernel: ", t.nbytes(),
-      " bytes more memory and one more read and write of it per call. ",
-      "Its kernels move rows as 16-byte copies, which need a unit last stride and a ",
-      "base address and token and head strides that are multiples of 16 bytes (",
-      16 / t.element_size(), " elements of ", t.scalar_type(), "), and a token stride of at most ",
-      kMaxTokenStride, " elements. Warned once per process.");
-  return t.clone(at::MemoryFormat::Contiguous);
-}
-
 // Whether the launch runs the long tensor-core kernel, which reads K and V tiles through one
 // set of offsets (one token stride for both).
 bool reads_kv_with_one_stride(const at::Tensor& q, int64_t max_seqlen) {
@@ -720,38 +693,6 @@ void run_head_dim(int head_dim, bool rope, const WindowAttnParams& params, cudaS
     default:
       TORCH_CHECK(false, "qwen_kernels: window_attn has no kernel for head_dim ", head_dim);
   }
-}
-
-bool supported_head_dim(int64_t head_dim) {
-  for (int64_t d : window_attn_head_dims()) {
-    if (d == head_dim) return true;
-  }
-  return false;
-}
-
-// The checks memory safety needs (the op layer checks the rest, with the same messages, before it
-// calls here): the kernels index by these shapes, dtypes, head dims and 32-bit counts.
-// q is 3-D here: window_attn checks it, window_attn_rope selects it from a checked qkv.
-void check_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                const at::Tensor& cu_seqlens, int64_t max_seqlen) {
-  check_device(q, "q");
-  check_dtype(q, "q", {at::kFloat, at::kHalf, at::kBFloat16});
-  QK_CHECK_ARG(supported_head_dim(q.size(2)), "q", "a head dim (q.shape[2]) of ",
-               c10::Join(", ", window_attn_head_dims()), " (got shape ", q.sizes(), ")");
-  for (const auto& [t, name] : {std::pair{&k, "k"}, std::pair{&v, "v"}}) {
-    check_same_device(*t, name, q, "q");
-    check_dtype(*t, name, {q.scalar_type()});
-    QK_CHECK_ARG(t->sizes() == q.sizes(), name, "q's shape ", q.sizes(), " (got ", t->sizes(), ")");
-  }
-  check_same_device(cu_seqlens, "cu_seqlens", q, "q");
-  check_dtype(cu_seqlens, "cu_seqlens", {at::kInt});
-  QK_CHECK_ARG(cu_seqlens.dim() == 1 && cu_seqlens.size(0) >= 2, "cu_seqlens",
-               "shape [S+1] with at least one segment (got ", cu_seqlens.sizes(), ")");
-  QK_CHECK_ARG(max_seqlen >= 1 && max_seqlen <= int64_t{65535} * 64, "max_seqlen",
-               "a positive length up to ", int64_t{65535} * 64, " (got ", max_seqlen, ")");
-  QK_CHECK_ARG(q.size(0) <= INT32_MAX, "q", "fewer than 2^31 tokens (got ", q.size(0), ")");
-  QK_CHECK_ARG((cu_seqlens.size(0) - 1) * q.size(1) <= INT32_MAX, "cu_seqlens",
-               "segments x heads below 2^31 (got ", cu_seqlens.size(0) - 1, " x ", q.size(1), ")");
 }
 
 // The rotary arguments of window_attn_rope, checked and in the kernel's types.

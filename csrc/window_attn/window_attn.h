@@ -44,8 +44,9 @@ std::tuple<at::Tensor, at::Tensor> window_attn_rope_forward(
     const at::Tensor& positions, const at::Tensor& inv_freq, c10::IntArrayRef mrope_section,
     double softmax_scale);
 
-// The gradients (dq, dk, dv) of window_attn for the output gradient `grad`, from the forward's
-// output and log-sum-exp (window_attn_forward). Draft: fp16/bf16 and the window path only.
+// The gradients (dq, dk, dv) of window_attn for the output gradient `grad` (any float dtype; one
+// of another dtype than q is rounded to q's once), from the forward's output and log-sum-exp
+// (window_attn_forward): contiguous [T, H, D] in q's dtype, every layout window_attn takes.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> window_attn_backward(
     const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, const at::Tensor& cu_seqlens, int64_t max_seqlen,

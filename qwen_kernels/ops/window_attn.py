@@ -360,11 +360,13 @@ window_attn_backward = define(
             not.
         q, k, v, cu_seqlens, max_seqlen, softmax_scale: the forward's (the scale resolved).
         out, lse: what ``window_attn_forward`` returned.
-        backend: "auto", "torch" or "triton".
+        backend: "auto", "torch", "triton", "cuda" or "cuda_emu".
 
     Returns:
         ``(dq, dk, dv)``, each ``[T, H, D]`` contiguous in q's dtype: P recomputed from q, k and
-        lse in fp32, every sum fp32, each gradient rounded once.
+        lse in fp32, every sum fp32, each gradient rounded once. The fp16/bf16 kernels round P
+        and dS to q's dtype before their products, and the CUDA kernels round a ``grad`` of
+        another dtype to q's (it is a tensor-core operand).
     """,
         reference=window_attn_backward_reference,
         check=_check_backward_args,
@@ -372,6 +374,7 @@ window_attn_backward = define(
             torch.empty_like(q, memory_format=torch.contiguous_format) for _ in range(3)
         ),
         kernels={"triton": "qwen_kernels.triton_kernels.window_attn_backward:window_attn_backward"},
+        native=True,
         misfit=kernel_misfit,
     )
 )
