@@ -467,8 +467,15 @@ def _note_useful_share(row: Row, call: Call, launch: Launch) -> None:
 CUDA_ATTENTION_STEPS = ((16, 8, 16), (16, 16, 8))
 
 
+# The CUDA backward's (csrc/window_attn/window_attn_backward.cu), window and long paths alike: a warp
+# per 16 query rows for S = QK^T and dP = dO V^T over 8-key tiles, and dQ = dS K over 16-key
+# steps; a warp per 16 key rows for dV = P^T dO and dK = dS^T Q over 16-query steps; each skipped
+# past the segment end.
+CUDA_ATTENTION_BACKWARD_STEPS = ((16, 8, 16), (16, 8, 16), (16, 16, 8), (16, 16, 8), (16, 16, 8))
+
+
 def cuda_attention_steps(lengths: Sequence[int], head_dim: int) -> tuple[tuple[int, int, int], ...]:
-    """The units of work of the CUDA path that segments of ``lengths`` run."""
+    """The units of work of the CUDA forward path that segments of ``lengths`` run."""
     if max(lengths, default=0) <= 64:
         return CUDA_ATTENTION_STEPS
     rows = 16 if head_dim >= 128 else 32
@@ -487,6 +494,8 @@ _CUDA_KERNEL_OPS = {
     "swiglu_kernel": "swiglu",
     "patch_merge": "patch_merge",
     "mrope": "mrope",
+    "window_attn_backward": "window_attn_backward",  # before "window_attn", its prefix
+    "attn_delta_kernel": "window_attn_backward",  # the long and fp32 paths' D pre-pass
     "window_attn": "window_attn",
 }
 
@@ -629,7 +638,11 @@ def summary(rows: Sequence[Row], cases: Sequence[Case] = ()) -> list[str]:
         if KIND.get(case.op) == "attention" and case.lengths and "cuda" in REGISTRY[case.op].impls:
             # q (or the packed qkv) on "meta": its shape, nothing allocated.
             head_dim = case.build(Maker("meta", seed=0))[case.args[0]].shape[-1]
-            steps = cuda_attention_steps(case.lengths, head_dim)
+            steps = (
+                CUDA_ATTENTION_BACKWARD_STEPS
+                if case.op == "window_attn_backward"
+                else cuda_attention_steps(case.lengths, head_dim)
+            )
             share = padded_mma_share(case.lengths, head_dim, steps)
             lines.append(f"{case.op} cuda, {case.name}: useful mma share {share:.0%}")
     for op in sorted({row.op for row in rows}):

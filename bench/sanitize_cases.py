@@ -35,6 +35,19 @@ def _bf16(*shape: int) -> torch.Tensor:
     return torch.randn(*shape, device="cuda").to(torch.bfloat16)
 
 
+def _attention_backward(dtype: torch.dtype, head_dim: int, lengths: list[int]) -> object:
+    """window_attn_backward on the "cuda" backend over segments of ``lengths``, from the training
+    forward's output and log-sum-exp."""
+    tokens = sum(lengths)
+    q, k, v = (torch.randn(tokens, 2, head_dim, device="cuda").to(dtype) for _ in range(3))
+    bounds = torch.tensor([0, *lengths], device="cuda").cumsum(0).to(torch.int32)
+    out, lse = qwen_kernels.window_attn_forward(q, k, v, bounds, max(lengths), None, "cuda")
+    grad = torch.randn_like(out)
+    return qwen_kernels.window_attn_backward(
+        grad, q, k, v, out, lse, bounds, max(lengths), head_dim**-0.5, "cuda"
+    )
+
+
 # name -> a call on the "cuda" backend; each name starts with its op.
 EDGE_CASES: dict[str, Callable[[], object]] = {
     "rms_norm 8x1280 (2 warps a row)": lambda: qwen_kernels.rms_norm(
@@ -81,6 +94,15 @@ EDGE_CASES: dict[str, Callable[[], object]] = {
         torch.tensor([0, 64, 77], dtype=torch.int32, device="cuda"),
         64,
         backend="cuda",
+    ),
+    "window_attn_backward 200+64+1 tokens, head_dim 128 fp16 (long path, partial tiles)": lambda: (
+        _attention_backward(torch.float16, 128, [200, 64, 1])
+    ),
+    "window_attn_backward 64+13 tokens fp32 (the fp32 kernels)": lambda: _attention_backward(
+        torch.float32, 80, [64, 13]
+    ),
+    "window_attn_backward 64+1+37 tokens bf16 (windows)": lambda: _attention_backward(
+        torch.bfloat16, 80, [64, 1, 37]
     ),
     "window_attn views of a packed qkv, one misaligned (copied)": lambda: qwen_kernels.window_attn(
         *_bf16(40, 3, 2, 80).unbind(1)[:2],

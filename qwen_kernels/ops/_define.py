@@ -115,7 +115,7 @@ class Autograd:
 
 def backward_backend(op: str, backend: str) -> str:
     """The backend a backward runs ``op`` on: the forward's where ``op`` has it, else "auto"
-    (e.g. the CUDA forward kernels' gradients come from the Triton backward kernels)."""
+    (a backend that the backward op has no kernels for)."""
     return backend if backend in REGISTRY[op].impls else "auto"
 
 

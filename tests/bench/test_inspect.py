@@ -17,6 +17,7 @@ import pytest
 
 from bench import sass_loop
 from bench.inspect_kernels import (
+    CUDA_ATTENTION_BACKWARD_STEPS,
     CUDA_ATTENTION_STEPS,
     KIND,
     cuda_attention_steps,
@@ -103,11 +104,13 @@ def test_no_kernel_spills(report):
 
 def test_matrix_kernels_use_tensor_cores(report):
     """fp16/bf16 GEMM and attention kernels (fp32 ones compute in fp32 on purpose; the rotary
-    pre-pass of the fused op's long path multiplies no matrices)."""
+    pre-pass of the fused op's long path and the backward's D pre-pass, a dot product per row,
+    multiply no matrices)."""
     rows, _ = report
     for row in rows:
         kind = KIND.get(row["op"])
-        matrix = kind == "gemm" or (kind == "attention" and "attn" in row["kernel"])
+        attention = "attn" in row["kernel"] and not row["kernel"].startswith("attn_delta_kernel")
+        matrix = kind == "gemm" or (kind == "attention" and attention)
         if matrix and row["dtype"] != "fp32":
             counts = row["counts"]
             assert counts["hmma"] + counts["hgmma"] > 0, (row["op"], row["kernel"], row["arch"])
@@ -115,7 +118,7 @@ def test_matrix_kernels_use_tensor_cores(report):
 
 def test_cuda_attention_steps_follow_the_path_a_segment_takes():
     """Windows skip 8-key tiles past the end; the long path computes whole 64-key tiles for 32
-    query rows per warp (16 at head_dim 128)."""
+    query rows per warp (16 at head_dim 128); the backward skips on both paths."""
     assert cuda_attention_steps([64, 16], 80) == CUDA_ATTENTION_STEPS
     assert padded_mma_share([64, 16], 80, CUDA_ATTENTION_STEPS) == 1.0
     long_steps = cuda_attention_steps([130, 7], 80)
@@ -123,6 +126,10 @@ def test_cuda_attention_steps_follow_the_path_a_segment_takes():
     assert cuda_attention_steps([130], 128)[0][0] == 16
     share = (130 * 130 + 7 * 7) / (160 * 192 + 32 * 64)
     assert padded_mma_share([130, 7], 80, long_steps) == pytest.approx(share)
+    # The backward skips 8-key tiles and 16-row steps on both paths: 130 rows as 144, keys as 136.
+    assert padded_mma_share([64, 16], 80, CUDA_ATTENTION_BACKWARD_STEPS) == 1.0
+    backward = 5 * (130 * 130 + 7 * 7) / (2 * (144 * 136 + 16 * 8) + 3 * (144 * 144 + 16 * 16))
+    assert padded_mma_share([130, 7], 80, CUDA_ATTENTION_BACKWARD_STEPS) == pytest.approx(backward)
 
 
 def test_cuda_memory_kernels_have_a_16_byte_variant(report):
