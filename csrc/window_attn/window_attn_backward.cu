@@ -696,7 +696,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> window_attn_backward(
     QK_CHECK_ARG(t->sizes() == q_in.sizes(), name, "q's shape ", q_in.sizes(), " (got ",
                  t->sizes(), ")");
   }
-  check_dtype(grad_in, "grad", {at::kFloat, at::kHalf, at::kBFloat16});
+  check_dtype(grad_in, "grad", {at::kDouble, at::kFloat, at::kHalf, at::kBFloat16});
   check_dtype(out_in, "out", {q_in.scalar_type()});
   check_same_device(lse_in, "lse", q_in, "q");
   check_dtype(lse_in, "lse", {at::kFloat});
