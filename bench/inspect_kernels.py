@@ -467,8 +467,8 @@ def _note_useful_share(row: Row, call: Call, launch: Launch) -> None:
 CUDA_ATTENTION_STEPS = ((16, 8, 16), (16, 16, 8))
 
 
-# The CUDA backward's (csrc/window_attn/window_attn_backward.cu), window and long paths alike: a warp
-# per 16 query rows for S = QK^T and dP = dO V^T over 8-key tiles, and dQ = dS K over 16-key
+# The CUDA backward's (csrc/window_attn/window_attn_backward.cu), window and long paths alike: a
+# warp per 16 query rows for S = QK^T and dP = dO V^T over 8-key tiles, and dQ = dS K over 16-key
 # steps; a warp per 16 key rows for dV = P^T dO and dK = dS^T Q over 16-query steps; each skipped
 # past the segment end.
 CUDA_ATTENTION_BACKWARD_STEPS = ((16, 8, 16), (16, 8, 16), (16, 16, 8), (16, 16, 8), (16, 16, 8))

@@ -128,9 +128,10 @@ QK_DEVICE void rows_times_rows(float (&acc)[kTiles][4], const T* a, int a_row, c
 // P = dS = 0. `lse` and `delta` point at the tile's first row, consecutive rows `heads` and
 // `delta_stride` apart.
 template <class Traits, int kTiles, class T>
-QK_DEVICE void score_grads(float (&prob)[kTiles][4], float (&ds)[kTiles][4], const T* sq, const T* sdo, const T* sk, const T* sv, int warp_row,
-                           int rows, int keys, const float* lse, int heads, const float* delta,
-                           int64_t delta_stride, float scale_log2) {
+QK_DEVICE void score_grads(float (&prob)[kTiles][4], float (&ds)[kTiles][4], const T* sq,
+                           const T* sdo, const T* sk, const T* sv, int warp_row, int rows, int keys,
+                           const float* lse, int heads, const float* delta, int64_t delta_stride,
+                           float scale_log2) {
   const int lane = static_cast<int>(threadIdx.x) % 32, g = lane / 4, t = lane % 4;
   rows_times_rows<Traits, kTiles>(prob, sq, warp_row, sk, keys);  // S, unscaled
   rows_times_rows<Traits, kTiles>(ds, sdo, warp_row, sv, keys);   // dP
@@ -140,9 +141,8 @@ QK_DEVICE void score_grads(float (&prob)[kTiles][4], float (&ds)[kTiles][4], con
   for (int h = 0; h < 2; ++h) {
     const int row = warp_row + g + 8 * h;
     row_valid[h] = row < rows;
-    lse_log2[h] = row_valid[h]
-                      ? lse[static_cast<int64_t>(row) * heads] * static_cast<float>(kLog2e)
-                      : 0.0f;
+    lse_log2[h] =
+        row_valid[h] ? lse[static_cast<int64_t>(row) * heads] * static_cast<float>(kLog2e) : 0.0f;
     row_delta[h] = row_valid[h] ? delta[row * delta_stride] : 0.0f;
   }
 #pragma unroll
@@ -150,9 +150,8 @@ QK_DEVICE void score_grads(float (&prob)[kTiles][4], float (&ds)[kTiles][4], con
 #pragma unroll
     for (int r = 0; r < 4; ++r) {
       const int h = r / 2, key = n * 8 + 2 * t + r % 2;
-      const float p = row_valid[h] && key < keys
-                          ? exp2f(fmaf(prob[n][r], scale_log2, -lse_log2[h]))
-                          : 0.0f;
+      const float p =
+          row_valid[h] && key < keys ? exp2f(fmaf(prob[n][r], scale_log2, -lse_log2[h])) : 0.0f;
       prob[n][r] = p;
       ds[n][r] = p * (ds[n][r] - row_delta[h]);
     }
@@ -303,8 +302,8 @@ __global__ void __launch_bounds__(Traits::kThreads)
   // from global memory (only D needs it).
   {
     const int row = tid / 2, half = tid % 2;
-    const T* o = head_rows<T>(p.out, seg, p.out_token_stride, p.out_head_stride) +
-                 row * p.out_token_stride;
+    const T* o =
+        head_rows<T>(p.out, seg, p.out_token_stride, p.out_head_stride) + row * p.out_token_stride;
     const T* grad_row = grad + row * bp.grad_token_stride;
     float sum = 0.0f;
     for (int c = half * Traits::kHeadDim / 2;
@@ -415,11 +414,10 @@ __global__ void __launch_bounds__(Traits::kThreads)
 #pragma unroll 1
       for (int key0 = 0; key0 < Traits::kBlock && key0 < keys; key0 += 8 * kHalf) {
         float prob[kHalf][4], ds[kHalf][4];
-        score_grads<Traits, kHalf>(prob, ds, sq, sdo, sk + key0 * kStride, sv + key0 * kStride,
-                                   warp_row, rows, keys - key0,
-                                   lse + static_cast<int64_t>(m0) * p.heads, p.heads,
-                                   delta + static_cast<int64_t>(m0) * p.heads, p.heads,
-                                   p.scale_log2);
+        score_grads<Traits, kHalf>(
+            prob, ds, sq, sdo, sk + key0 * kStride, sv + key0 * kStride, warp_row, rows,
+            keys - key0, lse + static_cast<int64_t>(m0) * p.heads, p.heads,
+            delta + static_cast<int64_t>(m0) * p.heads, p.heads, p.scale_log2);
         stage_scores<Traits, kHalf>(prob, ds, sp + key0, sds + key0, warp_row);
       }
     }
@@ -464,8 +462,9 @@ __global__ void __launch_bounds__(Traits::kThreads)
       sq, head_rows<T>(p.q, seg, p.q_token_stride, p.q_head_stride) + m0 * p.q_token_stride,
       p.q_token_stride, rows);
   load_tile<Traits, Traits::kBlock>(
-      sdo, head_rows<T>(bp.grad, seg, bp.grad_token_stride, bp.grad_head_stride) +
-               m0 * bp.grad_token_stride,
+      sdo,
+      head_rows<T>(bp.grad, seg, bp.grad_token_stride, bp.grad_head_stride) +
+          m0 * bp.grad_token_stride,
       bp.grad_token_stride, rows);
 
   const int warp_row = static_cast<int>(threadIdx.x) / 32 * 16;
@@ -648,8 +647,7 @@ void run(WindowAttnBackwardParams bp, at::Tensor& delta, cudaStream_t stream) {
     using Fma = WindowAttnBackwardFmaTraits<kHeadDim>;
     launch_delta<T, kHeadDim>(bp, delta.data_ptr<float>(), stream);
     bp.delta = delta.data_ptr<float>();
-    launch_rows(window_attn_backward_fma_dq_kernel<Fma>, Fma::kWarps, Fma::kThreads, 0, bp,
-                stream);
+    launch_rows(window_attn_backward_fma_dq_kernel<Fma>, Fma::kWarps, Fma::kThreads, 0, bp, stream);
     launch_rows(window_attn_backward_fma_dkdv_kernel<Fma>, Fma::kWarps, Fma::kThreads, 0, bp,
                 stream);
   } else {
@@ -693,16 +691,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> window_attn_backward(
   check_args(q_in, k_in, v_in, cu_seqlens_in, max_seqlen);
   for (const auto& [t, name] : {std::pair{&grad_in, "grad"}, std::pair{&out_in, "out"}}) {
     check_same_device(*t, name, q_in, "q");
-    QK_CHECK_ARG(t->sizes() == q_in.sizes(), name, "q's shape ", q_in.sizes(), " (got ",
-                 t->sizes(), ")");
+    QK_CHECK_ARG(t->sizes() == q_in.sizes(), name, "q's shape ", q_in.sizes(), " (got ", t->sizes(),
+                 ")");
   }
   check_dtype(grad_in, "grad", {at::kDouble, at::kFloat, at::kHalf, at::kBFloat16});
   check_dtype(out_in, "out", {q_in.scalar_type()});
   check_same_device(lse_in, "lse", q_in, "q");
   check_dtype(lse_in, "lse", {at::kFloat});
-  QK_CHECK_ARG(lse_in.dim() == 2 && lse_in.size(0) == q_in.size(0) && lse_in.size(1) == q_in.size(1),
-               "lse", "shape [T, H] = [", q_in.size(0), ", ", q_in.size(1), "] (got ",
-               lse_in.sizes(), ")");
+  QK_CHECK_ARG(
+      lse_in.dim() == 2 && lse_in.size(0) == q_in.size(0) && lse_in.size(1) == q_in.size(1), "lse",
+      "shape [T, H] = [", q_in.size(0), ", ", q_in.size(1), "] (got ", lse_in.sizes(), ")");
   at::Tensor dq = at::empty(q_in.sizes(), q_in.options());
   at::Tensor dk = at::empty(q_in.sizes(), q_in.options());
   at::Tensor dv = at::empty(q_in.sizes(), q_in.options());
@@ -716,8 +714,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> window_attn_backward(
   const at::Tensor v = with_aligned_rows(v_in, "v"), out = with_aligned_rows(out_in, "out");
   const at::Tensor lse = lse_in.contiguous(), cu = cu_seqlens_in.contiguous();
   const bool pre_pass = q.scalar_type() == at::kFloat || max_seqlen > kKeyTile;
-  at::Tensor delta =
-      pre_pass ? at::empty({q.size(0), q.size(1)}, lse.options()) : at::Tensor();
+  at::Tensor delta = pre_pass ? at::empty({q.size(0), q.size(1)}, lse.options()) : at::Tensor();
 
   WindowAttnBackwardParams bp{};
   WindowAttnParams& p = bp.fwd;
