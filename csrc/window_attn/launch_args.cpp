@@ -69,4 +69,29 @@ void check_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                "segments x heads below 2^31 (got ", cu_seqlens.size(0) - 1, " x ", q.size(1), ")");
 }
 
+WindowAttnParams attention_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                  const at::Tensor& out, const at::Tensor& cu_seqlens,
+                                  int64_t max_seqlen, double softmax_scale) {
+  WindowAttnParams params{};
+  params.q = q.data_ptr();
+  params.k = k.data_ptr();
+  params.v = v.data_ptr();
+  params.out = out.data_ptr();
+  params.q_token_stride = q.stride(0);
+  params.q_head_stride = q.stride(1);
+  params.k_token_stride = k.stride(0);
+  params.k_head_stride = k.stride(1);
+  params.v_token_stride = v.stride(0);
+  params.v_head_stride = v.stride(1);
+  params.out_token_stride = out.stride(0);
+  params.out_head_stride = out.stride(1);
+  params.cu_seqlens = cu_seqlens.data_ptr<int>();
+  params.tokens = static_cast<int>(q.size(0));
+  params.segments = static_cast<int>(cu_seqlens.size(0) - 1);
+  params.heads = static_cast<int>(q.size(1));
+  params.max_seqlen = static_cast<int>(max_seqlen);
+  params.scale_log2 = static_cast<float>(softmax_scale * kLog2e);
+  return params;
+}
+
 }  // namespace qk

@@ -6,6 +6,8 @@
 
 #include <cstdint>
 
+#include "window_attn/params.h"
+
 namespace qk {
 
 // t itself, or a contiguous copy where its layout rules out the kernels' 16-byte row copies (a
@@ -19,5 +21,11 @@ at::Tensor with_aligned_rows(const at::Tensor& t, const char* name);
 // here: window_attn checks it, window_attn_rope selects it from a checked qkv.
 void check_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                 const at::Tensor& cu_seqlens, int64_t max_seqlen);
+
+// The fields every launch sets: the pointers and strides of q, k, v and out, the segments, the
+// scale; lse (null here) and the rotary fields are the caller's.
+WindowAttnParams attention_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                  const at::Tensor& out, const at::Tensor& cu_seqlens,
+                                  int64_t max_seqlen, double softmax_scale);
 
 }  // namespace qk

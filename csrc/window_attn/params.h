@@ -7,6 +7,9 @@
 
 namespace qk {
 
+// The kernels exponentiate with exp2: scores are scaled by softmax_scale * log2(e).
+constexpr double kLog2e = 1.4426950408889634;
+
 // Position axes of the rotary-fused form (M-RoPE uses 3, the vision tower 2).
 constexpr int kMaxRopeAxes = 4;
 

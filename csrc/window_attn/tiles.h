@@ -15,7 +15,6 @@
 namespace qk {
 
 constexpr unsigned kFullMask = 0xFFFFFFFFu;
-constexpr double kLog2e = 1.4426950408889634;
 
 // The segment and head of this block and the segment's bounds, clamped to [0, T] and to
 // max_seqlen.

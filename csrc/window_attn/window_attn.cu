@@ -749,26 +749,8 @@ Outputs launch(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor&
   if (reads_kv_with_one_stride(q, max_seqlen)) share_token_stride(k, v);
   const at::Tensor cu_seqlens = cu_seqlens_in.contiguous();
 
-  WindowAttnParams params{};
-  params.q = q.data_ptr();
-  params.k = k.data_ptr();
-  params.v = v.data_ptr();
-  params.out = out.data_ptr();
+  WindowAttnParams params = attention_params(q, k, v, out, cu_seqlens, max_seqlen, scale);
   params.lse = with_lse ? lse.data_ptr<float>() : nullptr;
-  params.q_token_stride = q.stride(0);
-  params.q_head_stride = q.stride(1);
-  params.k_token_stride = k.stride(0);
-  params.k_head_stride = k.stride(1);
-  params.v_token_stride = v.stride(0);
-  params.v_head_stride = v.stride(1);
-  params.out_token_stride = out.stride(0);
-  params.out_head_stride = out.stride(1);
-  params.cu_seqlens = cu_seqlens.data_ptr<int>();
-  params.tokens = static_cast<int>(q.size(0));
-  params.segments = static_cast<int>(cu_seqlens.size(0) - 1);
-  params.heads = static_cast<int>(q.size(1));
-  params.max_seqlen = static_cast<int>(max_seqlen);
-  params.scale_log2 = static_cast<float>(scale * kLog2e);
   if (rope != nullptr) {
     params.positions = rope->positions.data_ptr<int>();
     params.inv_freq = rope->inv_freq.data_ptr<float>();

@@ -82,6 +82,31 @@ struct WindowAttnBackwardTraits {
   static_assert(kHeadDim % 16 == 0 && kDimTiles % 2 == 0, "head_dim must be a multiple of 16");
 };
 
+// The shared tiles, in the order of kSmemBytes: Q, K, V, dO, P, dS, then D (the window path's).
+template <class Traits>
+struct Tiles {
+  using T = typename Traits::Element;
+  T* q;
+  T* k;
+  T* v;
+  T* grad;
+  T* p;
+  T* ds;
+  float* delta;
+};
+
+template <class Traits>
+QK_DEVICE Tiles<Traits> tiles_of(typename Traits::Element* smem) {
+  constexpr int kTile = Traits::kTileElems, kScore = Traits::kScoreElems;
+  return {smem,
+          smem + kTile,
+          smem + 2 * kTile,
+          smem + 3 * kTile,
+          smem + 4 * kTile,
+          smem + 4 * kTile + kScore,
+          reinterpret_cast<float*>(smem + 4 * kTile + 2 * kScore)};
+}
+
 // The rows of one head of a [T, H, D] tensor from the segment's first token.
 template <class T>
 QK_DEVICE const T* head_rows(const void* base, const Segment& seg, int64_t token_stride,
@@ -177,14 +202,29 @@ QK_DEVICE void stage_scores(const float (&prob)[kTiles][4], const float (&ds)[kT
   }
 }
 
+// acc += A B over k-step j: A the 16 x 16 fragment `af`, B rows 16j.. of a [row][d] tile in shared
+// memory (K, dO or Q), read transposed.
+template <class Traits, class T>
+QK_DEVICE void add_step_times_rows(float (&acc)[Traits::kDimTiles][4], const std::uint32_t (&af)[4],
+                                   const T* b, int j) {
+  const int lane = static_cast<int>(threadIdx.x) % 32;
+#pragma unroll
+  for (int d = 0; d < Traits::kDimTiles; d += 2) {
+    std::uint32_t bf[4];
+    ldmatrix_x4_trans(bf, b + (j * 16 + lane % 8 + lane / 8 % 2 * 8) * Traits::kRowStride + d * 8 +
+                              lane / 16 * 8);
+    const std::uint32_t b0[2] = {bf[0], bf[1]}, b1[2] = {bf[2], bf[3]};
+    mma<T>(acc[d], af, b0);
+    mma<T>(acc[d + 1], af, b1);
+  }
+}
+
 // acc += dS K for this warp's 16 query rows: dS's accumulators of key tiles 2j, 2j + 1 are the
 // A fragment of k-step j (rounded to T), K comes transposed from its tile.
 template <class Traits, class T>
 QK_DEVICE void add_scores_times_keys(float (&acc)[Traits::kDimTiles][4],
                                      const float (&ds)[Traits::kKeyTiles][4], const T* sk,
                                      int keys) {
-  constexpr int kStride = Traits::kRowStride;
-  const int lane = static_cast<int>(threadIdx.x) % 32;
 #pragma unroll
   for (int j = 0; j < Traits::kRowSteps; ++j) {
     if (j * 16 >= keys) continue;
@@ -192,15 +232,7 @@ QK_DEVICE void add_scores_times_keys(float (&acc)[Traits::kDimTiles][4],
                                  pack_pair<T>(ds[2 * j][2], ds[2 * j][3]),
                                  pack_pair<T>(ds[2 * j + 1][0], ds[2 * j + 1][1]),
                                  pack_pair<T>(ds[2 * j + 1][2], ds[2 * j + 1][3])};
-#pragma unroll
-    for (int d = 0; d < Traits::kDimTiles; d += 2) {
-      std::uint32_t bf[4];
-      ldmatrix_x4_trans(
-          bf, sk + (j * 16 + lane % 8 + lane / 8 % 2 * 8) * kStride + d * 8 + lane / 16 * 8);
-      const std::uint32_t b0[2] = {bf[0], bf[1]}, b1[2] = {bf[2], bf[3]};
-      mma<T>(acc[d], af, b0);
-      mma<T>(acc[d + 1], af, b1);
-    }
+    add_step_times_rows<Traits>(acc, af, sk, j);
   }
 }
 
@@ -210,7 +242,7 @@ QK_DEVICE void add_scores_times_keys(float (&acc)[Traits::kDimTiles][4],
 template <class Traits, class T>
 QK_DEVICE void add_scores_t_times_rows(float (&acc)[Traits::kDimTiles][4], const T* scores,
                                        int key_row, const T* b, int rows) {
-  constexpr int kStride = Traits::kRowStride, kScore = Traits::kScoreStride;
+  constexpr int kScore = Traits::kScoreStride;
   const int lane = static_cast<int>(threadIdx.x) % 32;
 #pragma unroll
   for (int j = 0; j < Traits::kRowSteps; ++j) {
@@ -219,15 +251,7 @@ QK_DEVICE void add_scores_t_times_rows(float (&acc)[Traits::kDimTiles][4], const
     // A[m = key][k = query] = scores[query][key]: transposed 8x8 loads.
     ldmatrix_x4_trans(
         af, scores + (j * 16 + lane / 16 * 8 + lane % 8) * kScore + key_row + lane / 8 % 2 * 8);
-#pragma unroll
-    for (int d = 0; d < Traits::kDimTiles; d += 2) {
-      std::uint32_t bf[4];
-      ldmatrix_x4_trans(
-          bf, b + (j * 16 + lane % 8 + lane / 8 % 2 * 8) * kStride + d * 8 + lane / 16 * 8);
-      const std::uint32_t b0[2] = {bf[0], bf[1]}, b1[2] = {bf[2], bf[3]};
-      mma<T>(acc[d], af, b0);
-      mma<T>(acc[d + 1], af, b1);
-    }
+    add_step_times_rows<Traits>(acc, af, b, j);
   }
 }
 
@@ -272,16 +296,10 @@ template <class Traits>
 __global__ void __launch_bounds__(Traits::kThreads)
     window_attn_backward_kernel(const WindowAttnBackwardParams bp) {
   using T = typename Traits::Element;
-  constexpr int kStride = Traits::kRowStride, kTile = Traits::kTileElems;
+  constexpr int kStride = Traits::kRowStride;
   const WindowAttnParams& p = bp.fwd;
   QK_DYNAMIC_SMEM(T, smem);
-  T* const sq = smem;
-  T* const sk = sq + kTile;
-  T* const sv = sk + kTile;
-  T* const sdo = sv + kTile;
-  T* const sp = sdo + kTile;
-  T* const sds = sp + Traits::kScoreElems;
-  float* const s_delta = reinterpret_cast<float*>(sds + Traits::kScoreElems);
+  const auto [sq, sk, sv, sdo, sp, sds, s_delta] = tiles_of<Traits>(smem);
 
   const Segment seg = segment_of(p);
   if (seg.len == 0) return;
@@ -369,15 +387,10 @@ template <class Traits>
 __global__ void __launch_bounds__(Traits::kThreads)
     window_attn_backward_dkdv_kernel(const WindowAttnBackwardParams bp) {
   using T = typename Traits::Element;
-  constexpr int kStride = Traits::kRowStride, kTile = Traits::kTileElems;
+  constexpr int kStride = Traits::kRowStride;
   const WindowAttnParams& p = bp.fwd;
   QK_DYNAMIC_SMEM(T, smem);
-  T* const sq = smem;
-  T* const sk = sq + kTile;
-  T* const sv = sk + kTile;
-  T* const sdo = sv + kTile;
-  T* const sp = sdo + kTile;
-  T* const sds = sp + Traits::kScoreElems;
+  const auto [sq, sk, sv, sdo, sp, sds, s_delta] = tiles_of<Traits>(smem);
 
   const Segment seg = segment_of(p);
   const int n0 = static_cast<int>(blockIdx.y) * Traits::kBlock;
@@ -443,13 +456,10 @@ template <class Traits>
 __global__ void __launch_bounds__(Traits::kThreads)
     window_attn_backward_dq_kernel(const WindowAttnBackwardParams bp) {
   using T = typename Traits::Element;
-  constexpr int kStride = Traits::kRowStride, kTile = Traits::kTileElems;
+  constexpr int kStride = Traits::kRowStride;
   const WindowAttnParams& p = bp.fwd;
   QK_DYNAMIC_SMEM(T, smem);
-  T* const sq = smem;
-  T* const sk = sq + kTile;
-  T* const sv = sk + kTile;
-  T* const sdo = sv + kTile;
+  const auto [sq, sk, sv, sdo, sp, sds, s_delta] = tiles_of<Traits>(smem);
 
   const Segment seg = segment_of(p);
   const int m0 = static_cast<int>(blockIdx.y) * Traits::kBlock;
@@ -717,26 +727,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> window_attn_backward(
   at::Tensor delta = pre_pass ? at::empty({q.size(0), q.size(1)}, lse.options()) : at::Tensor();
 
   WindowAttnBackwardParams bp{};
-  WindowAttnParams& p = bp.fwd;
-  p.q = q.data_ptr();
-  p.k = k.data_ptr();
-  p.v = v.data_ptr();
-  p.out = out.data_ptr();
-  p.lse = lse.data_ptr<float>();
-  p.q_token_stride = q.stride(0);
-  p.q_head_stride = q.stride(1);
-  p.k_token_stride = k.stride(0);
-  p.k_head_stride = k.stride(1);
-  p.v_token_stride = v.stride(0);
-  p.v_head_stride = v.stride(1);
-  p.out_token_stride = out.stride(0);
-  p.out_head_stride = out.stride(1);
-  p.cu_seqlens = cu.data_ptr<int>();
-  p.tokens = static_cast<int>(q.size(0));
-  p.segments = static_cast<int>(cu.size(0) - 1);
-  p.heads = static_cast<int>(q.size(1));
-  p.max_seqlen = static_cast<int>(max_seqlen);
-  p.scale_log2 = static_cast<float>(softmax_scale * kLog2e);
+  bp.fwd = attention_params(q, k, v, out, cu, max_seqlen, softmax_scale);
+  bp.fwd.lse = lse.data_ptr<float>();
   bp.grad = grad.data_ptr();
   bp.grad_token_stride = grad.stride(0);
   bp.grad_head_stride = grad.stride(1);
